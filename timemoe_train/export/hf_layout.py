@@ -1,0 +1,110 @@
+"""The Hugging Face layout: `config.json` + `model.safetensors` (+ the remote code that lets
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` build the model). Loading never unpickles."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..model.config import TimeMoeConfig
+
+REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's weights under the released names, whatever MoE implementation it runs."""
+    if model.config.moe_impl == "megatron" and not model.config.use_dense:
+        from ..model.state_dict_adapter import megatron_to_hf
+
+        return megatron_to_hf(model.state_dict(), model.config)
+    return model.state_dict()
+
+
+def expected_shapes(config: TimeMoeConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the released layout with its shape, derived from the config alone."""
+    H, C = config.hidden_size, config.input_size
+    kv = config.num_key_value_heads * config.head_dim
+    shapes = {"model.embed_layer.emb_layer.weight": (H, C), "model.embed_layer.gate_layer.weight": (H, C),
+              "model.norm.weight": (H,)}
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        shapes.update({
+            p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+            p + "self_attn.q_proj.weight": (H, H), p + "self_attn.q_proj.bias": (H,),
+            p + "self_attn.k_proj.weight": (kv, H), p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (H, H),
+        })
+        f = p + "ffn_layer."
+        if config.use_dense:
+            I = config.intermediate_size
+            shapes.update({f + "gate_proj.weight": (I, H), f + "up_proj.weight": (I, H), f + "down_proj.weight": (H, I)})
+            continue
+        I, Ie = config.intermediate_size, config.expert_intermediate_size
+        shapes.update({f + "gate.weight": (config.num_experts, H), f + "shared_expert_gate.weight": (1, H),
+                       f + "shared_expert.gate_proj.weight": (I, H), f + "shared_expert.up_proj.weight": (I, H),
+                       f + "shared_expert.down_proj.weight": (H, I)})
+        for m in range(config.num_experts):
+            e = f"{f}experts.{m}."
+            shapes.update({e + "gate_proj.weight": (Ie, H), e + "up_proj.weight": (Ie, H),
+                           e + "down_proj.weight": (H, Ie)})
+    for j, h in enumerate(config.horizon_lengths):
+        shapes[f"lm_heads.{j}.out_layer.weight"] = (C * h, H)
+    return shapes
+
+
+def check_state_dict(state: dict[str, tuple[int, ...]], config: TimeMoeConfig, source: str) -> None:
+    """Raise one error listing every missing, unexpected and mis-shaped tensor."""
+    want = expected_shapes(config)
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    misshaped = sorted(f"{k}: {tuple(state[k])} (expected {want[k]})"
+                       for k in set(want) & set(state) if tuple(state[k]) != want[k])
+    if missing or unexpected or misshaped:
+        parts = [f"{title} ({len(items)}): {', '.join(items)}"
+                 for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+                 if items]
+        raise CheckpointError(f"{source} does not match its config.json:\n  " + "\n  ".join(parts))
+
+
+def save_hf(model, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in hf_state_dict(model).items()}
+    check_state_dict({k: v.shape for k, v in state.items()}, model.config, f"model being saved to {out}")
+    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    model.config.save(out)
+    for src in sorted(REMOTE_CODE_DIR.glob("*.py")):
+        shutil.copyfile(src, out / src.name)
+    return out
+
+
+def read_hf_weights(directory: str | Path, config: TimeMoeConfig) -> dict[str, torch.Tensor]:
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (only safetensors weights are loaded; pickled .bin files are "
+                              "refused because unpickling can run arbitrary code)")
+    with safe_open(str(path), framework="pt") as f:
+        check_state_dict({k: f.get_slice(k).get_shape() for k in f.keys()}, config, str(path))
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def load_hf(model_cls, directory: str | Path, **config_overrides):
+    config = TimeMoeConfig.load(directory, **config_overrides)
+    state = read_hf_weights(directory, config)
+    model = model_cls(config)
+    if config.moe_impl == "megatron" and not config.use_dense:
+        from ..model.state_dict_adapter import hf_to_megatron
+
+        state = hf_to_megatron(state, config)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model

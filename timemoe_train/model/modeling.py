@@ -1,0 +1,297 @@
+"""Time-MoE: a decoder-only transformer over scalar time points, one token per point.
+
+Module and parameter names are those of the released TimeMoE-50M/200M state dict, so weights move both ways
+unchanged. Packed windows are supported: `sequence_ids_BT` numbers the sequences inside each row (-1 marks
+padding); attention never crosses a sequence boundary and positions restart with every sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import TimeMoeConfig
+from .moe import build_ffn
+
+
+class TimeMoeInputEmbedding(nn.Module):
+    """SwiGLU of the scalar value: silu(gate_layer(x)) * emb_layer(x)."""
+
+    def __init__(self, config: TimeMoeConfig):
+        super().__init__()
+        self.emb_layer = nn.Linear(config.input_size, config.hidden_size, bias=False)
+        self.gate_layer = nn.Linear(config.input_size, config.hidden_size, bias=False)
+
+    def forward(self, x_BTC):
+        return F.silu(self.gate_layer(x_BTC)) * self.emb_layer(x_BTC)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        # fp32 statistics: in bf16 the mean of squares loses the small values the series are normalised to.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_cos_sin(positions_BT: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin [B, 1, T, head_dim] of the rotate-half RoPE, computed in fp32 from explicit positions."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions_BT.device).float() / head_dim)
+    angles_BTF = positions_BT.float().unsqueeze(-1) * inv_freq
+    emb_BTd = torch.cat([angles_BTF, angles_BTF], dim=-1)
+    return emb_BTd.cos().to(dtype).unsqueeze(1), emb_BTd.sin().to(dtype).unsqueeze(1)
+
+
+def apply_rotary(x_BhTd, cos, sin):
+    half = x_BhTd.shape[-1] // 2
+    rotated = torch.cat([-x_BhTd[..., half:], x_BhTd[..., :half]], dim=-1)
+    return x_BhTd * cos + rotated * sin
+
+
+class TimeMoeAttention(nn.Module):
+    def __init__(self, config: TimeMoeConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.theta = config.rope_theta
+        self.dropout = config.attention_dropout
+        d, kv = config.hidden_size, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(d, d, bias=True)
+        self.k_proj = nn.Linear(d, kv, bias=True)
+        self.v_proj = nn.Linear(d, kv, bias=True)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x_BTD, positions_BT, mask_BTS, past_kv=None):
+        B, T, _ = x_BTD.shape
+        q = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rotary_cos_sin(positions_BT, self.head_dim, self.theta, q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past_kv is not None:
+            k = torch.cat([past_kv[0], k], dim=2)
+            v = torch.cat([past_kv[1], v], dim=2)
+        # mask None means plain causal attention, which lets SDPA pick its flash kernels.
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=None if mask_BTS is None else mask_BTS.unsqueeze(1),
+            is_causal=mask_BTS is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), (k, v)
+
+
+class TimeMoeDecoderLayer(nn.Module):
+    def __init__(self, config: TimeMoeConfig):
+        super().__init__()
+        self.self_attn = TimeMoeAttention(config)
+        self.ffn_layer = build_ffn(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h_BTD, positions_BT, mask_BTS, past_kv=None):
+        attn_BTD, kv = self.self_attn(self.input_layernorm(h_BTD), positions_BT, mask_BTS, past_kv)
+        h_BTD = h_BTD + attn_BTD
+        ffn_BTD, router_logits_NE = self.ffn_layer(self.post_attention_layernorm(h_BTD))
+        return h_BTD + ffn_BTD, router_logits_NE, kv
+
+
+def packing_layout(sequence_ids_BT: torch.Tensor):
+    """Positions that restart with every sequence, and the block-diagonal causal mask [B, T, T]."""
+    T = sequence_ids_BT.shape[1]
+    t_T = torch.arange(T, device=sequence_ids_BT.device)
+    is_start_BT = torch.ones_like(sequence_ids_BT, dtype=torch.bool)
+    is_start_BT[:, 1:] = sequence_ids_BT[:, 1:] != sequence_ids_BT[:, :-1]
+    start_BT = torch.cummax(torch.where(is_start_BT, t_T, 0), dim=1).values
+    same_BTS = sequence_ids_BT.unsqueeze(2) == sequence_ids_BT.unsqueeze(1)
+    return t_T - start_BT, same_BTS & torch.ones(T, T, dtype=torch.bool, device=t_T.device).tril()
+
+
+class TimeMoeModel(nn.Module):
+    def __init__(self, config: TimeMoeConfig):
+        super().__init__()
+        self.config = config
+        self.embed_layer = TimeMoeInputEmbedding(config)
+        self.layers = nn.ModuleList(TimeMoeDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, inputs_BTC, sequence_ids_BT=None, past_key_values=None, use_cache=False):
+        B, T, _ = inputs_BTC.shape
+        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if sequence_ids_BT is not None:
+            if past_key_values is not None:
+                raise ValueError("packed sequences (sequence_ids) cannot be combined with a KV cache")
+            positions_BT, mask_BTS = packing_layout(sequence_ids_BT)
+        else:
+            positions_BT = torch.arange(past_len, past_len + T, device=inputs_BTC.device).expand(B, T)
+            # New tokens after a cache see every cached one: a causal mask offset by the cache length.
+            mask_BTS = None if past_len == 0 else torch.ones(
+                T, past_len + T, dtype=torch.bool, device=inputs_BTC.device).tril(past_len).expand(B, T, -1)
+
+        h_BTD = self.embed_layer(inputs_BTC)
+        router_logits, new_cache = [], []
+        for i, layer in enumerate(self.layers):
+            past_kv = None if past_key_values is None else past_key_values[i]
+            if self.config.gradient_checkpointing and self.training:
+                h_BTD, logits_NE, kv = checkpoint(layer, h_BTD, positions_BT, mask_BTS, past_kv, use_reentrant=False)
+            else:
+                h_BTD, logits_NE, kv = layer(h_BTD, positions_BT, mask_BTS, past_kv)
+            router_logits.append(logits_NE)
+            new_cache.append(kv)
+        return self.norm(h_BTD), router_logits, (new_cache if use_cache else None)
+
+
+class TimeMoeOutputLayer(nn.Module):
+    def __init__(self, hidden_size: int, horizon: int, input_size: int):
+        super().__init__()
+        self.out_layer = nn.Linear(hidden_size, input_size * horizon, bias=False)
+
+    def forward(self, h_BTD):
+        return self.out_layer(h_BTD)
+
+
+@dataclass
+class TimeMoeOutput:
+    loss: torch.Tensor | None = None
+    head_losses: torch.Tensor | None = None  # [num_heads]
+    aux_loss: torch.Tensor | None = None
+    predictions: list[torch.Tensor] | None = None  # per head [B, T, h * input_size]
+    router_logits: list[torch.Tensor] | None = None  # per layer [B*T, E], batch-major
+    past_key_values: list | None = None
+
+
+def horizon_targets(labels_BTC, loss_mask_BT, sequence_ids_BT, horizon: int):
+    """Targets [B, T, h, C] of the head with horizon h and their validity [B, T, h].
+
+    Head h at position t predicts labels[t : t+h] (points t+1 … t+h). A target is valid when it exists inside the
+    window, its label is valid, and it belongs to the same sequence as position t.
+    """
+    B, T, C = labels_BTC.shape
+    pad = horizon - 1
+    targets_BThC = F.pad(labels_BTC, (0, 0, 0, pad)).unfold(1, horizon, 1).permute(0, 1, 3, 2)
+    valid_BTh = F.pad(loss_mask_BT.bool(), (0, pad)).unfold(1, horizon, 1)
+    if sequence_ids_BT is not None:
+        ids_BTh = F.pad(sequence_ids_BT, (0, pad), value=-1).unfold(1, horizon, 1)
+        valid_BTh = valid_BTh & (ids_BTh == sequence_ids_BT.unsqueeze(-1))
+    return targets_BThC, valid_BTh
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, token_mask_N: torch.Tensor | None = None):
+    """Switch-style balance loss over the logits of all layers at once: E * Σ_k Σ_e f[k, e] * P[e]."""
+    logits_NE = torch.cat(router_logits, dim=0).float()
+    num_experts = logits_NE.shape[-1]
+    probs_NE = torch.softmax(logits_NE, dim=-1)
+    chosen_NKE = F.one_hot(torch.topk(probs_NE, top_k, dim=-1).indices, num_experts).float()
+    if token_mask_N is None:
+        f_KE, p_E = chosen_NKE.mean(0), probs_NE.mean(0)
+    else:
+        w_N = token_mask_N.float().repeat(len(router_logits))
+        count = w_N.sum().clamp_min(1.0)
+        f_KE = (chosen_NKE * w_N[:, None, None]).sum(0) / count
+        p_E = (probs_NE * w_N[:, None]).sum(0) / count
+    return num_experts * (f_KE * p_E).sum()
+
+
+class TimeMoeForPrediction(nn.Module):
+    def __init__(self, config: TimeMoeConfig):
+        super().__init__()
+        self.config = config
+        self.model = TimeMoeModel(config)
+        self.lm_heads = nn.ModuleList(
+            TimeMoeOutputLayer(config.hidden_size, h, config.input_size) for h in config.horizon_lengths)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, RMSNorm):
+                continue
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, inputs_BT, labels_BT=None, loss_mask_BT=None, sequence_ids_BT=None,
+                past_key_values=None, use_cache=False) -> TimeMoeOutput:
+        """inputs_BT: float values [B, T] (or [B, T, input_size]); labels_BT: the next points, labels[t] = x[t+1];
+        loss_mask_BT: 1 where labels[t] is a real point of the same sequence as inputs[t];
+        sequence_ids_BT: sequence number of each point inside its row, -1 for padding."""
+        inputs_BTC = inputs_BT.unsqueeze(-1) if inputs_BT.dim() == 2 else inputs_BT
+        h_BTD, router_logits, cache = self.model(inputs_BTC, sequence_ids_BT, past_key_values, use_cache)
+        predictions = [head(h_BTD) for head in self.lm_heads]
+        out = TimeMoeOutput(predictions=predictions, router_logits=router_logits, past_key_values=cache)
+        if labels_BT is None:
+            return out
+
+        labels_BTC = labels_BT.unsqueeze(-1) if labels_BT.dim() == 2 else labels_BT
+        if loss_mask_BT is None:
+            loss_mask_BT = torch.ones(labels_BTC.shape[:2], dtype=torch.bool, device=labels_BTC.device)
+        head_losses = []
+        for horizon, pred_BTX in zip(self.config.horizon_lengths, predictions):
+            target_BThC, valid_BTh = horizon_targets(labels_BTC, loss_mask_BT, sequence_ids_BT, horizon)
+            pred_BThC = pred_BTX.view(target_BThC.shape).float()
+            huber_BThC = F.huber_loss(pred_BThC, target_BThC.float(), reduction="none", delta=self.config.huber_delta)
+            valid_BThC = valid_BTh.unsqueeze(-1).expand_as(huber_BThC)
+            head_losses.append((huber_BThC * valid_BThC).sum() / valid_BThC.sum().clamp_min(1))
+        out.head_losses = torch.stack(head_losses)
+        out.loss = out.head_losses.mean()
+        if self._uses_timemoe_aux_loss():
+            token_mask_N = None if sequence_ids_BT is None else (sequence_ids_BT >= 0).flatten()
+            out.aux_loss = load_balancing_loss(router_logits, self.config.num_experts_per_tok, token_mask_N)
+            out.loss = out.loss + self.config.router_aux_loss_factor * out.aux_loss
+        return out
+
+    def _uses_timemoe_aux_loss(self) -> bool:
+        c = self.config
+        return c.apply_aux_loss and not c.use_dense and c.aux_loss_type == "timemoe"
+
+    @torch.no_grad()
+    def forecast(self, context_BT: torch.Tensor, horizon: int) -> torch.Tensor:
+        """Forecast `horizon` points after each context row: z-normalise per series, roll out autoregressively with
+        the largest head that does not overshoot, reusing the KV cache, then de-normalise."""
+        if context_BT.dim() != 2 or context_BT.shape[1] == 0:
+            raise ValueError(f"context must be [batch, time] with time > 0, got shape {tuple(context_BT.shape)}")
+        if horizon <= 0:
+            raise ValueError(f"horizon must be positive, got {horizon}")
+        if self.config.input_size != 1:
+            raise ValueError("forecast() handles univariate models (input_size=1)")
+        param = next(self.parameters())
+        x_BT = context_BT.to(device=param.device, dtype=torch.float32)
+        mean_B1 = x_BT.mean(dim=1, keepdim=True)
+        std_B1 = x_BT.std(dim=1, keepdim=True, unbiased=False)
+        std_B1 = torch.where(std_B1 > 1e-8, std_B1, torch.ones_like(std_B1))
+        step_input = ((x_BT - mean_B1) / std_B1).to(param.dtype)
+
+        chunks, remaining, cache = [], horizon, None
+        while remaining > 0:
+            j = max(i for i, h in enumerate(self.config.horizon_lengths) if h <= remaining)
+            h_BTD, _, cache = self.model(step_input.unsqueeze(-1), past_key_values=cache, use_cache=True)
+            pred_Bh = self.lm_heads[j](h_BTD[:, -1]).float()
+            chunks.append(pred_Bh)
+            remaining -= pred_Bh.shape[1]
+            step_input = pred_Bh.to(param.dtype)
+        return torch.cat(chunks, dim=1) * std_B1 + mean_B1
+
+    # --- HF layout --------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        from ..export.hf_layout import save_hf
+
+        return save_hf(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **config_overrides) -> "TimeMoeForPrediction":
+        from ..export.hf_layout import load_hf
+
+        return load_hf(cls, directory, **config_overrides)
