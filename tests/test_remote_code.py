@@ -1,0 +1,156 @@
+"""The remote code shipped in every export, against timemoe-train's own model (two independent implementations).
+
+Loading goes through `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` exactly as a serving
+stack does; transformers is the installed one (5.x at the time of writing).
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from timemoe_train.export.hf_layout import REMOTE_CODE_DIR
+from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
+
+transformers = pytest.importorskip("transformers")
+
+
+def make_ours(**overrides) -> TimeMoeForPrediction:
+    torch.manual_seed(0)
+    model = TimeMoeForPrediction(TimeMoeConfig.preset("tiny", **overrides)).eval()
+    # Heads of std 0.3 give O(1) forecasts, so the roll-out feeds back values that matter (at 0.02 they are ~0).
+    with torch.no_grad():
+        for head in model.lm_heads:
+            head.out_layer.weight.normal_(0.0, 0.3)
+    return model
+
+
+def load_remote(directory, **kwargs):
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, trust_remote_code=True, output_loading_info=True, **kwargs)
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (set(), set(), set()), info
+    return model.eval()
+
+
+def random_walks(batch: int, length: int):
+    g = torch.Generator().manual_seed(1)
+    return 5.0 + torch.randn(batch, length, generator=g).cumsum(dim=1)
+
+
+def assert_forecasts_match(ours, theirs, context_BT, horizons=(96, 720)):
+    for horizon in horizons:
+        a, b = ours.forecast(context_BT, horizon), theirs.forecast(context_BT, horizon)
+        assert a.shape == b.shape == (context_BT.shape[0], horizon)
+        rel = ((a - b).abs().max() / b.abs().max()).item()
+        assert rel <= 1e-4, f"horizon {horizon}: relative difference {rel:.2e}"
+        # The roll-out must actually move: a forecast stuck at the context mean would match trivially.
+        assert (b - context_BT.mean(1, keepdim=True)).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("overrides", [{}, {"use_dense": True}, {"num_key_value_heads": 2}],
+                         ids=["moe", "dense", "gqa"])
+def test_remote_code_matches_our_model(tmp_path, overrides):
+    ours = make_ours(**overrides)
+    ours.save_pretrained(tmp_path)
+    assert {"configuration_time_moe.py", "modeling_time_moe.py"} <= {p.name for p in tmp_path.glob("*.py")}
+    theirs = load_remote(tmp_path)
+    assert type(theirs).__module__.startswith("transformers_modules")  # the copy in tmp_path, not our package
+    assert theirs.dtype == torch.float32
+
+    x_BT = random_walks(3, 77)
+    labels_BT = torch.roll(x_BT, -1, dims=1)
+    mask_BT = torch.ones_like(x_BT)
+    mask_BT[:, -1] = 0
+    mask_BT[0, 40:] = 0
+    with torch.no_grad():
+        a = ours(x_BT, labels_BT=labels_BT, loss_mask_BT=mask_BT)
+        b = theirs(input_ids=x_BT, labels=labels_BT, loss_masks=mask_BT)
+    assert len(a.predictions) == len(b.predictions) == 4
+    for h, pa, pb in zip(ours.config.horizon_lengths, a.predictions, b.predictions):
+        assert pb.shape == (3, 77, h)
+        torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=1e-5)
+    if not ours.config.use_dense:
+        torch.testing.assert_close(a.aux_loss, b.aux_loss, atol=1e-6, rtol=1e-6)
+        for la, lb in zip(a.router_logits, b.router_logits):
+            torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
+
+    assert_forecasts_match(ours, theirs, random_walks(4, 300))
+
+
+def test_generate_picks_largest_head_and_reuses_cache(tmp_path):
+    make_ours().save_pretrained(tmp_path)
+    theirs = load_remote(tmp_path)
+    x_BT = random_walks(2, 50)
+    out = theirs.generate(x_BT, max_new_tokens=41)  # 41 = 32 + 8 + 1
+    assert out.shape == (2, 91)
+    torch.testing.assert_close(out[:, :50], x_BT)
+    # Without a cache: the whole sequence again at every step, head chosen by hand.
+    seq = x_BT
+    for h, j in ((32, 2), (8, 1), (1, 0)):
+        with torch.no_grad():
+            step = theirs(seq, use_cache=False).predictions[j][:, -1]
+        assert step.shape == (2, h)
+        seq = torch.cat([seq, step], dim=1)
+    torch.testing.assert_close(out, seq, atol=1e-5, rtol=1e-5)
+
+
+def released_config(config: TimeMoeConfig) -> dict:
+    """config.json as the released checkpoints ship it (transformers 4.40 era, bf16, keys in their own order)."""
+    return {
+        "_name_or_path": "time_moe_tiny", "apply_aux_loss": True, "architectures": ["TimeMoeForPrediction"],
+        "attention_dropout": 0.0,
+        "auto_map": {"AutoConfig": "configuration_time_moe.TimeMoeConfig",
+                     "AutoModelForCausalLM": "modeling_time_moe.TimeMoeForPrediction"},
+        "hidden_act": "silu", "hidden_size": config.hidden_size, "horizon_lengths": [1, 8, 32, 64],
+        "initializer_range": 0.02, "input_size": 1, "intermediate_size": config.intermediate_size,
+        "max_position_embeddings": 4096, "model_type": "time_moe",
+        "num_attention_heads": config.num_attention_heads, "num_experts": config.num_experts,
+        "num_experts_per_tok": 2, "num_hidden_layers": config.num_hidden_layers,
+        "num_key_value_heads": config.num_attention_heads, "rms_norm_eps": 1e-06, "rope_theta": 10000,
+        "router_aux_loss_factor": 0.02, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.40.1", "use_cache": True, "use_dense": False,
+    }
+
+
+def test_released_format_loads_in_both_implementations(tmp_path):
+    ours = make_ours()
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in ours.state_dict().items()}
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps(released_config(ours.config), indent=2))
+
+    loaded = TimeMoeForPrediction.from_pretrained(tmp_path)  # no remote code in the directory
+    for k, v in loaded.state_dict().items():
+        assert v.dtype == torch.float32
+        torch.testing.assert_close(v, state[k].float(), atol=0, rtol=0)
+
+    for src in REMOTE_CODE_DIR.glob("*.py"):  # as on the hub: the repository carries its own code
+        shutil.copyfile(src, tmp_path / src.name)
+    theirs = load_remote(tmp_path, dtype=torch.float32)
+    x_BT = random_walks(2, 64)
+    with torch.no_grad():
+        for pa, pb in zip(loaded(x_BT).predictions, theirs(x_BT).predictions):
+            torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-5)
+    assert_forecasts_match(loaded, theirs, random_walks(2, 200), horizons=(96,))
+
+    # Default dtype: the checkpoint's own (bf16), as a serving stack would run it.
+    theirs_bf16 = load_remote(tmp_path)
+    assert theirs_bf16.dtype == torch.bfloat16
+    context_BT = random_walks(2, 200)
+    a, b = loaded.forecast(context_BT, 96), theirs_bf16.forecast(context_BT, 96)
+    assert b.dtype == torch.float32 and torch.isfinite(b).all()
+    assert ((a - b).abs().max() / a.abs().max()).item() < 0.1  # bf16 rounding, not a different model
+
+
+def test_remote_config_round_trip(tmp_path):
+    ours = make_ours(num_key_value_heads=2)
+    ours.save_pretrained(tmp_path)
+    cfg = transformers.AutoConfig.from_pretrained(tmp_path, trust_remote_code=True)
+    for key, value in ours.config.to_hf_dict().items():
+        if key in ("auto_map", "torch_dtype", "architectures"):
+            continue
+        assert getattr(cfg, key) == value, key
+    with pytest.raises(ValueError, match="horizon_lengths"):
+        type(cfg)(horizon_lengths=[8, 1])
