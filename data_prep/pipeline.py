@@ -1,0 +1,213 @@
+"""``prepare(source, output)``: the whole job, resumable and deterministic.
+
+1. discover the source's datasets (main process);
+2. index them (workers): validate, stage text input, write index arrays under ``<output>/.work/datasets/``;
+3. plan the shards from the indexes alone (``data_prep.plan``), so their content never depends on the worker count;
+4. build the shards (workers), each written to a temporary name and renamed when complete;
+5. write ``manifest.json`` and remove ``.work/``.
+
+An interrupted job re-run with the same source and options reuses finished indexes and shards; the result is the
+same, byte for byte, as an uninterrupted run. Bad input is found in step 2, before any shard is written.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from data_prep.build import build_shard, finished_shard
+from data_prep.clean import CleanOptions
+from data_prep.errors import PrepError
+from data_prep.index import IndexedDataset
+from data_prep.manifest import MANIFEST_NAME, build_manifest, write_manifest
+from data_prep.plan import plan_shards
+from data_prep.shards import TMP_SUFFIX
+from data_prep.sources.base import DatasetSpec, Discovery, Source
+
+WORK = ".work"
+LOCK = ".timemoe-prep.lock"
+
+
+@dataclass(frozen=True)
+class PrepOptions:
+    shard_bytes: int = 256 << 20
+    batch_points: int = 4 << 20  # points per record batch: bounds worker memory and the loader's read unit
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    on_error: str = "raise"  # "raise": stop at the first bad dataset; "skip": leave it out and list it
+    clean: CleanOptions = field(default_factory=CleanOptions)
+    overwrite: bool = False  # discard a finished or unfinished job of other source/options in the output folder
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        if self.workers < 1 or self.shard_bytes < 1 or self.batch_points < 1:
+            raise ValueError("workers, shard_bytes and batch_points must be positive")
+
+    def identity(self) -> dict[str, Any]:
+        """The options that shape the output (the worker count and the progress bar do not)."""
+        return {
+            "shard_bytes": self.shard_bytes,
+            "batch_points": self.batch_points,
+            "on_error": self.on_error,
+            "clean": asdict(self.clean),
+        }
+
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    with open(out / LOCK, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PrepError(out, "--output", str(out), "another timemoe-prep job is writing here") from None
+        yield
+
+
+def _fingerprint(identity: dict[str, Any], discovery: Discovery) -> str:
+    """Identity plus every input file's size and mtime: resuming over changed input would mix two corpora."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
+    for spec in discovery.datasets:
+        for name in spec.files:
+            stat = os.stat(name) if os.path.exists(name) else None
+            digest.update(f"{spec.key}\0{name}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _clear(out: Path) -> None:
+    for path in out.glob("shard-*.arrow*"):
+        path.unlink()
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    shutil.rmtree(out / WORK, ignore_errors=True)
+
+
+def _index_one(source: Source, spec: DatasetSpec, folder: Path, skip: bool) -> IndexedDataset | PrepError:
+    shutil.rmtree(folder, ignore_errors=True)  # leftovers of an interrupted attempt
+    try:
+        return source.index(spec, folder)
+    except PrepError as e:
+        if not skip:
+            raise
+        shutil.rmtree(folder, ignore_errors=True)
+        return e
+
+
+def _run(pool: ProcessPoolExecutor | None, fn: Callable, jobs: Iterable[tuple]) -> Iterator[tuple[tuple, Any]]:
+    """(args, result) in completion order; the first failure cancels what has not started."""
+    if pool is None:
+        for args in jobs:
+            yield args, fn(*args)
+        return
+    pending: dict[Future, tuple] = {pool.submit(fn, *args): args for args in jobs}
+    try:
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield pending.pop(future), future.result()
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+def prepare(source: Source, output: str | Path, options: PrepOptions | None = None) -> dict[str, Any]:
+    """Pack ``source`` into shards plus ``manifest.json`` under ``output``; returns the manifest."""
+    options = options or PrepOptions()
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / WORK
+    with _exclusive(out):
+        discovery = source.discover()
+        identity = {"source": source.describe(), "options": options.identity()}
+        finished = out / MANIFEST_NAME
+        if finished.exists() and not work.exists():
+            manifest = json.loads(finished.read_text())
+            if {key: manifest.get(key) for key in identity} == identity and not options.overwrite:
+                return manifest
+            if not options.overwrite:
+                raise PrepError(finished, "--output", str(out), "holds a corpus made from another source or options; "
+                                "pass --overwrite to replace it or choose another folder")
+            _clear(out)
+        fingerprint = _fingerprint(identity, discovery)
+        job = work / "job.json"
+        if job.exists() and json.loads(job.read_text())["fingerprint"] != fingerprint:
+            if not options.overwrite:
+                raise PrepError(job, "fingerprint", fingerprint[:12], "an unfinished job over other input or "
+                                "options is in this folder; pass --overwrite to discard it")
+            _clear(out)
+        (work / "datasets").mkdir(parents=True, exist_ok=True)
+        (work / "shards").mkdir(exist_ok=True)
+        job.write_text(json.dumps({"fingerprint": fingerprint, **identity}, indent=1))
+
+        pool = None
+        if options.workers > 1:
+            pool = ProcessPoolExecutor(options.workers, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            indexed, skipped = _index_all(source, discovery, work, pool, options)
+            shards = _build_all(indexed, out, work, pool, options)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        manifest = build_manifest(identity, indexed, shards, skipped, discovery.ignored)
+        write_manifest(out, manifest)
+        shutil.rmtree(work)
+    (out / LOCK).unlink(missing_ok=True)
+    return manifest
+
+
+def _index_all(source, discovery, work, pool, options):
+    found: dict[int, IndexedDataset | PrepError] = {}
+    todo = []
+    for i, spec in enumerate(discovery.datasets):
+        folder = work / "datasets" / f"{i:05d}"
+        done = IndexedDataset.load(folder)
+        if done is not None:
+            found[i] = done
+        else:
+            todo.append((source, spec, folder, options.on_error == "skip"))
+    bar = tqdm(total=len(discovery.datasets), initial=len(found), unit="dataset", desc="index",
+               disable=not options.progress)
+    with bar:
+        for args, result in _run(pool, _index_one, todo):
+            found[int(args[2].name)] = result
+            bar.update(1)
+    indexed, skipped = [], []
+    for i, spec in enumerate(discovery.datasets):
+        if isinstance(found[i], PrepError):
+            skipped.append({"domain": spec.domain, "dataset": spec.dataset, **found[i].as_record()})
+        else:
+            indexed.append(found[i])
+    return indexed, skipped
+
+
+def _build_all(indexed, out, work, pool, options):
+    plans = plan_shards(indexed, options.shard_bytes)
+    for stale in out.glob(f"shard-*.arrow{TMP_SUFFIX}"):
+        stale.unlink()
+    results: dict[int, dict[str, Any]] = {}
+    todo = []
+    for plan in plans:
+        done = finished_shard(out, work, plan.index, len(plans))
+        if done is not None:
+            results[plan.index] = done
+        else:
+            todo.append((plan, indexed, out, work, len(plans), options.clean, options.batch_points))
+    total = sum(p.points for p in plans)
+    initial = sum(plans[i].points for i in results)
+    bar = tqdm(total=total, initial=initial, unit="pt", unit_scale=True, desc="shards", disable=not options.progress)
+    with bar:
+        for args, result in _run(pool, build_shard, todo):
+            results[args[0].index] = result
+            bar.update(args[0].points)
+    return [results[i] for i in range(len(plans))]

