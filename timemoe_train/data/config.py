@@ -1,0 +1,90 @@
+"""DataConfig: everything that decides which points the trainer sees, and how fast they arrive.
+
+Hydra's `configs/data/*.yaml` instantiates it with `_target_: timemoe_train.data.DataConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WINDOW_MODES = ("stride", "random")
+NORMALIZATIONS = ("sequence", "window", "none")
+MIXTURE_BY = ("domain", "dataset")
+
+
+@dataclass
+class DataConfig:
+    # Directory holding `manifest.json` and the Arrow shards written by `timemoe-prep`.
+    path: str = "data/prepared"
+    # Points the model sees per row; each window holds max_length + 1 points (inputs = [:-1], labels = [1:]).
+    max_length: int = 4096
+    # "stride": windows start at 0, stride, 2·stride, … of each sequence; "random": the same number of windows per
+    # sequence per epoch, each at a uniformly random offset (a new one every epoch).
+    window_mode: str = "stride"
+    # None = max_length: consecutive windows share one point, so every (input, next point) pair is trained once.
+    stride: int | None = None
+    # Pack pieces shorter than a window (short series, tails of long ones) into shared rows; attention, positions
+    # and the loss never cross a piece boundary. Off: one piece per row, padded.
+    packing: bool = True
+    # "sequence": z-score with the mean/std of the whole series (the released code); "window": of each piece as it
+    # appears in the row; "none": values as stored.
+    normalization: str = "sequence"
+    # Groups the mixture weights refer to.
+    mixture_by: str = "domain"
+    # Group name -> weight; groups left out are not sampled. None: proportional to the manifest's point counts.
+    mixture_weights: dict[str, float] | None = None
+    # Probabilities ∝ weight^(1/temperature): 1 keeps the weights, larger flattens towards uniform.
+    mixture_temperature: float = 1.0
+    # Rows per mixture block: every block holds each group's share of rows exactly (to 1/block).
+    mixture_block: int = 65536
+    seed: int = 0
+    # DataLoader worker processes (0: build batches in the training process) and batches each one prefetches.
+    num_workers: int = 2
+    prefetch_factor: int = 4
+    # None: pin host memory when CUDA is available, so host-to-device copies can be asynchronous.
+    pin_memory: bool | None = None
+    # SHA-256 of every shard against the manifest before training (reads all shards once).
+    verify_checksums: bool = False
+
+    def __post_init__(self):
+        if self.mixture_weights is not None:  # Hydra hands a DictConfig
+            self.mixture_weights = dict(self.mixture_weights)
+        self.validate()
+
+    @property
+    def window_points(self) -> int:
+        return self.max_length + 1
+
+    @property
+    def window_stride(self) -> int:
+        return self.max_length if self.stride is None else self.stride
+
+    def validate(self) -> None:
+        from .errors import DataError
+
+        def bad(field, value, why):
+            raise DataError("DataConfig", field, value, why)
+
+        if self.max_length < 1:
+            bad("max_length", self.max_length, "must be a positive integer")
+        if self.window_mode not in WINDOW_MODES:
+            bad("window_mode", self.window_mode, f"choose one of {WINDOW_MODES}")
+        if self.stride is not None and self.stride < 1:
+            bad("stride", self.stride, "must be a positive integer (or null for max_length)")
+        if self.normalization not in NORMALIZATIONS:
+            bad("normalization", self.normalization, f"choose one of {NORMALIZATIONS}")
+        if self.mixture_by not in MIXTURE_BY:
+            bad("mixture_by", self.mixture_by, f"choose one of {MIXTURE_BY}")
+        if not self.mixture_temperature > 0:
+            bad("mixture_temperature", self.mixture_temperature, "must be > 0")
+        if self.mixture_block < 1:
+            bad("mixture_block", self.mixture_block, "must be a positive integer")
+        for name, w in (self.mixture_weights or {}).items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+                bad(f"mixture_weights.{name}", w, "must be a non-negative number")
+        if self.mixture_weights is not None and not any(w > 0 for w in self.mixture_weights.values()):
+            bad("mixture_weights", self.mixture_weights, "at least one weight must be positive")
+        if self.num_workers < 0:
+            bad("num_workers", self.num_workers, "must be >= 0")
+        if self.prefetch_factor < 1:
+            bad("prefetch_factor", self.prefetch_factor, "must be >= 1")
