@@ -1,0 +1,121 @@
+"""``timemoe-prep``: the command line.
+
+    timemoe-prep --source time300b --input IN --output OUT [--workers N]
+    timemoe-prep --source csv|parquet|arrow|tsf --input FILE_OR_DIR --output OUT [--domain D] [--dataset NAME] ...
+    timemoe-prep --source embedded --output OUT
+    timemoe-prep inspect OUT [--plot FILE]
+
+Exit status: 0 done, 1 bad input (the message names the file, field and value), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from data_prep.clean import CleanOptions
+from data_prep.errors import PrepError
+from data_prep.pipeline import PrepOptions, prepare
+from data_prep.sources import DOMAINS, EmbeddedSource, TableLayout, TableSource, Time300BSource, TsfSource
+
+SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'256MB' -> 256 * 2**20 bytes; K/M/G/T count in powers of 1024 with or without the i."""
+    match = SIZE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256MB)")
+    number, unit, _ = match.groups()
+    scale = 1024 ** ("kmgt".index(unit.lower()) + 1) if unit else 1
+    return int(float(number) * scale)
+
+
+def _columns(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def _prep_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="timemoe-prep",
+        description="Pack a time-series corpus into Arrow shards plus manifest.json. "
+        "'timemoe-prep inspect DIR' summarises a packed corpus.",
+    )
+    p.add_argument("--source", required=True, choices=["time300b", "csv", "parquet", "arrow", "tsf", "embedded"])
+    p.add_argument("--input", help="input folder (time300b) or file/folder (csv, parquet, arrow, tsf)")
+    p.add_argument("--output", required=True, help="output folder for shards and manifest.json")
+    p.add_argument("--workers", type=int, default=PrepOptions().workers, help="processes (default: all cores)")
+    p.add_argument("--shard-size", type=parse_size, default="256MB", help="target shard size (default 256MB)")
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="skip: leave bad datasets out and list them in the manifest")
+    p.add_argument("--overwrite", action="store_true", help="replace a corpus or unfinished job of other input")
+    p.add_argument("--no-progress", action="store_true")
+    clean = p.add_argument_group("cleaning (see data_prep/clean.py)")
+    clean.add_argument("--max-gap", type=int, default=CleanOptions.max_gap,
+                       help="interpolate NaN/inf runs up to this length, split at longer ones (default %(default)s)")
+    clean.add_argument("--min-length", type=int, default=CleanOptions.min_length,
+                       help="drop sequences shorter than this (default %(default)s)")
+    clean.add_argument("--keep-constant", action="store_true", help="keep sequences whose points are all equal")
+    t300 = p.add_argument_group("time300b")
+    t300.add_argument("--no-denormalize", action="store_true", help="keep values as stored, ignoring mean/std")
+    table = p.add_argument_group("csv, parquet, arrow, tsf")
+    table.add_argument("--domain", choices=DOMAINS, default="other")
+    table.add_argument("--dataset", help="one dataset of all input files (default: one per file, named by stem)")
+    table.add_argument("--freq", help="frequency as a pandas alias, e.g. h, D, MS (default: inferred)")
+    table.add_argument("--id-columns", type=_columns, help="long layout: comma-separated id columns")
+    table.add_argument("--timestamp-column")
+    table.add_argument("--value-columns", type=_columns, help="comma-separated value columns")
+    return p
+
+
+def _source(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    if args.source == "embedded":
+        return EmbeddedSource()
+    if not args.input:
+        parser.error(f"--source {args.source} needs --input")
+    if args.source == "time300b":
+        return Time300BSource(args.input, denormalize=not args.no_denormalize)
+    if args.source == "tsf":
+        return TsfSource(args.input, domain=args.domain, dataset=args.dataset, freq=args.freq)
+    layout = TableLayout(args.id_columns, args.timestamp_column, args.value_columns)
+    return TableSource(args.source, args.input, args.domain, args.dataset, args.freq, layout)
+
+
+def _prep(argv: list[str]) -> int:
+    parser = _prep_parser()
+    args = parser.parse_args(argv)
+    try:
+        options = PrepOptions(
+            shard_bytes=args.shard_size,
+            workers=args.workers,
+            on_error=args.on_error,
+            clean=CleanOptions(args.max_gap, args.min_length, not args.keep_constant),
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    manifest = prepare(_source(args, parser), args.output, options)
+    totals = manifest["totals"]
+    print(f"{args.output}: {totals['shards']} shards, {totals['sequences']:,} sequences, {totals['points']:,} points")
+    for skipped in manifest["skipped"]:
+        print(f"skipped {skipped['domain']}/{skipped['dataset']}: {skipped['file']}: {skipped['problem']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["inspect"]:
+            from data_prep.inspect import main as inspect_main
+
+            return inspect_main(argv[1:])
+        return _prep(argv)
+    except PrepError as e:
+        print(f"timemoe-prep: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
