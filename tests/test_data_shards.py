@@ -6,37 +6,43 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
+from data_prep.clean import new_counts
+from data_prep.index import IndexedDataset
+from data_prep.manifest import SCHEMA_VERSION, build_manifest, write_manifest
 from data_prep.shards import ShardWriter, make_batch, shard_name
 
 from timemoe_train.data import DataError
-from timemoe_train.data.manifest import SCHEMA_VERSION
 from timemoe_train.data.shards import ShardStore
 
 
 
 def write_corpus(directory: Path, series: list[tuple[str, str, np.ndarray]], num_shards: int = 2) -> Path:
-    """Shards (through timemoe-prep's writer) and manifest; series = [(domain, dataset, values)]."""
+    """A prepared corpus through timemoe-prep's shard writer and manifest builder; series = [(domain, dataset,
+    values)]. Written directly rather than by `prepare` so that tests control every point (prep's cleaning drops
+    the very short series packing is about)."""
     directory.mkdir(parents=True, exist_ok=True)
-    shards, domains, datasets = [], {}, {}
+    shards, sizes = [], {}
     for k, idx in enumerate(np.array_split(np.arange(len(series)), num_shards)):
         path = directory / shard_name(k, num_shards)
-        writer = ShardWriter(path)
+        writer, per_dataset = ShardWriter(path), {}
         for i in idx:  # one record batch per series: several batches per shard
             domain, dataset, values = series[i]
             writer.write(make_batch([f"item{i}"], domain, dataset, None, np.asarray(values, np.float32),
                                     np.array([len(values)])))
-        _, digest = writer.commit()
+            stats = per_dataset.setdefault(f"{domain}/{dataset}", {"sequences": 0, "points": 0,
+                                                                   "cleaning": new_counts()})
+            stats["sequences"] += 1
+            stats["points"] += len(values)
+            sizes[domain, dataset] = np.add(sizes.get((domain, dataset), 0), [1, len(values)])
+        size, digest = writer.commit()
         shards.append({"file": path.name, "rows": len(idx), "points": sum(len(series[i][2]) for i in idx),
-                       "sha256": digest})
-    for domain, dataset, values in series:
-        for counts, key in ((domains, domain), (datasets, dataset)):
-            entry = counts.setdefault(key, {"sequences": 0, "points": 0})
-            entry["sequences"] += 1
-            entry["points"] += len(values)
-    manifest = {"schema_version": SCHEMA_VERSION, "shards": shards, "domains": domains, "datasets": datasets}
-    (directory / "manifest.json").write_text(json.dumps(manifest))
+                       "bytes": size, "sha256": digest, "datasets": per_dataset})
+    datasets = [IndexedDataset(domain, dataset, None, (), "", int(n), int(p), False, False)
+                for (domain, dataset), (n, p) in sizes.items()]
+    write_manifest(directory, build_manifest({}, datasets, shards, [], []))
     return directory
 
 
@@ -55,11 +61,11 @@ def test_values_and_labels_round_trip(corpus):
     path, series = corpus
     store = ShardStore(path, verify=True)
     assert len(store) == len(series)
-    assert store.domain_names == ["energy", "web"] and store.dataset_names == ["e1", "w1"]
+    assert store.domain_names == ["energy", "web"] and store.dataset_names == ["energy/e1", "web/w1"]
     for s, (domain, dataset, values) in enumerate(series):
         np.testing.assert_array_equal(store.sequence(s), values)
         assert store.domain_names[store.domain_S[s]] == domain
-        assert store.dataset_names[store.dataset_S[s]] == dataset
+        assert store.dataset_names[store.dataset_S[s]] == f"{domain}/{dataset}"
 
 
 def test_checksum_mismatch_names_the_shard(corpus):
@@ -68,7 +74,7 @@ def test_checksum_mismatch_names_the_shard(corpus):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(DataError, match="shard-00001-of-00002.arrow: sha256 = .*does not match"):
+    with pytest.raises(DataError, match="shard-00001-of-00002.arrow: sha256 = .*the manifest says .*corrupt"):
         ShardStore(path, verify=True)
 
 
@@ -95,4 +101,14 @@ def test_shard_that_disagrees_with_the_manifest(corpus):
     manifest["shards"][1]["points"] += 1
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="shard-00001-of-00002.arrow: rows/points .* truncated or stale"):
+        ShardStore(path)
+
+
+def test_shard_with_another_schema(corpus):
+    path, _ = corpus
+    shard = path / "shard-00000-of-00002.arrow"
+    table = pa.table({"item_id": ["x"], "target": [[1.0, 2.0]]})
+    with pa.ipc.new_file(shard, table.schema) as writer:
+        writer.write_table(table)
+    with pytest.raises(DataError, match="shard-00000-of-00002.arrow: schema = 'item_id: string; target: list"):
         ShardStore(path)

@@ -1,14 +1,16 @@
-"""The manifest as the loader needs it: shard files with their sizes and checksums, point counts per group."""
+"""The manifest as the loader needs it, read by timemoe-prep's own reader (which checks the schema version)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError
+from tqdm import tqdm
 
-SCHEMA_VERSION = 1  # TEMPORARY until data_prep.manifest lands
+from data_prep.errors import PrepError
+from data_prep.manifest import MANIFEST_NAME, load_manifest, verify_shards
+
+from .errors import DataError
 
 
 @dataclass(frozen=True)
@@ -22,18 +24,33 @@ class ShardInfo:
 @dataclass(frozen=True)
 class Manifest:
     path: Path
+    raw: dict
     shards: list[ShardInfo]
-    domains: dict[str, dict]  # name -> {"sequences": n, "points": n}
-    datasets: dict[str, dict]
+
+    @property
+    def domains(self) -> dict[str, dict]:
+        """domain -> {datasets, sequences, points}"""
+        return self.raw["domains"]
+
+    @property
+    def datasets(self) -> dict[str, dict]:
+        """"<domain>/<dataset>" -> {domain, dataset, sequences, points, …}"""
+        return self.raw["datasets"]
+
+    def verify(self) -> None:
+        """Size and SHA-256 of every shard against the manifest."""
+        try:
+            for shard in tqdm(self.raw["shards"], desc="verifying shards", unit="shard"):
+                verify_shards(self.path.parent, {**self.raw, "shards": [shard]})
+        except PrepError as e:
+            raise DataError(e.file, e.field, e.value, f"{e.problem}: the shard is corrupt or was replaced") from None
 
 
 def read_manifest(directory: str | Path) -> Manifest:
-    path = Path(directory) / "manifest.json"
-    if not path.is_file():
-        raise DataError(path, "file", str(path), "no manifest.json here; run timemoe-prep first")
-    raw = json.loads(path.read_text())
-    if raw.get("schema_version") != SCHEMA_VERSION:
-        raise DataError(path, "schema_version", raw.get("schema_version"),
-                        f"this loader reads schema version {SCHEMA_VERSION}; re-run timemoe-prep")
+    try:
+        raw = load_manifest(directory)
+    except PrepError as e:
+        raise DataError(e.file, e.field, e.value, e.problem) from None
+    path = Path(directory) / MANIFEST_NAME
     shards = [ShardInfo(path.parent / s["file"], s["rows"], s["points"], s["sha256"]) for s in raw["shards"]]
-    return Manifest(path, shards, raw["domains"], raw["datasets"])
+    return Manifest(path, raw, shards)

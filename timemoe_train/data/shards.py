@@ -12,24 +12,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm import tqdm
 
-from data_prep.shards import SCHEMA, read_shard, sha256_file
+from data_prep.shards import SCHEMA, read_shard
 
 from .errors import DataError
-from .manifest import Manifest, read_manifest
+from .manifest import read_manifest
 
 
 def _one_line(schema: pa.Schema) -> str:
     return "; ".join(str(schema).splitlines())
-
-
-def verify_checksums(manifest: Manifest) -> None:
-    for shard in tqdm(manifest.shards, desc="verifying shard checksums", unit="shard"):
-        actual = sha256_file(shard.path)
-        if actual != shard.sha256:
-            raise DataError(shard.path, "sha256", actual,
-                            f"does not match the manifest's {shard.sha256}; the shard is corrupt or was replaced")
 
 
 def _read_table(path: Path) -> pa.Table:
@@ -53,12 +44,13 @@ def _codes(path: Path, column: pa.ChunkedArray, names: list[str], field: str) ->
 
 
 class ShardStore:
-    """All sequences of a prepared corpus. Index arrays are per sequence (suffix _S)."""
+    """All sequences of a prepared corpus. Index arrays are per sequence (suffix _S); domain_S and dataset_S index
+    the sorted names of the manifest's domains and "<domain>/<dataset>" keys."""
 
     def __init__(self, path: str | Path, verify: bool = False):
         self.manifest = read_manifest(path)
         if verify:
-            verify_checksums(self.manifest)
+            self.manifest.verify()
         self.domain_names = sorted(self.manifest.domains)
         self.dataset_names = sorted(self.manifest.datasets)
         self._chunks: list[np.ndarray] | None = None
@@ -83,7 +75,8 @@ class ShardStore:
                 length_S.append(np.diff(offsets_R))
                 chunks.append(c.values.to_numpy(zero_copy_only=True))
             domain_S.append(_codes(path, table["domain"], self.domain_names, "domain"))
-            dataset_S.append(_codes(path, table["dataset"], self.dataset_names, "dataset"))
+            keys = pc.binary_join_element_wise(table["domain"], table["dataset"], "/")  # the manifest's dataset keys
+            dataset_S.append(_codes(path, keys, self.dataset_names, "domain/dataset"))
 
         def cat(parts, dtype):
             return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
