@@ -9,7 +9,8 @@ Structure (``SCHEMA_VERSION`` 1; all counts are integers, "points" are float32 v
     options         {shard_bytes, batch_points, on_error, clean: {max_gap, min_length, drop_constant}}
     format          {container: "arrow-ipc-file", compression: null, columns: {name: arrow type}}
     totals          {shards, sequences, points, bytes}
-    shards          [{file, rows, points, bytes, sha256, domains: {domain: {sequences, points}}}], in corpus order
+    shards          [{file, rows, points, bytes, sha256, domains: {domain: {sequences, points}},
+                      datasets: {"<domain>/<dataset>": {sequences, points}}}], in corpus order
     domains         {domain: {datasets, sequences, points}}
     datasets        {"<domain>/<dataset>": {domain, dataset, freq, sequences, points,
                                             input: {sequences, points}, cleaning: {rule: {count, points}}}}
@@ -76,7 +77,8 @@ def build_manifest(
             d["sequences"] += stats["sequences"]
             d["points"] += stats["points"]
         shard_entries.append({k: shard[k] for k in ("file", "rows", "points", "bytes", "sha256")} | {
-            "domains": dict(sorted(by_domain.items()))
+            "domains": dict(sorted(by_domain.items())),
+            "datasets": {key: {k: s[k] for k in ("sequences", "points")} for key, s in shard["datasets"].items()},
         })
 
     domains: dict[str, dict[str, int]] = {}

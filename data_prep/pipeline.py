@@ -73,7 +73,10 @@ def _exclusive(out: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise PrepError(out, "--output", str(out), "another timemoe-prep job is writing here") from None
-        yield
+        try:
+            yield
+        finally:
+            (out / LOCK).unlink(missing_ok=True)
 
 
 def _fingerprint(identity: dict[str, Any], discovery: Discovery) -> str:
@@ -162,7 +165,6 @@ def prepare(source: Source, output: str | Path, options: PrepOptions | None = No
         manifest = build_manifest(identity, indexed, shards, skipped, discovery.ignored)
         write_manifest(out, manifest)
         shutil.rmtree(work)
-    (out / LOCK).unlink(missing_ok=True)
     return manifest
 
 
