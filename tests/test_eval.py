@@ -1,0 +1,168 @@
+"""timemoe-eval against independent computations: borders, scaling, windows and metrics recomputed here with
+pandas and plain loops, one window at a time."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from timemoe_train.evaluate import EvalError, evaluate_long_horizon
+from timemoe_train.evaluate.cli import main as eval_main
+from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
+
+ETTH1 = Path("/work/shared/data/ETTh1.csv")
+if not ETTH1.is_file():
+    ETTH1 = Path(__file__).resolve().parents[1] / "examples" / "data" / "ETTh1.csv"
+
+HORIZONS, CONTEXTS, N = [96, 192], [128, 64], 4
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = TimeMoeForPrediction(TimeMoeConfig.preset("tiny"))
+    with torch.no_grad():  # forecasts of O(1) rather than ~0, so that the model's metric differs from the mean's
+        for head in model.lm_heads:
+            head.out_layer.weight.normal_(0.0, 0.3)
+    return model.save_pretrained(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def etth1_results(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    return evaluate_long_horizon(model_dir, ETTH1, horizons=HORIZONS, context_lengths=CONTEXTS, max_windows=N,
+                                 out_dir=out, progress=False), out
+
+
+def expected_etth1():
+    """The protocol by hand: 12/4/4 months of 30 days, train-split z-scores with the population std."""
+    df = pd.read_csv(ETTH1)
+    values = df.drop(columns="date")
+    train = values.iloc[: 12 * 30 * 24]
+    scaled = (values - train.mean()) / train.std(ddof=0)
+    return scaled, 12 * 30 * 24 + 4 * 30 * 24, 4 * 30 * 24
+
+
+def test_borders_scaling_and_window_counts(etth1_results):
+    results, _ = etth1_results
+    scaled, test_start, test_len = expected_etth1()
+    assert results["borders"] == {"train": [0, 8640], "val": [8640, 11520], "test": [11520, 14400]}
+    assert results["columns"] == list(scaled.columns)
+    train = pd.read_csv(ETTH1).drop(columns="date").iloc[:8640]
+    np.testing.assert_allclose(results["scaler"]["mean"], train.mean().to_numpy(), rtol=1e-12)
+    np.testing.assert_allclose(results["scaler"]["std"], train.std(ddof=0).to_numpy(), rtol=1e-12)
+    assert results["season_length"] == 24  # hourly dates
+    for row, h, c in zip(results["rows"], HORIZONS, CONTEXTS):
+        assert (row["horizon"], row["context_length"]) == (h, c)
+        # Stride-1 windows whose forecast lies wholly inside the test split: 2880 - h + 1.
+        assert row["windows_per_channel"] == sum(1 for t in range(test_start, test_start + test_len)
+                                                 if t + h <= test_start + test_len)
+        assert row["windows_evaluated_per_channel"] == N
+
+
+def chosen_forecast_rows(horizon: int):
+    """First forecast row of each evaluated window: N evenly spaced among all, first and last included."""
+    _, test_start, test_len = expected_etth1()
+    last = test_len - horizon
+    return [test_start + int(np.floor(x)) for x in np.linspace(0, last, N)]
+
+
+def test_model_and_baseline_metrics(etth1_results, model_dir):
+    results, _ = etth1_results
+    scaled, _, _ = expected_etth1()
+    model = TimeMoeForPrediction.from_pretrained(model_dir).eval()
+    for row, h, ctx in zip(results["rows"], HORIZONS, CONTEXTS):
+        errors = {"model": [], "seasonal_naive": [], "last_value": []}
+        for col in scaled.columns:
+            series = scaled[col].to_numpy()
+            for t0 in chosen_forecast_rows(h):
+                truth = series[t0:t0 + h]
+                context = series[t0 - ctx:t0]
+                seasonal = np.array([series[t0 - 24 + (i % 24)] for i in range(h)])
+                model_fc = model.forecast(torch.tensor(context, dtype=torch.float32)[None], h)[0].double().numpy()
+                errors["model"].append(model_fc - truth)
+                errors["seasonal_naive"].append(seasonal - truth)
+                errors["last_value"].append(np.full(h, series[t0 - 1]) - truth)
+        for name, errs in errors.items():
+            e = np.concatenate(errs)
+            got = row["metrics"][name]
+            np.testing.assert_allclose([got["mse"], got["mae"]], [np.mean(e ** 2), np.mean(np.abs(e))], rtol=2e-5,
+                                       err_msg=f"{name} at horizon {h}")
+    for name in ("model", "seasonal_naive", "last_value"):
+        for m in ("mse", "mae"):
+            assert results["average"][name][m] == pytest.approx(np.mean([r["metrics"][name][m]
+                                                                         for r in results["rows"]]))
+    assert results["average"]["model"]["mse"] != pytest.approx(results["average"]["last_value"]["mse"], rel=1e-3)
+
+
+def test_report_files(etth1_results):
+    results, out = etth1_results
+    written = json.loads((out / "results.json").read_text())
+    assert written["rows"] == results["rows"] and "samples" not in written
+    md = (out / "results.md").read_text()
+    assert "| 96 | 128 | 4 of 2785 |" in md and "| 192 | 64 | 4 of 2689 |" in md and "**average**" in md
+    assert f"{results['average']['seasonal_naive']['mse']:.4f}" in md
+    png = (out / "forecasts.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_remote_backend_matches_native(etth1_results, model_dir):
+    results, _ = etth1_results
+    remote = evaluate_long_horizon(model_dir, ETTH1, horizons=HORIZONS[:1], context_lengths=CONTEXTS[:1],
+                                   max_windows=N, backend="remote", progress=False)
+    native = results["rows"][0]["metrics"]["model"]
+    assert remote["rows"][0]["metrics"]["model"] == pytest.approx(native, rel=1e-4)
+
+
+def test_ratio_splits_and_season_from_dates(tmp_path, model_dir):
+    n = 1000
+    t = np.arange(n)
+    df = pd.DataFrame({"date": pd.date_range("2020-01-01", periods=n, freq="D").astype(str),
+                       "a": np.sin(2 * np.pi * t / 7) + 0.01 * t, "b": np.cos(t / 5.0)})
+    csv = tmp_path / "toy.csv"
+    df.to_csv(csv, index=False)
+    r = evaluate_long_horizon(model_dir, csv, horizons=[24], context_lengths=[96], columns=["a"], max_windows=2,
+                              progress=False)
+    # 70% train, 20% test, val the rest, as the Time-Series-Library protocol.
+    assert r["borders"] == {"train": [0, 700], "val": [700, 800], "test": [800, 1000]}
+    assert r["season_length"] == 7 and r["columns"] == ["a"]
+    assert r["rows"][0]["windows_per_channel"] == 200 - 24 + 1
+    # A weekly sine plus a trend of 0.01/day: seasonal naive repeats the last week, so at step h it lags the trend
+    # by 7 * (h // 7 + 1) days.
+    scale = df["a"].iloc[:700].std(ddof=0)
+    expected_mae = np.mean([0.01 * 7 * (h // 7 + 1) for h in range(24)]) / scale
+    assert r["rows"][0]["metrics"]["seasonal_naive"]["mae"] == pytest.approx(expected_mae, rel=1e-4)
+
+
+def test_bad_inputs_are_named(tmp_path, model_dir):
+    with pytest.raises(EvalError, match=r"ETTh1\.csv: column\(s\) \['nope'\] not found .*'OT'"):
+        evaluate_long_horizon(model_dir, ETTH1, columns=["OT", "nope"], progress=False)
+    short = tmp_path / "ETTh1.csv"
+    pd.read_csv(ETTH1).iloc[:10_000].to_csv(short, index=False)
+    with pytest.raises(EvalError, match=r"ETTh1\.csv: ETTh1 needs 14400 rows .* has 10000"):
+        evaluate_long_horizon(model_dir, short, progress=False)
+    with pytest.raises(EvalError, match="no config.json"):
+        evaluate_long_horizon(tmp_path, ETTH1, horizons=[96], context_lengths=[128], max_windows=1, progress=False)
+    with pytest.raises(EvalError, match="model directory not found"):
+        evaluate_long_horizon(tmp_path / "missing", ETTH1, horizons=[96], context_lengths=[128], progress=False)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("date,x\n2020-01-01 00:00:00,1.0\n2020-01-01 01:00:00,oops\n")
+    with pytest.raises(EvalError, match=r"bad\.csv: column 'x' has a missing or non-numeric value 'oops' at data row 2"):
+        evaluate_long_horizon(model_dir, bad, progress=False)
+    with pytest.raises(EvalError, match="one context length per horizon"):
+        evaluate_long_horizon(model_dir, ETTH1, horizons=[96, 192], context_lengths=[128, 256, 512])
+    with pytest.raises(EvalError, match="context length 20000 reaches before the first row"):
+        evaluate_long_horizon(model_dir, ETTH1, horizons=[96], context_lengths=[20000], progress=False)
+
+
+def test_cli(tmp_path, model_dir, capsys):
+    out = tmp_path / "out"
+    assert eval_main([str(model_dir), "--csv", str(ETTH1), "--columns", "OT", "--horizons", "8",
+                      "--context-lengths", "48", "--max-windows", "2", "--out", str(out), "--no-progress"]) == 0
+    assert "| 8 | 48 | 2 of 2873 |" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "forecasts.png"}
+    assert eval_main([str(tmp_path / "nowhere"), "--csv", str(ETTH1)]) == 2
+    assert "nowhere: model directory not found" in capsys.readouterr().err

@@ -1,0 +1,71 @@
+"""`timemoe-eval MODEL_DIR --csv ETTh1.csv`: the long-horizon benchmark, written as JSON, Markdown and PNG."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .data import DEFAULT_RATIOS, EvalError
+from .long_horizon import BACKENDS, DTYPES, evaluate_long_horizon
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="timemoe-eval", description=__doc__)
+    p.add_argument("model_dir", help="HF-layout directory (config.json + model.safetensors), ours or released")
+    p.add_argument("--csv", required=True, help="benchmark CSV; ETTh1/ETTh2/ETTm1/ETTm2 stems get their month splits")
+    p.add_argument("--columns", type=lambda s: s.split(","), default=None,
+                   help="comma-separated channels (default: every column except the date column)")
+    p.add_argument("--date-column", default="date")
+    p.add_argument("--horizons", type=int_list, default=[96, 192, 336, 720])
+    p.add_argument("--context-lengths", type=int_list, default=[512, 1024, 2048, 3072],
+                   help="one per horizon, or a single one for all")
+    p.add_argument("--max-windows", type=int, default=None,
+                   help="quick run: N evenly spaced test windows per horizon and channel, first and last included")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--season-length", type=int, default=None,
+                   help="seasonal-naive period (default: from the date column's spacing, e.g. 24 for hourly)")
+    p.add_argument("--split-ratios", type=float_list, default=list(DEFAULT_RATIOS),
+                   help="train,val,test fractions for CSVs other than ETT (default 0.7,0.1,0.2)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--backend", choices=BACKENDS, default="native",
+                   help="native: timemoe-train's model; remote: the directory's own modeling code via transformers")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default outputs/eval/<csv stem>)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    out = args.out or Path("outputs") / "eval" / Path(args.csv).stem
+    try:
+        results = evaluate_long_horizon(
+            args.model_dir, args.csv, horizons=args.horizons, context_lengths=args.context_lengths,
+            columns=args.columns, date_column=args.date_column, max_windows=args.max_windows,
+            batch_size=args.batch_size, season_length=args.season_length, split_ratios=args.split_ratios,
+            device=args.device, dtype=args.dtype, backend=args.backend, out_dir=out, progress=not args.no_progress)
+    except EvalError as e:
+        print(f"timemoe-eval: error: {e}", file=sys.stderr)
+        return 2
+    print(Path(results["files"]["markdown"]).read_text())
+    print("wrote " + ", ".join(results["files"].values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The paper's long-horizon benchmark: univariate forecasts of every channel over stride-1 test windows, MSE/MAE
+on train-split-scaled values, next to seasonal-naive and last-value baselines on the very same windows."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..export.hf_layout import CheckpointError
+from ..model import ConfigError, TimeMoeForPrediction
+from .baselines import last_value, seasonal_naive
+from .data import DEFAULT_RATIOS, EvalError, fit_scaler, num_test_windows, read_csv, split_borders, window_starts
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+BACKENDS = ("native", "remote")
+FORECASTERS = ("model", "seasonal_naive", "last_value")
+
+
+def load_model(model_dir: str | Path, backend: str = "native", device: str = "cpu", dtype: str = "float32"):
+    """Any HF-layout directory, ours or the released format. "remote" runs the directory's own modeling code
+    through transformers (trust_remote_code), as a serving stack would."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise EvalError(f"{path}: model directory not found")
+    if backend not in BACKENDS or dtype not in DTYPES:
+        raise EvalError(f"backend={backend!r}, dtype={dtype!r}: choose a backend from {BACKENDS} and a dtype from "
+                        f"{tuple(DTYPES)}")
+    try:
+        if backend == "native":
+            model = TimeMoeForPrediction.from_pretrained(path)
+        else:
+            import transformers
+
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    except (ConfigError, CheckpointError, OSError, ValueError) as e:
+        raise EvalError(f"model directory {path}: {e}") from None
+    return model.to(device=device, dtype=DTYPES[dtype]).eval()
+
+
+def pair_horizons(horizons, context_lengths) -> list[tuple[int, int]]:
+    """(horizon, context length) pairs: one context per horizon, or a single context for all of them."""
+    horizons, context_lengths = [int(h) for h in horizons], [int(c) for c in context_lengths]
+    if len(context_lengths) == 1:
+        context_lengths = context_lengths * len(horizons)
+    if not horizons or len(context_lengths) != len(horizons):
+        raise EvalError(f"--horizons {horizons} and --context-lengths {context_lengths}: give one context length "
+                        "per horizon, or a single one for all")
+    if min(horizons + context_lengths) < 1:
+        raise EvalError(f"--horizons {horizons} / --context-lengths {context_lengths}: must be positive")
+    return list(zip(horizons, context_lengths))
+
+
+def evaluate_long_horizon(model, csv: str | Path, *, horizons=(96, 192, 336, 720),
+                          context_lengths=(512, 1024, 2048, 3072), columns: list[str] | None = None,
+                          date_column: str = "date", max_windows: int | None = None, batch_size: int = 64,
+                          season_length: int | None = None, split_ratios=DEFAULT_RATIOS, device: str = "cpu",
+                          dtype: str = "float32", backend: str = "native", out_dir: str | Path | None = None,
+                          progress: bool = True) -> dict:
+    """Evaluate `model` (an HF-layout directory, or an already-loaded model with `forecast(context_BT, horizon)`)
+    on `csv`. Returns the results dict; with `out_dir`, also writes results.json, results.md and forecasts.png."""
+    started = time.perf_counter()
+    pairs = pair_horizons(horizons, context_lengths)
+    series = read_csv(csv, columns, date_column)
+    source = str(series.path)
+    borders = split_borders(len(series.values_TC), series.path.stem, tuple(split_ratios), source)
+    season = season_length or series.season_length
+    if season is None:
+        raise EvalError(f"{source}: the season length of the seasonal-naive baseline cannot be told from a "
+                        f"{date_column!r} column; pass --season-length")
+    if min(c for _, c in pairs) < season:
+        raise EvalError(f"--context-lengths {[c for _, c in pairs]}: each must cover one season ({season} rows)")
+    starts = {pair: window_starts(borders, pair[1], pair[0], max_windows, source) for pair in pairs}
+    mean_C, std_C = fit_scaler(series.values_TC, borders)
+    scaled_CT = ((series.values_TC - mean_C) / std_C).T.astype(np.float32)
+
+    net = load_model(model, backend, device, dtype) if isinstance(model, (str, Path)) else model
+    num_channels = scaled_CT.shape[0]
+    rows, samples = [], []
+    with tqdm(total=sum(len(s) for s in starts.values()) * num_channels, unit="window", disable=not progress,
+              desc=f"eval {series.path.stem}") as bar:
+        for (horizon, context_len), start_N in starts.items():
+            forecasters = {
+                "model": lambda ctx, h=horizon: net.forecast(ctx, h),
+                "seasonal_naive": lambda ctx, h=horizon: seasonal_naive(ctx, h, season),
+                "last_value": lambda ctx, h=horizon: last_value(ctx, h),
+            }
+            sums = {name: torch.zeros(2, dtype=torch.float64) for name in FORECASTERS}  # squared, absolute
+            # Every (channel, window) pair, channel-major, batched across channels.
+            channel_M = np.repeat(np.arange(num_channels), len(start_N))
+            start_M = np.tile(start_N, num_channels)
+            offsets_W = np.arange(context_len + horizon)
+            for b in range(0, len(start_M), batch_size):
+                windows_BW = torch.from_numpy(
+                    scaled_CT[channel_M[b:b + batch_size, None], start_M[b:b + batch_size, None] + offsets_W])
+                context_BT, truth_BH = windows_BW[:, :context_len], windows_BW[:, context_len:].double()
+                for name, forecast in forecasters.items():
+                    err_BH = forecast(context_BT).to("cpu", torch.float64) - truth_BH
+                    sums[name] += torch.stack([err_BH.pow(2).sum(), err_BH.abs().sum()])
+                bar.update(len(windows_BW))
+            count = len(start_M) * horizon
+            rows.append({
+                "horizon": horizon, "context_length": context_len,
+                "windows_per_channel": num_test_windows(borders, horizon),
+                "windows_evaluated_per_channel": len(start_N),
+                "metrics": {name: {"mse": (s[0] / count).item(), "mae": (s[1] / count).item()}
+                            for name, s in sums.items()},
+            })
+            samples.append(_sample(scaled_CT[-1], int(start_N[len(start_N) // 2]), context_len, horizon,
+                                   forecasters))
+
+    results = {
+        "dataset": series.path.stem, "csv": source,
+        "model": str(model) if isinstance(model, (str, Path)) else type(model).__name__,
+        "backend": backend, "dtype": dtype, "columns": series.columns, "season_length": season,
+        "borders": {"train": list(borders.train), "val": list(borders.val), "test": list(borders.test)},
+        "scaler": {"mean": mean_C.tolist(), "std": std_C.tolist()},
+        "max_windows": max_windows,
+        "subsampling": None if max_windows is None else
+        "per (horizon, channel): windows floor(k*(n-1)/(N-1)), k = 0..N-1, of the n stride-1 test windows",
+        "rows": rows,
+        "average": {name: {m: float(np.mean([r["metrics"][name][m] for r in rows])) for m in ("mse", "mae")}
+                    for name in FORECASTERS},
+        "samples": samples,
+        "elapsed_s": round(time.perf_counter() - started, 3),
+    }
+    if out_dir is not None:
+        from .report import write_report
+
+        results["files"] = {k: str(v) for k, v in write_report(results, out_dir).items()}
+    return results
+
+
+def _sample(series_T: np.ndarray, start: int, context_len: int, horizon: int, forecasters) -> dict:
+    """One window of the last channel, for the plot: the context's tail, the truth and every forecast."""
+    window = torch.from_numpy(series_T[start:start + context_len + horizon])
+    context_1T = window[None, :context_len]
+    tail = min(context_len, 2 * horizon)
+    return {"horizon": horizon, "forecast_row": start + context_len, "context_tail": window[context_len - tail:context_len].tolist(),
+            "truth": window[context_len:].tolist(),
+            **{name: f(context_1T)[0].float().cpu().tolist() for name, f in forecasters.items()}}
