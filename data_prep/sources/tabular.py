@@ -211,9 +211,13 @@ def _infer_freq(times: list[pd.Series]) -> str | None:
         if len(t) < 3 or not pd.api.types.is_datetime64_any_dtype(t):
             return None
         try:
-            found.add(pd.infer_freq(pd.DatetimeIndex(t)))
+            with warnings.catch_warnings():
+                # pandas 3 announces that infer_freq will return an offset; to_offset below accepts either
+                warnings.simplefilter("ignore", DeprecationWarning)
+                inferred = pd.infer_freq(pd.DatetimeIndex(t))
         except (ValueError, TypeError):
             return None
+        found.add(inferred and pd.tseries.frequencies.to_offset(inferred).freqstr)
     return found.pop() if len(found) == 1 else None
 
 

