@@ -1,0 +1,111 @@
+"""Patches that let megatron-core's MoE layer run where it was not written to run.
+
+Tested with megatron-core 0.16.1 and torch 2.13.0 (+cpu build), gloo, 1–4 processes. Every patch is applied at
+most once per process (`apply()` is idempotent) and only to the names listed here; re-check them when either
+version changes.
+
+Applied everywhere (`apply()` always runs this part):
+- `moe_utils.te_general_gemm = None` when it is missing. megatron-core 0.16.1 defines that name only inside its
+  TransformerEngine import block, yet the router's gating GEMM tests `te_general_gemm is not None`, so without TE
+  the first router call raises NameError — on GPU installs without TE too.
+
+Applied only when CUDA is absent (the layer code calls CUDA APIs unconditionally):
+- `torch.cuda.current_device()` answers "cpu": megatron places buffers and the router weight with
+  `device=torch.cuda.current_device()`.
+- `torch.cuda.Stream`, `Event`, `current_stream`, `stream` become no-ops: the alltoall dispatcher creates a side
+  stream in `__init__` and copies its split sizes "device to host" on it; on CPU there is nothing to overlap.
+- The tensor-parallel RNG tracker runs on the CPU generator: megatron's tracker saves, seeds and restores the CUDA
+  generator (`tensor_parallel.checkpoint`, forked dropout); with no CUDA generator those calls fail.
+- The alltoall dispatcher's `maybe_move_tensor_to_cpu` also turns *CPU* split tensors into numpy: megatron only
+  converts CUDA tensors, and gloo's `all_to_all_single` then receives tensors where it expects split-size lists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_applied = False
+
+
+class _NoStream:
+    """Stands in for torch.cuda.Stream / Event: CPU work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return _NoStream()
+
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+def _cpu_rng_tracker_class(base):
+    class CpuRNGStatesTracker(base):
+        """megatron's CudaRNGStatesTracker, seeding and forking the CPU generator instead."""
+
+        def add(self, name, seed):
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self._is_initialized = True
+            self.seeds_.add(seed)
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    return CpuRNGStatesTracker
+
+
+def _move_splits_to_numpy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    if torch.is_tensor(tensor):
+        tensor = tensor.cpu()
+        if as_numpy:
+            return tensor.numpy()
+    return tensor
+
+
+def _apply_cpu_patches() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.Stream = _NoStream
+    torch.cuda.Event = _NoStream
+    torch.cuda.current_stream = lambda device=None: _NoStream()
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+
+    mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    mrandom.CudaRNGStatesTracker = _cpu_rng_tracker_class(mrandom.CudaRNGStatesTracker)
+    mrandom.initialize_rng_tracker(force_reset=True)
+
+    moe_utils.maybe_move_tensor_to_cpu = _move_splits_to_numpy
+    token_dispatcher.maybe_move_tensor_to_cpu = _move_splits_to_numpy
+
+
+def apply() -> None:
+    """Make megatron-core's MoE layer importable and runnable in this process (idempotent)."""
+    global _applied
+    if _applied:
+        return
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    if not torch.cuda.is_available():
+        _apply_cpu_patches()
+    _applied = True
