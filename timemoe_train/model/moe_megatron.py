@@ -174,7 +174,7 @@ def finish_megatron_step(model: nn.Module, num_microbatches: int = 1) -> dict[st
     """Megatron's tracked aux losses of the step just run — {"load_balancing_loss": …, "z_loss": …}, each the
     mean over layers and micro-batches, averaged over data-parallel ranks — then clears the tracker and the
     per-global-batch state of "global_aux_loss". A collective: every rank calls it once per optimizer step.
-    Empty while no megatron aux loss has been tracked in this process (`aux_loss_type` "timemoe").""""
+    Empty while no megatron aux loss has been tracked in this process (`aux_loss_type` "timemoe")."""
     layers = [m for m in model.modules() if isinstance(m, MegatronMoELayer)]
     for layer in layers:
         layer.router.reset_global_aux_loss_tracker()
