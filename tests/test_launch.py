@@ -1,0 +1,229 @@
+"""launch/: the per-node torchrun commands (dry run), the SLURM script's flow with stand-in srun/scontrol, and the
+Hydra sweep config against a throw-away Hydra app."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = REPO / "launch" / "run.py"
+# Variables the launcher reads: cleared so that the machine's own settings cannot leak into a case.
+LAUNCH_ENV = ("NNODES", "NODE_RANK", "NPROC_PER_NODE", "MASTER_ADDR", "MASTER_PORT", "RDZV_ID", "RDZV_CONF",
+              "RDZV_IS_HOST", "LOCAL_ADDR", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "CUDA_VISIBLE_DEVICES")
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and not k.startswith("SLURM_")}
+    return {**env, **extra}
+
+
+def dry_run(*args, **env):
+    out = subprocess.run([sys.executable, str(RUN), "--dry-run", *args], env=clean_env(**env), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1
+    return shlex.split(lines[0])
+
+
+def flags(cmd):
+    """torchrun's options as a dict (flags without a value map to True), the module and the trainer's args."""
+    start = cmd.index("torch.distributed.run") + 1
+    m = cmd.index("-m", start)
+    opts, i = {}, start
+    while i < m:
+        if i + 1 < m and not cmd[i + 1].startswith("--"):
+            opts[cmd[i]] = cmd[i + 1]
+            i += 2
+        else:
+            opts[cmd[i]] = True
+            i += 1
+    return opts, cmd[m + 1], cmd[m + 2:]
+
+
+OVERRIDES = ["data.path=/data/time300b", "parallel.expert_parallel_size=8", "trainer.max_steps=100000",
+             "checkpoint.dir=/ckpt/run 1"]
+
+
+@pytest.mark.parametrize("node_rank", [0, 1])
+def test_two_nodes_of_eight_gpus_from_env(node_rank):
+    cmd = dry_run("--", *OVERRIDES, NNODES="2", NPROC_PER_NODE="8", NODE_RANK=str(node_rank),
+                  MASTER_ADDR="10.0.0.1", MASTER_PORT="29611", RDZV_ID="exp42")
+    opts, module, overrides = flags(cmd)
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert opts == {"--nproc_per_node": "8", "--nnodes": "2", "--node_rank": str(node_rank),
+                    "--rdzv_backend": "c10d", "--rdzv_endpoint": "10.0.0.1:29611", "--rdzv_id": "exp42"}
+    assert module == "timemoe_train.train"
+    assert overrides == OVERRIDES  # the space inside the last one survives quoting
+
+
+@pytest.mark.parametrize("node_id", [0, 1])
+def test_slurm_environment(node_id):
+    cmd = dry_run("trainer.max_steps=10", SLURM_JOB_NODELIST="gpu-a[017-018]", SLURM_JOB_NUM_NODES="2",
+                  SLURM_NODEID=str(node_id), SLURM_GPUS_ON_NODE="8", SLURM_JOB_ID="123456")
+    opts, _, overrides = flags(cmd)
+    assert (opts["--nnodes"], opts["--node_rank"], opts["--nproc_per_node"]) == ("2", str(node_id), "8")
+    assert opts["--rdzv_endpoint"] == "gpu-a017:29500" and opts["--rdzv_id"] == "123456"
+    assert overrides == ["trainer.max_steps=10"]
+    # Explicit settings beat SLURM's.
+    opts, _, _ = flags(dry_run(SLURM_JOB_NODELIST="n1", SLURM_NNODES="2", SLURM_NODEID="1", SLURM_JOB_ID="9",
+                               SLURM_GPUS_ON_NODE="8", MASTER_ADDR="10.9.9.9", NPROC_PER_NODE="2"))
+    assert (opts["--rdzv_endpoint"], opts["--nproc_per_node"]) == ("10.9.9.9:29500", "2")
+
+
+def test_network_namespaces():
+    common = dict(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="10.77.0.1")
+    for rank, addr, iface, is_host in ((0, "10.77.0.1", "vA", "1"), (1, "10.77.0.2", "vB", "0")):
+        cmd = dry_run(**common, NODE_RANK=str(rank), LOCAL_ADDR=addr, GLOO_SOCKET_IFNAME=iface,
+                      RDZV_CONF="join_timeout=60")
+        assert cmd[0] == f"GLOO_SOCKET_IFNAME={iface}"
+        opts, _, _ = flags(cmd)
+        assert opts["--local_addr"] == addr
+        assert opts["--rdzv_conf"] == f"is_host={is_host},join_timeout=60"
+    opts, _, _ = flags(dry_run(**common, NODE_RANK="1", LOCAL_ADDR="10.77.0.2", RDZV_IS_HOST="1"))
+    assert opts["--rdzv_conf"] == "is_host=1"
+
+
+def test_single_node_is_standalone():
+    opts, module, overrides = flags(dry_run("--nproc-per-node", "4", "--module", "my.job", "a=1"))
+    assert opts == {"--nproc_per_node": "4", "--standalone": True}
+    assert (module, overrides) == ("my.job", ["a=1"])
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"NNODES": "2"}, "2 nodes need a rendezvous host"),
+    ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, "node rank 2 is outside 0..1"),
+    ({"NNODES": "two"}, "nnodes='two': not an integer"),
+])
+def test_bad_settings(env, message):
+    out = subprocess.run([sys.executable, str(RUN), "--dry-run"], env=clean_env(NPROC_PER_NODE="1", **env),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and message in out.stderr
+
+
+def test_first_host_of_slurm_nodelists():
+    sys.path.insert(0, str(REPO / "launch"))
+    try:
+        from run import first_host
+    finally:
+        sys.path.pop(0)
+    assert first_host("node7") == "node7"
+    assert first_host("gpu[03-05,9],cpu1") == "gpu03"
+    assert first_host("a1,b[2-3]") == "a1"
+    assert first_host("rack[4,6]-n") == "rack4-n"
+
+
+# --- launch/slurm.sbatch with stand-ins for srun and scontrol ------------------------------------------------------
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun stand-in: drop srun's own options, run the command once per node as SLURM would (SLURM_NODEID set).
+while [[ $1 == --* ]]; do shift; done
+echo "srun started" >> "$FAKE_LOG"
+if [[ -n "${FAKE_SRUN_HANG:-}" ]]; then
+    sleep 60 &
+    trap 'echo "srun got TERM" >> "$FAKE_LOG"; kill $!; exit 143' TERM
+    wait
+fi
+for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n "$@" || exit $?; done
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+echo "scontrol $*" >> "$FAKE_LOG"
+"""
+
+
+def sbatch_env(tmp_path, **extra):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=sys.executable, FAKE_LOG=str(tmp_path / "log"),
+                     SLURM_JOB_ID="4242", SLURM_JOB_NAME="timemoe", SLURM_JOB_NODELIST="node[01-02]",
+                     SLURM_NNODES="2", SLURM_GPUS_ON_NODE="8", **extra)
+
+
+def test_sbatch_dry_run_prints_each_nodes_command(tmp_path):
+    out = subprocess.run(["bash", "launch/slurm.sbatch", "data.path=/d", "trainer.max_steps=7"], cwd=REPO,
+                         env=sbatch_env(tmp_path, DRY_RUN="1"), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    commands = [shlex.split(line) for line in out.stdout.splitlines() if "torch.distributed.run" in line]
+    assert len(commands) == 2
+    for node, cmd in enumerate(commands):
+        opts, module, overrides = flags(cmd)
+        assert (opts["--nnodes"], opts["--node_rank"], opts["--nproc_per_node"]) == ("2", str(node), "8")
+        assert (opts["--rdzv_endpoint"], opts["--rdzv_id"], opts["--rdzv_backend"]) == ("node01:29500", "4242", "c10d")
+        assert overrides == ["checkpoint.dir=checkpoints/timemoe-4242", "data.path=/d", "trainer.max_steps=7"]
+
+
+def test_sbatch_usr1_stops_workers_then_requeues(tmp_path):
+    env = sbatch_env(tmp_path, FAKE_SRUN_HANG="1")
+    log = tmp_path / "log"
+    proc = subprocess.Popen(["bash", "launch/slurm.sbatch"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (log.exists() and "srun started" in log.read_text()):
+            assert time.monotonic() < deadline and proc.poll() is None, "srun stand-in never started"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert log.read_text().splitlines() == ["srun started", "srun got TERM", "scontrol requeue 4242"]
+    assert "requeueing job 4242" in proc.stdout.read()
+
+
+# --- launch/hydra: the sweep config composed by a throw-away Hydra app --------------------------------------------
+APP = """
+import json, os, hydra
+from omegaconf import OmegaConf
+
+@hydra.main(version_base=None, config_path="conf", config_name="train")
+def main(cfg):
+    with open(os.environ["SWEEP_LOG"], "a") as f:
+        f.write(json.dumps(OmegaConf.to_container(cfg, resolve=True)) + "\\n")
+
+main()
+"""
+
+
+def test_experts_lr_sweep(tmp_path):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "train.yaml").write_text(
+        "model: {num_experts: 8}\noptim: {lr: 0.001}\ncheckpoint: {dir: checkpoints}\ndata: {path: null}\n")
+    (tmp_path / "app.py").write_text(APP)
+    log = tmp_path / "runs.jsonl"
+    out = subprocess.run(
+        [sys.executable, str(tmp_path / "app.py"), f"hydra.searchpath=[file://{REPO}/launch/hydra]",
+         "+sweep=experts_lr", "data.path=/d", f"hydra.sweep.dir={tmp_path}/multirun"],
+        cwd=tmp_path, env={**os.environ, "SWEEP_LOG": str(log)}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    runs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted((r["model"]["num_experts"], r["optim"]["lr"]) for r in runs) == sorted(
+        (e, lr) for e in (4, 8) for lr in (3e-4, 1e-3, 3e-3))
+    assert all(r["data"]["path"] == "/d" for r in runs)
+    dirs = {r["checkpoint"]["dir"] for r in runs}
+    assert len(dirs) == 6 and all(d.startswith(f"{tmp_path}/multirun/experts=") for d in dirs)
+
+
+def test_slurm_cluster_config_is_a_submitit_launcher_override():
+    yaml = pytest.importorskip("yaml")
+    text = (REPO / "launch" / "hydra" / "cluster" / "slurm.yaml").read_text()
+    assert text.startswith("# @package _global_")
+    cfg = yaml.safe_load(text)
+    assert cfg["defaults"] == [{"override /hydra/launcher": "submitit_slurm"}]
+    # Parameter names of hydra-submitit-launcher's SlurmLauncher (1.2).
+    known = {"submitit_folder", "timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes",
+             "name", "partition", "qos", "comment", "constraint", "exclude", "gres", "cpus_per_gpu", "gpus_per_task",
+             "mem_per_gpu", "mem_per_cpu", "account", "signal_delay_s", "max_num_timeout", "additional_parameters",
+             "array_parallelism", "setup"}
+    assert set(cfg["hydra"]["launcher"]) <= known
+    assert cfg["hydra"]["launcher"]["tasks_per_node"] == cfg["hydra"]["launcher"]["gpus_per_node"]
