@@ -1,7 +1,7 @@
 """Building one shard: read its slices through memory maps, clean them batch by batch, write, record its stats.
 
 Runs in a worker process. Its result is also saved as ``<work>/shards/NNNNN.json`` right after the shard is
-renamed into place, so a resumed job knows the shard is finished without reading it.
+renamed into place; a resumed job keeps a shard when that record exists and the shard's sha256 still matches it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from data_prep.clean import CleanOptions, add_counts, clean_batch, new_counts
 from data_prep.errors import PrepError
 from data_prep.index import DatasetReader, IndexedDataset
 from data_prep.plan import ShardPlan
-from data_prep.shards import ShardWriter, make_batch, shard_name
+from data_prep.shards import ShardWriter, make_batch, sha256_file, shard_name
 
 MAX_LIST_POINTS = 2**31 - 1  # list<float32> offsets are int32
 
@@ -86,10 +86,15 @@ def build_shard(
 
 
 def finished_shard(out_dir: Path, work: Path, index: int, shard_count: int) -> dict[str, Any] | None:
-    """The recorded stats of a shard an earlier run completed, or None if it must be (re)built."""
+    """The recorded stats of a shard an earlier run completed and that is still intact, or None to (re)build it."""
     sidecar = sidecar_path(work, index)
     shard = out_dir / shard_name(index, shard_count)
     if not sidecar.exists() or not shard.exists():
         return None
-    result = json.loads(sidecar.read_text())
-    return result if shard.stat().st_size == result["bytes"] else None
+    try:
+        result = json.loads(sidecar.read_text())
+    except json.JSONDecodeError:  # torn by a machine crash
+        return None
+    if shard.stat().st_size != result["bytes"] or sha256_file(shard) != result["sha256"]:
+        return None
+    return result

@@ -211,10 +211,11 @@ class DatasetReader:
             values = np.concatenate(
                 [self.read_span(int(o), int(o + n)) for o, n in zip(offset, length)] or [np.empty(0, np.float32)]
             )
-        if values.dtype.kind != "f" or values.dtype.itemsize < 4:
-            values = values.astype(np.float64)
         if self.mean is not None:
-            values = values.astype(np.float64) * np.repeat(self.std[start:stop], length) + np.repeat(
-                self.mean[start:stop], length
-            )
+            # float64, in place: original = value * std + mean, rounded to float32 once, after cleaning
+            values = values.astype(np.float64)
+            values *= np.repeat(self.std[start:stop], length)
+            values += np.repeat(self.mean[start:stop], length)
+        elif values.dtype.kind != "f" or values.dtype.itemsize < 4:
+            values = values.astype(np.float64)
         return values, length

@@ -125,7 +125,11 @@ def _run(pool: ProcessPoolExecutor | None, fn: Callable, jobs: Iterable[tuple]) 
 
 
 def prepare(source: Source, output: str | Path, options: PrepOptions | None = None) -> dict[str, Any]:
-    """Pack ``source`` into shards plus ``manifest.json`` under ``output``; returns the manifest."""
+    """Pack ``source`` into shards plus ``manifest.json`` under ``output``; returns the manifest.
+
+    With ``workers > 1`` the workers are spawned (forking a process that holds pyarrow's thread pools is unsafe), so
+    a calling script needs the usual ``if __name__ == "__main__":`` guard.
+    """
     options = options or PrepOptions()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)

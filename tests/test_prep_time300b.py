@@ -267,7 +267,7 @@ def test_killed_run_resumes_to_identical_output(tmp_path):
     assert folder_bytes(killed) == folder_bytes(reference)
 
 
-def test_failure_mid_way_keeps_finished_shards_and_resumes(corpus, packed, tmp_path, monkeypatch):
+def test_failure_mid_way_keeps_finished_shards_and_resume_rebuilds_damaged_ones(corpus, packed, tmp_path, monkeypatch):
     import data_prep.build as build
 
     real = build.clean_batch
@@ -288,6 +288,10 @@ def test_failure_mid_way_keeps_finished_shards_and_resumes(corpus, packed, tmp_p
     for name in done:  # what was written is whole and final
         assert (tmp_path / name).read_bytes() == (packed / name).read_bytes()
     monkeypatch.setattr(build, "clean_batch", real)
+    torn = tmp_path / done[0]  # as a machine crash could leave it: right size, wrong bytes
+    data = bytearray(torn.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    torn.write_bytes(bytes(data))
     prepare(Time300BSource(str(corpus[0])), tmp_path, PrepOptions(workers=1, **QUIET))
     assert folder_bytes(tmp_path) == folder_bytes(packed)
 
