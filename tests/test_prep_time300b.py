@@ -311,3 +311,16 @@ def test_inspect_prints_a_table_per_domain_and_writes_a_png(packed, tmp_path):
 def test_clean_options_validate():
     with pytest.raises(ValueError):
         CleanOptions(min_length=0)
+
+
+@pytest.mark.parametrize("lengths", [[300, 500, 1000], [3, 5, 2, 7, 0]], ids=["long: slice loop", "short: repeat"])
+def test_denormalisation_paths_agree_with_the_formula(lengths):
+    from data_prep.index import _denormalize
+
+    rng = np.random.default_rng(0)
+    length = np.array(lengths)
+    values = rng.normal(size=length.sum()).astype(np.float32)
+    mean, std = rng.normal(size=length.size), rng.uniform(0.5, 2, length.size)
+    starts = np.cumsum(length) - length
+    expected = [values[a : a + n].astype(np.float64) * s + m for a, n, m, s in zip(starts, length, mean, std)]
+    assert np.array_equal(_denormalize(values, length, mean, std), np.concatenate(expected))
