@@ -150,7 +150,8 @@ def test_bad_inputs_are_named(tmp_path, model_dir):
         evaluate_long_horizon(tmp_path / "missing", ETTH1, horizons=[96], context_lengths=[128], progress=False)
     bad = tmp_path / "bad.csv"
     bad.write_text("date,x\n2020-01-01 00:00:00,1.0\n2020-01-01 01:00:00,oops\n")
-    with pytest.raises(EvalError, match=r"bad\.csv: column 'x' has a missing or non-numeric value 'oops' at data row 2"):
+    with pytest.raises(EvalError, match=r"bad\.csv: column 'x' has a missing or non-numeric value 'oops' at "
+                                        r"data row 2"):
         evaluate_long_horizon(model_dir, bad, progress=False)
     with pytest.raises(EvalError, match="one context length per horizon"):
         evaluate_long_horizon(model_dir, ETTH1, horizons=[96, 192], context_lengths=[128, 256, 512])

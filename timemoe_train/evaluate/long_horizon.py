@@ -71,6 +71,8 @@ def evaluate_long_horizon(model, csv: str | Path, *, horizons=(96, 192, 336, 720
     if season is None:
         raise EvalError(f"{source}: the season length of the seasonal-naive baseline cannot be told from a "
                         f"{date_column!r} column; pass --season-length")
+    if batch_size < 1:
+        raise EvalError(f"--batch-size {batch_size}: must be at least 1")
     if min(c for _, c in pairs) < season:
         raise EvalError(f"--context-lengths {[c for _, c in pairs]}: each must cover one season ({season} rows)")
     starts = {pair: window_starts(borders, pair[1], pair[0], max_windows, source) for pair in pairs}
@@ -78,37 +80,15 @@ def evaluate_long_horizon(model, csv: str | Path, *, horizons=(96, 192, 336, 720
     scaled_CT = ((series.values_TC - mean_C) / std_C).T.astype(np.float32)
 
     net = load_model(model, backend, device, dtype) if isinstance(model, (str, Path)) else model
-    num_channels = scaled_CT.shape[0]
     rows, samples = [], []
-    with tqdm(total=sum(len(s) for s in starts.values()) * num_channels, unit="window", disable=not progress,
-              desc=f"eval {series.path.stem}") as bar:
+    with tqdm(total=sum(len(s) for s in starts.values()) * scaled_CT.shape[0], unit="window",
+              disable=not progress, desc=f"eval {series.path.stem}") as bar:
         for (horizon, context_len), start_N in starts.items():
-            forecasters = {
-                "model": lambda ctx, h=horizon: net.forecast(ctx, h),
-                "seasonal_naive": lambda ctx, h=horizon: seasonal_naive(ctx, h, season),
-                "last_value": lambda ctx, h=horizon: last_value(ctx, h),
-            }
-            sums = {name: torch.zeros(2, dtype=torch.float64) for name in FORECASTERS}  # squared, absolute
-            # Every (channel, window) pair, channel-major, batched across channels.
-            channel_M = np.repeat(np.arange(num_channels), len(start_N))
-            start_M = np.tile(start_N, num_channels)
-            offsets_W = np.arange(context_len + horizon)
-            for b in range(0, len(start_M), batch_size):
-                windows_BW = torch.from_numpy(
-                    scaled_CT[channel_M[b:b + batch_size, None], start_M[b:b + batch_size, None] + offsets_W])
-                context_BT, truth_BH = windows_BW[:, :context_len], windows_BW[:, context_len:].double()
-                for name, forecast in forecasters.items():
-                    err_BH = forecast(context_BT).to("cpu", torch.float64) - truth_BH
-                    sums[name] += torch.stack([err_BH.pow(2).sum(), err_BH.abs().sum()])
-                bar.update(len(windows_BW))
-            count = len(start_M) * horizon
-            rows.append({
-                "horizon": horizon, "context_length": context_len,
-                "windows_per_channel": num_test_windows(borders, horizon),
-                "windows_evaluated_per_channel": len(start_N),
-                "metrics": {name: {"mse": (s[0] / count).item(), "mae": (s[1] / count).item()}
-                            for name, s in sums.items()},
-            })
+            forecasters = make_forecasters(net, horizon, season)
+            metrics = score(forecasters, scaled_CT, start_N, context_len, horizon, batch_size, bar)
+            rows.append({"horizon": horizon, "context_length": context_len,
+                         "windows_per_channel": num_test_windows(borders, horizon),
+                         "windows_evaluated_per_channel": len(start_N), "metrics": metrics})
             samples.append(_sample(scaled_CT[-1], int(start_N[len(start_N) // 2]), context_len, horizon,
                                    forecasters))
 
@@ -134,11 +114,38 @@ def evaluate_long_horizon(model, csv: str | Path, *, horizons=(96, 192, 336, 720
     return results
 
 
+def make_forecasters(net, horizon: int, season: int) -> dict:
+    """Name -> function from contexts [B, T] to forecasts [B, horizon], in FORECASTERS order."""
+    return {"model": lambda ctx: net.forecast(ctx, horizon),
+            "seasonal_naive": lambda ctx: seasonal_naive(ctx, horizon, season),
+            "last_value": lambda ctx: last_value(ctx, horizon)}
+
+
+def score(forecasters: dict, scaled_CT: np.ndarray, start_N: np.ndarray, context_len: int, horizon: int,
+          batch_size: int, bar) -> dict:
+    """MSE and MAE of each forecaster over every (channel, window) pair, batched across channels."""
+    sums = {name: torch.zeros(2, dtype=torch.float64) for name in forecasters}  # squared, absolute errors
+    channel_M = np.repeat(np.arange(scaled_CT.shape[0]), len(start_N))
+    start_M = np.tile(start_N, scaled_CT.shape[0])
+    offsets_W = np.arange(context_len + horizon)
+    for b in range(0, len(start_M), batch_size):
+        windows_BW = torch.from_numpy(
+            scaled_CT[channel_M[b:b + batch_size, None], start_M[b:b + batch_size, None] + offsets_W])
+        context_BT, truth_BH = windows_BW[:, :context_len], windows_BW[:, context_len:].double()
+        for name, forecast in forecasters.items():
+            err_BH = forecast(context_BT).to("cpu", torch.float64) - truth_BH
+            sums[name] += torch.stack([err_BH.pow(2).sum(), err_BH.abs().sum()])
+        bar.update(len(windows_BW))
+    count = len(start_M) * horizon
+    return {name: {"mse": (s[0] / count).item(), "mae": (s[1] / count).item()} for name, s in sums.items()}
+
+
 def _sample(series_T: np.ndarray, start: int, context_len: int, horizon: int, forecasters) -> dict:
     """One window of the last channel, for the plot: the context's tail, the truth and every forecast."""
     window = torch.from_numpy(series_T[start:start + context_len + horizon])
     context_1T = window[None, :context_len]
     tail = min(context_len, 2 * horizon)
-    return {"horizon": horizon, "forecast_row": start + context_len, "context_tail": window[context_len - tail:context_len].tolist(),
+    return {"horizon": horizon, "forecast_row": start + context_len,
+            "context_tail": window[context_len - tail:context_len].tolist(),
             "truth": window[context_len:].tolist(),
             **{name: f(context_1T)[0].float().cpu().tolist() for name, f in forecasters.items()}}

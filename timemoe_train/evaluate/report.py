@@ -61,7 +61,8 @@ def plot_samples(results: dict, path: Path) -> None:
         for name, style in (("model", "C0"), ("seasonal_naive", "C1:"), ("last_value", "C2--")):
             ax.plot(future, s[name], style, lw=1.2, label=LABELS[name])
         ax.axvline(tail - 0.5, color="0.7", lw=0.8)
-        ax.set_title(f"{results['dataset']} / {results['columns'][-1]}: horizon {h}, forecast from row {s['forecast_row']}",
+        ax.set_title(f"{results['dataset']} / {results['columns'][-1]}: horizon {h}, "
+                     f"forecast from row {s['forecast_row']}",
                      fontsize=9)
     fig.axes[0].legend(fontsize=8, ncol=5, loc="upper left")
     fig.savefig(path, dpi=100)

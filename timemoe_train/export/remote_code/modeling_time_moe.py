@@ -15,7 +15,7 @@ Usage (users z-normalise each series over its context, or call `forecast`, which
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
