@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from moe_parity import block_pair, forward_backward, hf_grads, reference_megatron_losses, rel_diff  # noqa: E402
 
-from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction  # noqa: E402
+from timemoe_train.model import ConfigError, TimeMoeConfig, TimeMoeForPrediction  # noqa: E402
 from timemoe_train.model.moe_megatron import (  # noqa: E402
     MegatronMoELayer, finish_megatron_step, set_aux_loss_scale)
 from timemoe_train.model.state_dict_adapter import (  # noqa: E402
@@ -122,6 +122,11 @@ def test_megatron_aux_loss_reaches_router_gradient_and_is_reported():
         assert rel_diff(router_grad_from_aux_losses_only(), weight.grad / 4) < TOL
     finally:
         set_aux_loss_scale(1)
+
+
+def test_megatron_expert_bias_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="megatron_expert_bias=True: .*softmax"):
+        MegatronMoELayer(tiny(moe_impl="megatron", aux_loss_type="megatron", megatron_expert_bias=True))
 
 
 def test_megatron_aux_loss_logged_once_under_activation_checkpointing():
