@@ -15,7 +15,8 @@ Applied only when CUDA is absent (the layer code calls CUDA APIs unconditionally
 - `torch.cuda.Stream`, `Event`, `current_stream`, `stream` become no-ops: the alltoall dispatcher creates a side
   stream in `__init__` and copies its split sizes "device to host" on it; on CPU there is nothing to overlap.
 - The tensor-parallel RNG tracker runs on the CPU generator: megatron's tracker saves, seeds and restores the CUDA
-  generator (`tensor_parallel.checkpoint`, forked dropout); with no CUDA generator those calls fail.
+  generator (`tensor_parallel.checkpoint`, forked dropout); with no CUDA generator those calls fail. Its warning
+  that the CPU generator moved inside a fork is silenced: on CPU that is the forked generator.
 - The alltoall dispatcher's `maybe_move_tensor_to_cpu` also turns *CPU* split tensors into numpy: megatron only
   converts CUDA tensors, and gloo's `all_to_all_single` then receives tensors where it expects split-size lists.
 """
@@ -23,6 +24,7 @@ Applied only when CUDA is absent (the layer code calls CUDA APIs unconditionally
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
@@ -92,6 +94,8 @@ def _apply_cpu_patches() -> None:
     mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     mrandom.CudaRNGStatesTracker = _cpu_rng_tracker_class(mrandom.CudaRNGStatesTracker)
     mrandom.initialize_rng_tracker(force_reset=True)
+    # The tracker warns when the CPU generator moves inside a fork; here the forked generator *is* the CPU one.
+    logging.getLogger(mrandom.__name__).addFilter(lambda record: "CPU RNG state changed" not in record.getMessage())
 
     moe_utils.maybe_move_tensor_to_cpu = _move_splits_to_numpy
     token_dispatcher.maybe_move_tensor_to_cpu = _move_splits_to_numpy
