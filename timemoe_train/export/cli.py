@@ -1,0 +1,123 @@
+"""`timemoe-export CKPT_DIR OUT_DIR`: a training checkpoint -> the released HF layout, without a distributed run.
+
+CKPT_DIR is a run's `checkpoint.dir` (the checkpoint named by its `latest` file is exported, or `--tag`) or one
+checkpoint directory. The experts of every expert-parallel rank are read from DeepSpeed's per-expert files and
+gathered under the released names; the result loads with `AutoModelForCausalLM.from_pretrained(OUT_DIR,
+trust_remote_code=True)` like TimeMoE-50M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..model import TimeMoeConfig, TimeMoeForPrediction
+from ..model.config import ConfigError
+from ..train.checkpoint import CONSOLIDATED, LATEST, META, load_checkpoint_file
+from ..train.module import MODEL_PREFIX
+from .hf_layout import CheckpointError, check_state_dict, save_hf
+
+_EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt")
+_MARKER_KEY = re.compile(r"(expert_markers\.\d+\.deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)(\..+)")
+
+
+def checkpoint_dir(path: str | Path, tag: str | None = None) -> tuple[Path, Path]:
+    """(root, tag directory) of the checkpoint to export."""
+    path = Path(path)
+    if tag is not None:
+        return path, path / tag
+    if (path / LATEST).is_file():
+        return path, path / (path / LATEST).read_text().strip()
+    if (path / META).is_file():
+        return path.parent, path
+    raise CheckpointError(f"{path}: neither a checkpoint directory (no {META}) nor a run's checkpoint.dir "
+                          f"(no {LATEST} file)")
+
+
+def gather_hf_state(tag_dir: Path, root: Path) -> tuple[TimeMoeConfig, dict[str, torch.Tensor], str]:
+    """The full model of checkpoint `tag_dir` under the released names; also its config and precision."""
+    meta = json.loads((tag_dir / META).read_text())
+    config = TimeMoeConfig(**meta["model"])
+
+    def load(name):
+        return load_checkpoint_file(tag_dir / name, root, engine_classes=False)
+
+    if meta["zero_stage"] == 3:
+        shared = load(CONSOLIDATED)
+    else:
+        shared = load("mp_rank_00_model_states.pt")["module"]
+    shared = {k[len(MODEL_PREFIX):]: v for k, v in shared.items() if k.startswith(MODEL_PREFIX)}
+    aliases = meta["expert_aliases"]
+    if not aliases:  # native experts (or ZeRO-3): the shared file holds every weight
+        return config, _native_names(shared, config), meta["precision"]
+
+    from ..model.state_dict_adapter import megatron_to_hf
+
+    ep_size = meta["ep_size"]
+    per_rank = config.num_experts // ep_size
+    ranks = [dict(shared) for _ in range(ep_size)]  # megatron-layout state of each EP rank
+    files = sorted(p for p in tag_dir.iterdir() if _EXPERT_FILE.fullmatch(p.name))
+    for path in tqdm(files, desc="experts", unit="file", disable=len(files) < 64):
+        for key, value in load(path.name).items():
+            m = _MARKER_KEY.fullmatch(key)
+            if m is None:
+                raise CheckpointError(f"{path}: unexpected entry {key!r}")
+            ep_rank, local = divmod(int(m[2]), per_rank)
+            canonical = aliases[f"{m[1]}{local}{m[3]}"]
+            ranks[ep_rank][canonical[len(MODEL_PREFIX):]] = value
+    hf = {}
+    for ep_rank, state in enumerate(ranks):
+        hf.update(megatron_to_hf(state, config, ep_rank, ep_size))
+    return config, hf, meta["precision"]
+
+
+def _native_names(state: dict, config: TimeMoeConfig) -> dict:
+    """A native or megatron model's own names -> the released ones (stacked experts are split by the model)."""
+    model = TimeMoeForPrediction(_released(config))
+    if config.moe_impl == "megatron" and not config.use_dense:
+        from ..model.state_dict_adapter import megatron_to_hf
+
+        state = megatron_to_hf(state, config)
+    model.load_state_dict(state, strict=True)
+    return model.state_dict()
+
+
+def _released(config: TimeMoeConfig) -> TimeMoeConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, moe_impl="native", aux_loss_type="timemoe", gradient_checkpointing=False)
+
+
+def export(ckpt: str | Path, out: str | Path, tag: str | None = None, dtype: str | None = None) -> Path:
+    root, tag_dir = checkpoint_dir(ckpt, tag)
+    config, hf, precision = gather_hf_state(tag_dir, root)
+    check_state_dict({k: v.shape for k, v in hf.items()}, config, f"checkpoint {tag_dir}")
+    model = TimeMoeForPrediction(_released(config))
+    model.load_state_dict({k: v.float() for k, v in hf.items()}, strict=True)
+    target = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype or precision]
+    return save_hf(model, out, dtype=target)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="timemoe-export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a run's checkpoint.dir, or one checkpoint directory in it")
+    parser.add_argument("out", help="output directory (config.json, model.safetensors, remote code)")
+    parser.add_argument("--tag", help="checkpoint to export instead of the latest (e.g. step00001000)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], help="weight dtype (default: the training precision)")
+    args = parser.parse_args(argv)
+    try:
+        path = export(args.checkpoint, args.out, args.tag, args.dtype)
+    except (CheckpointError, ConfigError, FileNotFoundError, PermissionError) as e:
+        print(f"timemoe-export: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"exported {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Training-run dataclasses (one per Hydra group) and the checks that run before any process-group work.
+
+Hydra instantiates each group with `_target_`; `RunConfig` gathers them and `validate(world_size)` rejects a
+bad combination with one message naming the key and its value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..model.config import TimeMoeConfig
+
+PRECISIONS = ("fp32", "bf16")
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+class TrainConfigError(ValueError):
+    """A training-config value that cannot work; the message names the key and the value."""
+
+
+def _bad(key: str, value: Any, why: str):
+    raise TrainConfigError(f"{key}={value!r}: {why}")
+
+
+@dataclass
+class ParallelConfig:
+    expert_parallel_size: int = 1
+    tensor_parallel_size: int = 1
+    # DeepSpeed ZeRO stage. 0-2 work with expert parallelism; 3 (parameter partitioning) only without it.
+    zero_stage: int = 1
+    offload_optimizer: bool = False  # optimizer state and step on the CPU (DeepSpeed's CPU Adam)
+    offload_params: bool = False  # ZeRO-3 only
+    # megatron's alltoall dispatcher; "allgather" is the other dispatcher megatron offers.
+    token_dispatcher: str = "alltoall"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # Biases and RMSNorm gains (1-D tensors) are not decayed.
+    decay_1d: bool = False
+    warmup_steps: int = 100
+    # Steps of the cosine from lr to min_lr after warmup; None: until trainer.max_steps.
+    decay_steps: int | None = None
+    clip_grad: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    global_batch_size: int = 64  # windows per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 8  # windows per forward pass on one rank
+    seed: int = 0
+    precision: str = "fp32"
+    # HF-layout directory (config.json + model.safetensors) to start from instead of a random init.
+    init_from_hf: str | None = None
+    # Consecutive skipped (non-finite) steps that stop the run.
+    max_bad_steps: int = 5
+    # Peak FLOP/s of one device for the MFU estimate; None: looked up for known GPUs, else MFU is not reported.
+    peak_flops_per_device: float | None = None
+    device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    interval: int = 500  # steps between checkpoints (0: only at the end and on preemption)
+    keep_last: int = 3
+    resume: bool = True  # continue from `dir/latest` when it exists
+    save_at_end: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # "online", "offline" or "disabled"
+    project: str = "timemoe-train"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.tags = list(self.tags)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    interval: int = 1  # steps between metrics.jsonl / W&B records and progress lines
+    # Steps between per-domain expert-load heatmaps (accumulated over that window); 0 disables them.
+    heatmap_interval: int = 100
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: TimeMoeConfig
+    data: Any
+    parallel: ParallelConfig
+    optim: OptimConfig
+    trainer: TrainerConfig
+    checkpoint: CheckpointConfig
+    logger: LoggerConfig
+
+    def validate(self, world_size: int) -> None:
+        """Everything that can be checked from the config and the process count alone."""
+        from ..parallel import ParallelLayoutError, validate_layout
+
+        p, t, m = self.parallel, self.trainer, self.model
+        try:
+            validate_layout(world_size, p.expert_parallel_size, p.tensor_parallel_size,
+                            None if m.use_dense else m.num_experts)
+        except ParallelLayoutError as e:  # its message starts with the offending key of the parallel group
+            raise TrainConfigError(f"parallel.{e}") from None
+        if p.expert_parallel_size > 1 and (m.moe_impl != "megatron" or m.use_dense):
+            _bad("parallel.expert_parallel_size", p.expert_parallel_size,
+                                   "expert parallelism runs megatron's MoE layer: set model.moe_impl=megatron "
+                                   "(and keep model.use_dense=false)")
+        if p.zero_stage not in ZERO_STAGES:
+            _bad("parallel.zero_stage", p.zero_stage, f"choose one of {ZERO_STAGES}")
+        if p.zero_stage == 3 and p.expert_parallel_size > 1:
+            _bad("parallel.zero_stage", 3, "ZeRO-3 partitions parameters over all ranks, which "
+                                   "expert parallelism cannot share; use stage 0, 1 or 2 with expert_parallel_size>1")
+        if p.offload_optimizer and p.expert_parallel_size > 1:
+            _bad("parallel.offload_optimizer", True,
+                                   "CPU offload is supported without expert parallelism only")
+        if p.offload_optimizer and p.zero_stage == 0:
+            _bad("parallel.offload_optimizer", True, "needs ZeRO stage 1, 2 or 3")
+        if p.offload_params and p.zero_stage != 3:
+            _bad("parallel.offload_params", True, "parameter offload needs ZeRO stage 3")
+        if p.token_dispatcher not in ("alltoall", "allgather"):
+            _bad("parallel.token_dispatcher", p.token_dispatcher, "choose alltoall or allgather")
+
+        for key in ("max_steps", "global_batch_size", "micro_batch_size"):
+            if int(getattr(t, key)) < 1:
+                _bad(f"trainer.{key}", getattr(t, key), "must be a positive integer")
+        dp_size = world_size // p.tensor_parallel_size
+        per_step = t.micro_batch_size * dp_size
+        if t.global_batch_size % per_step:
+            _bad(
+                "trainer.global_batch_size", t.global_batch_size,
+                f"must be a multiple of trainer.micro_batch_size ({t.micro_batch_size}) x data-parallel size "
+                f"({dp_size}) = {per_step}")
+        if t.precision not in PRECISIONS:
+            _bad("trainer.precision", t.precision, f"choose one of {PRECISIONS}")
+        if t.max_bad_steps < 1:
+            _bad("trainer.max_bad_steps", t.max_bad_steps, "must be >= 1")
+        if t.device not in ("auto", "cpu", "cuda"):
+            _bad("trainer.device", t.device, "choose auto, cpu or cuda")
+
+        o = self.optim
+        if not o.lr > 0 or not 0 <= o.min_lr <= o.lr:
+            _bad("optim.min_lr", o.min_lr, f"need 0 <= optim.min_lr <= optim.lr ({o.lr}) and lr > 0")
+        if o.warmup_steps < 0 or (o.decay_steps is not None and o.decay_steps < 0):
+            _bad("optim.warmup_steps", o.warmup_steps, "warmup and decay steps must be >= 0")
+        if o.clip_grad < 0:
+            _bad("optim.clip_grad", o.clip_grad, "must be >= 0 (0 disables clipping)")
+
+        c = self.checkpoint
+        if c.interval < 0 or c.keep_last < 1:
+            _bad("checkpoint.keep_last" if c.keep_last < 1 else "checkpoint.interval",
+                                   c.keep_last if c.keep_last < 1 else c.interval,
+                                   "interval must be >= 0 and keep_last >= 1")
+        if self.logger.wandb.mode not in ("online", "offline", "disabled"):
+            _bad("logger.wandb.mode", self.logger.wandb.mode, "choose online, offline or disabled")
+        if self.logger.interval < 1 or self.logger.heatmap_interval < 0:
+            _bad("logger.interval", self.logger.interval,
+                                   "interval must be >= 1 and heatmap_interval >= 0")
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        dp_size = world_size // self.parallel.tensor_parallel_size
+        return self.trainer.global_batch_size // (self.trainer.micro_batch_size * dp_size)
+

@@ -1,0 +1,153 @@
+"""What a step measured: losses, points, FLOPs and expert load, summed over micro-batches and reduced over ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..model import TimeMoeConfig
+
+# Dense bf16 peak FLOP/s of one device, for the MFU estimate when trainer.peak_flops_per_device is not set.
+KNOWN_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def active_params_per_token(c: TimeMoeConfig) -> int:
+    """Weights one time point is multiplied with (top-k experts, not all): the 6·N of the FLOP estimate."""
+    kv = c.num_key_value_heads * c.head_dim
+    attention = 2 * c.hidden_size * c.hidden_size + 2 * c.hidden_size * kv
+    if c.use_dense:
+        ffn = 3 * c.hidden_size * c.intermediate_size
+    else:
+        ffn = (c.hidden_size * c.num_experts  # router
+               + c.num_experts_per_tok * 3 * c.hidden_size * c.expert_intermediate_size
+               + 3 * c.hidden_size * c.intermediate_size + c.hidden_size)  # shared expert and its gate
+    embed = 2 * c.input_size * c.hidden_size
+    heads = c.hidden_size * c.input_size * sum(c.horizon_lengths)
+    return embed + c.num_hidden_layers * (attention + ffn) + heads
+
+
+def segment_square_sum(sequence_ids_BT: torch.Tensor) -> torch.Tensor:
+    """Σ over packed sequences of length²: attention work is quadratic per sequence, not per row."""
+    B, T = sequence_ids_BT.shape
+    valid = sequence_ids_BT >= 0
+    row_BT = torch.arange(B, device=sequence_ids_BT.device).unsqueeze(1).expand(B, T)
+    key = row_BT * (sequence_ids_BT.max().clamp_min(0) + 1) + sequence_ids_BT.clamp_min(0)
+    lengths = torch.bincount(key[valid])
+    return lengths.double().pow(2).sum()
+
+
+def train_flops(c: TimeMoeConfig, points: float, square_sum: float) -> float:
+    """Forward + backward FLOPs: 6 per active weight per point, plus 12·L·D·Σ len² for QKᵀ and AV (counted over
+    the whole sequence, as PaLM's MFU does)."""
+    return 6.0 * active_params_per_token(c) * points + 12.0 * c.num_hidden_layers * c.hidden_size * square_sum
+
+
+def expert_choices(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """[L, N, K] indices of the experts each token goes to (softmax then top-k, as the router does)."""
+    return torch.stack([torch.topk(logits_NE.detach().float(), top_k, dim=-1).indices for logits_NE in router_logits])
+
+
+class StepStats:
+    """Sums of one optimizer step on this rank; `reduce()` makes them global (one all-reduce)."""
+
+    def __init__(self, config: TimeMoeConfig, num_domains: int, device):
+        L, E = config.num_hidden_layers, config.num_experts
+        self.config, self.num_domains, self.device = config, num_domains, device
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.aux = torch.zeros((), dtype=torch.float64, device=device)
+        self.heads = torch.zeros(len(config.horizon_lengths), dtype=torch.float64, device=device)
+        self.micro = torch.zeros((), dtype=torch.float64, device=device)
+        self.points = torch.zeros((), dtype=torch.float64, device=device)
+        self.square_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.float64, device=device)
+        self.load_LE = torch.zeros(L, E, dtype=torch.float64, device=device)
+        self.domain_load_DLE = torch.zeros(max(num_domains, 1), L, E, dtype=torch.float64, device=device)
+
+    def add(self, out, batch: dict) -> None:
+        self.micro += 1
+        self.loss += out.loss.detach().double()
+        if out.aux_loss is not None:
+            self.aux += out.aux_loss.detach().double()
+        self.heads += out.head_losses.detach().double()
+        self.nonfinite += (~torch.isfinite(out.loss.detach())).double()
+        seq_BT = batch["sequence_ids"]
+        self.points += (seq_BT >= 0).sum()
+        self.square_sum += segment_square_sum(seq_BT)
+        if out.router_logits and out.router_logits[0] is not None:
+            self._count_experts(out.router_logits, batch)
+
+    def _count_experts(self, router_logits, batch) -> None:
+        E = self.config.num_experts
+        valid_N = (batch["sequence_ids"] >= 0).flatten()
+        experts_LNK = expert_choices(router_logits, self.config.num_experts_per_tok)[:, valid_N]
+        self.load_LE += F.one_hot(experts_LNK, E).sum((1, 2)).double()
+        if self.num_domains:
+            domain_N = batch["domain_ids"].flatten()[valid_N].clamp(0, self.num_domains - 1)
+            flat_LNK = domain_N[None, :, None] * E + experts_LNK
+            for layer, flat_NK in enumerate(flat_LNK):
+                counts = torch.bincount(flat_NK.flatten(), minlength=self.num_domains * E)
+                self.domain_load_DLE[:, layer] += counts.view(self.num_domains, E).double()
+
+    def reduce(self, nonfinite_grads: torch.Tensor, stop_requested: bool) -> dict:
+        """All-reduce the step's sums over every rank (each rank routes its own tokens), together with the guard's
+        and the signal handler's flags, so that every rank takes the same decisions. The per-domain counts stay
+        local until `reduce_domain_load`."""
+        flags = torch.stack([self.nonfinite + nonfinite_grads.double(),
+                             torch.tensor(float(stop_requested), dtype=torch.float64, device=self.device)])
+        parts = [self.loss, self.aux, self.micro, self.points, self.square_sum, flags, self.heads,
+                 self.load_LE.flatten()]
+        flat = torch.cat([p.reshape(-1) for p in parts])
+        if dist.is_initialized():
+            dist.all_reduce(flat)
+        loss, aux, micro, points, square_sum, nonfinite, stop = flat[:7].tolist()
+        H = len(self.config.horizon_lengths)
+        return {"loss": loss / micro, "aux_loss": aux / micro, "points": points, "square_sum": square_sum,
+                "nonfinite": nonfinite > 0, "stop": stop > 0, "head_losses": (flat[7:7 + H] / micro).tolist(),
+                "load_LE": flat[7 + H:].view_as(self.load_LE).cpu()}
+
+
+def reduce_domain_load(domain_load_DLE: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(domain_load_DLE)
+    return domain_load_DLE.cpu()
+
+
+def expert_load_metrics(load_LE: torch.Tensor) -> dict:
+    """Per layer: each expert's share of the routed token copies, and max/min share (None when one is idle)."""
+    record = {}
+    frac_LE = load_LE / load_LE.sum(-1, keepdim=True).clamp_min(1)
+    for layer, frac_E in enumerate(frac_LE):
+        record[f"expert_load/layer{layer}"] = [round(v, 5) for v in frac_E.tolist()]
+        lo, hi = float(frac_E.min()), float(frac_E.max())
+        record[f"expert_imbalance/layer{layer}"] = hi / lo if lo > 0 else None
+    return record
+
+
+def domain_heatmap(load_LE: torch.Tensor, title: str):
+    """A layers × experts image of one domain's routing shares (matplotlib figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frac_LE = (load_LE / load_LE.sum(-1, keepdim=True).clamp_min(1)).numpy()
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * frac_LE.shape[1], 1.0 + 0.35 * frac_LE.shape[0]))
+    im = ax.imshow(frac_LE, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    return fig
+
+
+def peak_flops(configured: float | None) -> float | None:
+    if configured:
+        return float(configured)
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, flops in KNOWN_PEAK_FLOPS.items():
+            if key in name:
+                return flops
+    return None

@@ -1,0 +1,197 @@
+"""The training loop: parallel layout, model, engine, data, checkpoints, guard and monitoring, put together."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..parallel import init_parallel
+from .checkpoint import Checkpointer
+from .config import RunConfig
+from .engine import build_engine, global_grad_norm, learning_rate, set_learning_rate
+from .guard import NonFiniteGuard
+from .metrics import (StepStats, domain_heatmap, expert_load_metrics, peak_flops, reduce_domain_load,
+                      train_flops)
+from .module import TrainModule, build_model, initial_hf_state
+from .monitor import Monitor
+
+_MODEL_INPUTS = {"inputs": "inputs_BT", "labels": "labels_BT", "loss_mask": "loss_mask_BT",
+                 "sequence_ids": "sequence_ids_BT"}
+
+
+def build_loader(data_cfg, dp_rank: int, dp_size: int, global_batch_size: int, micro_batch_size: int):
+    """The data group's loader: a config object may bring its own (the synthetic source), else the Arrow one."""
+    if hasattr(data_cfg, "build_train_loader"):
+        return data_cfg.build_train_loader(dp_rank, dp_size, global_batch_size, micro_batch_size)
+    from ..data import build_train_loader
+
+    return build_train_loader(data_cfg, dp_rank, dp_size, global_batch_size, micro_batch_size)
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM preemption) only raise a flag; the loop saves and exits at the next step end."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, run_dir: str | Path, config_yaml: str, config_dict: dict):
+        self.run, self.run_dir = run, Path(run_dir)
+        self.config_yaml, self.config_dict = config_yaml, config_dict
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists, also in a plain one-process run
+        p, t = run.parallel, run.trainer
+        self.layout = init_parallel(p.expert_parallel_size, p.tensor_parallel_size,
+                                    num_experts=run.model.num_experts)
+        lay = self.layout
+        self.device = torch.device("cuda", lay.local_rank) if (
+            t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else torch.device("cpu")
+        self.gas = run.gradient_accumulation_steps(lay.world_size)
+
+        model = build_model(run.model, initial_hf_state(run.model, t.seed, t.init_from_hf), lay.ep_rank, lay.ep_size)
+        self.module = TrainModule(model, lay.ep_size, with_markers=p.zero_stage < 3).to(self.device)
+        torch.manual_seed(t.seed * 7919 + lay.rank)  # dropout and anything else random differs per rank
+        self.guard = NonFiniteGuard(self.module, t.max_bad_steps, self.device)
+        self.engine, self.optimizer = build_engine(self.module, run, self.gas,
+                                                   lay.ep_group if lay.ep_size > 1 else None)
+        if run.model.aux_loss_type == "megatron":
+            from ..model.moe_megatron import set_aux_loss_scale
+
+            set_aux_loss_scale(self.gas)
+
+        self.loader = build_loader(run.data, lay.dp_rank, lay.dp_size, t.global_batch_size, t.micro_batch_size)
+        self.domain_names = list(getattr(self.loader, "domain_names", None) or [])
+        self.checkpointer = Checkpointer(run.checkpoint, self.engine, self.module, lay.rank, lay.world_size)
+        self.step = 0
+        self.wandb_id = None
+        self._resume()
+        self.monitor = Monitor(self.run_dir, run.logger, lay.is_main, config_dict, t.max_steps, self.step,
+                               self.wandb_id)
+        self.peak = peak_flops(t.peak_flops_per_device)
+        self.stop = StopRequest()
+
+    # --- checkpoints ---------------------------------------------------------------------------------------
+    def _layout_meta(self) -> dict:
+        return {"world_size": self.layout.world_size, "ep_size": self.layout.ep_size,
+                "zero_stage": self.run.parallel.zero_stage}
+
+    def _resume(self) -> None:
+        self.checkpointer.remove_incomplete()
+        tag = self.checkpointer.latest_tag() if self.run.checkpoint.resume else None
+        if tag is None:
+            return
+        state = self.checkpointer.load(tag, self._layout_meta())
+        self.step = state["step"]
+        self.loader.load_state_dict(state["loader"])
+        self.guard.load_state_dict(state["guard"])
+        self.wandb_id = state.get("wandb_id")
+
+    def save(self) -> Path:
+        state = {"step": self.step, "loader": self.loader.state_dict(), "guard": self.guard.state_dict(),
+                 "wandb_id": self.monitor.wandb_id}
+        meta = {**self._layout_meta(), "model": dataclasses.asdict(self.run.model),
+                "precision": self.run.trainer.precision, "expert_aliases": self.module.expert_aliases}
+        path = self.checkpointer.save(self.step, state, meta, self.config_yaml)
+        self.monitor.message(f"checkpoint {path}")
+        return path
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    def fit(self) -> None:
+        t, c = self.run.trainer, self.run.checkpoint
+        batches = iter(self.loader)
+        num_domains = len(self.domain_names) if self.run.logger.heatmap_interval else 0
+        domain_load = None
+        saved_at = self.step
+        try:
+            while self.step < t.max_steps:
+                summary, stats, elapsed = self._train_step(batches, num_domains)
+                self.step += 1
+                self.guard.record(summary["nonfinite"])
+                self._log(summary, elapsed)
+                self.guard.check(self.step)
+                if num_domains:
+                    domain_load = stats.domain_load_DLE if domain_load is None else domain_load + stats.domain_load_DLE
+                    if self.step % self.run.logger.heatmap_interval == 0:
+                        self._log_heatmaps(domain_load)
+                        domain_load = None
+                if summary["stop"] or (c.interval and self.step % c.interval == 0):
+                    self.save()
+                    saved_at = self.step
+                if summary["stop"]:
+                    self.monitor.message(f"stop requested by signal: saved step {self.step}, exiting")
+                    return
+            if c.save_at_end and saved_at != self.step:
+                self.save()
+        finally:
+            self.monitor.close()
+
+    def _train_step(self, batches, num_domains: int):
+        start = time.perf_counter()
+        set_learning_rate(self.engine, learning_rate(self.step, self.run.optim, self.run.trainer.max_steps))
+        stats = StepStats(self.run.model, num_domains, self.device)
+        self.guard.reset()
+        summary = None
+        for micro in range(self.gas):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+            out = self.engine(**self._model_inputs(batch))
+            stats.add(out, batch)
+            self.engine.backward(out.loss)
+            if micro == self.gas - 1:  # gradients are complete: every rank decides the same way before stepping
+                summary = stats.reduce(self.guard.grads_nonfinite, self.stop.requested)
+                self.optimizer.veto = summary["nonfinite"]
+            self.engine.step()
+        self.optimizer.veto = False
+        summary["grad_norm"] = global_grad_norm(self.engine, self.optimizer)
+        if self.run.model.aux_loss_type == "megatron":
+            from ..model.moe_megatron import finish_megatron_step
+
+            summary["megatron_aux"] = finish_megatron_step(self.module.model, self.gas)
+        return summary, stats, time.perf_counter() - start
+
+    def _model_inputs(self, batch: dict) -> dict:
+        inputs = {arg: batch[key] for key, arg in _MODEL_INPUTS.items()}
+        if self.run.trainer.precision == "bf16":  # the embedding runs in bf16; labels stay fp32 for the loss
+            inputs["inputs_BT"] = inputs["inputs_BT"].to(torch.bfloat16)
+        return inputs
+
+    def _log(self, s: dict, elapsed: float) -> None:
+        flops = train_flops(self.run.model, s["points"], s["square_sum"])
+        record = {"step": self.step, "loss": s["loss"], "aux_loss": s["aux_loss"],
+                  "lr": learning_rate(self.step - 1, self.run.optim, self.run.trainer.max_steps),
+                  "grad_norm": s["grad_norm"], "tokens_per_s": s["points"] / elapsed,
+                  "mfu": flops / (elapsed * self.layout.world_size * self.peak) if self.peak else None,
+                  "step_time_s": elapsed, "skipped": s["nonfinite"], "skipped_total": self.guard.skipped_total}
+        for h, value in zip(self.run.model.horizon_lengths, s["head_losses"]):
+            record[f"head_loss/h{h}"] = value
+        for name, value in s.get("megatron_aux", {}).items():
+            record[f"megatron/{name}"] = value
+        if "megatron_aux" in s:  # megatron's balancing replaced the Time-MoE aux loss
+            record["aux_loss"] = s["megatron_aux"].get("load_balancing_loss")
+        record.update(expert_load_metrics(s["load_LE"]))
+        if self.step % self.run.logger.interval == 0 or self.step == self.run.trainer.max_steps:
+            self.monitor.log(record)
+
+    def _log_heatmaps(self, domain_load) -> None:
+        load_DLE = reduce_domain_load(domain_load)
+        if self.layout.is_main:
+            figures = {name: domain_heatmap(load_DLE[d], f"{name}: expert share per layer, steps to {self.step}")
+                       for d, name in enumerate(self.domain_names) if load_DLE[d].sum() > 0}
+            self.monitor.log_images(self.step, figures)
+
+    def close(self) -> None:
+        from ..parallel import destroy_parallel
+
+        if dist.is_initialized():
+            dist.barrier()
+        destroy_parallel()
