@@ -66,6 +66,8 @@ class GroupedExperts(nn.Module):
 
 def _split_experts(module: GroupedExperts, state_dict, prefix, local_metadata):
     for proj, name in _STACKED.items():
+        if state_dict[prefix + name].numel() == 0:  # a ZeRO-3 partition placeholder: nothing to split
+            continue
         stacked = state_dict.pop(prefix + name)
         for e in range(module.num_experts):
             state_dict[f"{prefix}{e}.{proj}.weight"] = stacked[e]
