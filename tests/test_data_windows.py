@@ -10,6 +10,7 @@ import torch
 from test_data_shards import write_corpus
 
 from timemoe_train.data import DataConfig, build_train_loader
+from timemoe_train.data.windows import pack
 from timemoe_train.model.config import TimeMoeConfig
 from timemoe_train.model.modeling import TimeMoeForPrediction
 
@@ -42,6 +43,16 @@ def test_stride_windows_train_every_transition_once_per_epoch(tmp_path, packing)
     second = {k: v[units:] for k, v in two_epochs.items()}
     assert labelled_transitions(second) == expected
     assert not torch.equal(second["inputs"], two_epochs["inputs"][:units])
+
+
+def test_pack_fills_bins_with_every_piece_once():
+    # Tails of long series are spread evenly over [2, W): random-order next-fit would leave bins 75% full.
+    lengths = np.random.default_rng(4).integers(2, 4097, 20_000)
+    order, starts = pack(lengths, 4097)
+    assert sorted(order.tolist()) == list(range(len(lengths)))
+    totals = np.add.reduceat(lengths[order], starts[:-1])
+    assert totals.max() <= 4097 and np.all(np.diff(starts) > 0)
+    assert lengths.sum() / (4097 * len(totals)) > 0.95
 
 
 def zscore(x):

@@ -7,6 +7,7 @@ global batches, and a checkpoint only has to remember how many micro-batches wer
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from dataclasses import dataclass
 
@@ -99,7 +100,8 @@ class TrainLoader:
     def _stream_settings(self) -> dict:
         settings = {f: getattr(self.cfg, f) for f in _STREAM_FIELDS}
         settings["global_batch_size"] = self.layout.global_batch_size
-        settings["shard_sha256"] = [s.sha256 for s in self.stream.store.manifest.shards]
+        shards = "".join(s.sha256 for s in self.stream.store.manifest.shards)
+        settings["shards_sha256"] = hashlib.sha256(shards.encode()).hexdigest()
         return settings
 
     def state_dict(self) -> dict:

@@ -7,10 +7,12 @@ so shuffling tens of millions of windows needs no permutation array in memory.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 _U64 = np.uint64
-_ROUNDS = 6
+_ROUNDS = 4  # Luby-Rackoff: four rounds of a good round function make a strong pseudo-random permutation
 
 
 def _mix(x_N: np.ndarray) -> np.ndarray:
@@ -21,6 +23,7 @@ def _mix(x_N: np.ndarray) -> np.ndarray:
     return x_N ^ (x_N >> _U64(31))
 
 
+@lru_cache(maxsize=1 << 14)
 def derive_key(seed: int, *parts: int) -> int:
     """A 64-bit key for one named random choice, e.g. derive_key(seed, TAG, group, epoch)."""
     key = _mix(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=_U64))
@@ -30,8 +33,9 @@ def derive_key(seed: int, *parts: int) -> int:
 
 
 def hash_ints(key: int, x_N: np.ndarray) -> np.ndarray:
-    """Independent-looking uint64 values, one per integer in x_N, under `key`."""
-    return _mix(_mix(np.asarray(x_N, dtype=np.int64).astype(_U64) ^ _U64(key)) + _U64(0x9E3779B97F4A7C15))
+    """Independent-looking uint64 values, one per integer in x_N, under `key` (splitmix64's output at x_N)."""
+    with np.errstate(over="ignore"):
+        return _mix(np.asarray(x_N, dtype=np.int64).astype(_U64) * _U64(0x9E3779B97F4A7C15) + _U64(key))
 
 
 def uniform_ints(key: int, x_N: np.ndarray, high_N) -> np.ndarray:
@@ -46,7 +50,7 @@ def permute(key: int, i_N: np.ndarray, n: int) -> np.ndarray:
         return np.zeros_like(i_N)
     half = max(1, ((n - 1).bit_length() + 1) // 2)
     mask = _U64((1 << half) - 1)
-    round_keys = [derive_key(key, r) for r in range(_ROUNDS)]
+    round_keys = [derive_key(key, r) for r in range(_ROUNDS)]  # cached
 
     def feistel(x_N):
         left, right = x_N >> _U64(half), x_N & mask

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from tqdm import tqdm
 
 from data_prep.shards import SCHEMA, read_shard
 
@@ -56,13 +57,16 @@ class ShardStore:
         self._chunks: list[np.ndarray] | None = None
         self._build_index()
 
-    def _open(self) -> list[tuple[Path, pa.Table]]:
-        return [(shard.path, _read_table(shard.path)) for shard in self.manifest.shards]
+    def _tables(self):
+        for shard in self.manifest.shards:
+            yield shard, _read_table(shard.path)
 
     def _build_index(self) -> None:
         chunk_S, start_S, length_S, domain_S, dataset_S, chunks = [], [], [], [], [], []
-        tables = self._open()
-        for shard, (path, table) in zip(self.manifest.shards, tables):
+        shards = self.manifest.shards
+        for shard, table in tqdm(self._tables(), total=len(shards), desc="indexing shards", unit="shard",
+                                 disable=True if len(shards) < 64 else None):
+            path = shard.path
             target = table["target"]
             offsets = [c.offsets.to_numpy().astype(np.int64) for c in target.chunks]
             points = sum(int(o[-1] - o[0]) for o in offsets)
@@ -95,7 +99,7 @@ class ShardStore:
         """The points of sequence s: a read-only float32 view into the memory-mapped shard."""
         if self._chunks is None:
             self._chunks = [c.values.to_numpy(zero_copy_only=True)
-                            for _, table in self._open() for c in table["target"].chunks]
+                            for _, table in self._tables() for c in table["target"].chunks]
         start = self.start_S[s]
         return self._chunks[self.chunk_S[s]][start:start + self.length_S[s]]
 

@@ -17,10 +17,10 @@ from .windows import GroupUnits, Piece
 _STATS_CACHE = 4096
 
 
-def zscore(x: np.ndarray, of: np.ndarray) -> np.ndarray:
-    """(x - mean) / std with the statistics of `of`, in float64 like the released code; std 0 counts as 1."""
-    mean, std = of.mean(dtype=np.float64), of.std(dtype=np.float64)
-    return ((x - mean) / (std if std > 0 else 1.0)).astype(np.float32)
+def moments(x: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation in float64, as the released code computes them; a std of 0 counts as 1."""
+    std = x.std(dtype=np.float64)
+    return x.mean(dtype=np.float64), (std if std > 0 else 1.0)
 
 
 class SampleStream:
@@ -54,8 +54,9 @@ class SampleStream:
             epoch_N = draw_N[here] // units.num_units
             for e in np.unique(epoch_N):
                 sel = here[epoch_N == e]
-                for i, unit in zip(sel, units.epoch_units(int(e), draw_N[sel] % units.num_units)):
-                    out[i] = units.pieces(int(e), int(unit))
+                rows = units.rows(int(e), units.epoch_units(int(e), draw_N[sel] % units.num_units))
+                for i, pieces in zip(sel, rows):
+                    out[i] = pieces
         return out
 
     def _normalise(self, seq: int, start: int, length: int) -> np.ndarray:
@@ -64,15 +65,15 @@ class SampleStream:
         if self.cfg.normalization == "none":
             return piece
         if self.cfg.normalization == "window" or length == len(values):
-            return zscore(piece, piece)
-        # Long series yield many windows: keep their statistics instead of re-reading the whole series each time.
-        stats = self._stats.get(seq)
-        if stats is None:
-            if len(self._stats) >= _STATS_CACHE:
-                self._stats.clear()
-            std = values.std(dtype=np.float64)
-            stats = self._stats[seq] = (values.mean(dtype=np.float64), std if std > 0 else 1.0)
-        return ((piece - stats[0]) / stats[1]).astype(np.float32)
+            mean, std = moments(piece)
+        else:  # long series yield many windows: keep their statistics rather than re-read the series every time
+            stats = self._stats.get(seq)
+            if stats is None:
+                if len(self._stats) >= _STATS_CACHE:
+                    self._stats.clear()
+                stats = self._stats[seq] = moments(values)
+            mean, std = stats
+        return ((piece - mean) / std).astype(np.float32)
 
     def batch(self, rows_N: np.ndarray) -> dict[str, np.ndarray]:
         """Rows as model inputs: inputs/labels [N, T] float32, loss_mask bool, sequence_ids/domain_ids int64."""
