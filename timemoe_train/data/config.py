@@ -29,9 +29,10 @@ class DataConfig:
     # "sequence": z-score with the mean/std of the whole series (the released code); "window": of each piece as it
     # appears in the row; "none": values as stored.
     normalization: str = "sequence"
-    # Groups the mixture weights refer to.
+    # Groups the mixture weights refer to: "domain", or "dataset" (named "<domain>/<dataset>" as in the manifest).
     mixture_by: str = "domain"
-    # Group name -> weight; groups left out are not sampled. None: proportional to the manifest's point counts.
+    # Group name -> weight (the share of rows); groups left out are not sampled. None: proportional to the
+    # manifest's point counts.
     mixture_weights: dict[str, float] | None = None
     # Probabilities ∝ weight^(1/temperature): 1 keeps the weights, larger flattens towards uniform.
     mixture_temperature: float = 1.0
