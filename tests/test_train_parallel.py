@@ -1,5 +1,6 @@
-"""The trainer under torchrun (CPU, gloo, tiny model, fp32): expert parallelism equals one rank, expert gradients
-are reduced over the right group, kill -9 + resume equals an uninterrupted run, non-finite steps are skipped.
+"""The trainer under torchrun (CPU, gloo, tiny model, fp32): expert parallelism and ZeRO-3 equal one rank, expert
+gradients are reduced over the right group, kill -9 + resume equals an uninterrupted run, non-finite steps are
+skipped, an EP=2 checkpoint exports to an HF directory that forecasts like the training model.
 
 Each launched run is a module fixture used by several tests (a launch costs ~25 s of imports and set-up)."""
 
@@ -48,6 +49,12 @@ def ep2_dp2(tmp_path_factory):
                      "--grad-check", str(run_dir / "grad_check.json"))
 
 
+@pytest.fixture(scope="module")
+def zero3(tmp_path_factory):
+    """DP=2 with ZeRO-3 (parameters partitioned, no expert parallelism): export reads its gathered weights."""
+    return launch_ok(2, tmp_path_factory.mktemp("zero3"), TINY + ["parallel.zero_stage=3"])
+
+
 def hf_weights(run_dir: Path, tag: str) -> dict:
     root = run_dir / "checkpoints"
     return gather_hf_state(root / tag, root)[1]
@@ -76,6 +83,10 @@ def test_ep2_matches_single_rank(single, ep2):
 
 def test_ep2_dp2_matches_single_rank(single, ep2_dp2):
     assert_same_training(single, ep2_dp2)
+
+
+def test_zero3_matches_single_rank(single, zero3):
+    assert_same_training(single, zero3)
 
 
 def test_expert_gradients_are_reduced_over_the_expert_data_parallel_group(ep2_dp2):

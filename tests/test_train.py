@@ -1,0 +1,226 @@
+"""The trainer's pieces in one process: config groups and their errors, schedule, data layout, guard, checkpoint
+file safety, FLOP counting, secret scrubbing, the DeepSpeed expert marker."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torch import nn
+
+from timemoe_train.model import TimeMoeConfig
+from timemoe_train.train.__main__ import CONFIG_DIR, make_trainer, run_config
+from timemoe_train.train.checkpoint import load_checkpoint_file
+from timemoe_train.train.config import OptimConfig, TrainConfigError
+from timemoe_train.train.engine import learning_rate
+from timemoe_train.train.guard import NonFiniteGuard, TrainingDiverged
+from timemoe_train.train.metrics import active_params_per_token, segment_square_sum, train_flops
+from timemoe_train.train.monitor import scrub
+from timemoe_train.train.synthetic import SyntheticDataConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def composed(*overrides: str, data: str = "synthetic"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=["checkpoint.dir=unused", *([f"data={data}"] if data else []),
+                                           *overrides])
+
+
+def test_learning_rate_warmup_then_cosine_to_min():
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    lrs = [learning_rate(s, cfg, max_steps=110) for s in range(120)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear, step 0 already moves
+    assert lrs[10] == pytest.approx(1e-3)
+    assert lrs[60] == pytest.approx(1e-4 + 0.5 * 9e-4)  # half way down the cosine: the mean of lr and min_lr
+    assert lrs[35] == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi / 4)))
+    assert lrs[110] == pytest.approx(1e-4) and lrs[119] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+@pytest.mark.parametrize("world, overrides, message", [
+    (6, ["parallel=expert", "parallel.expert_parallel_size=3"],
+     "parallel.expert_parallel_size=3 does not divide num_experts=4"),
+    (3, ["parallel=expert"], "parallel.expert_parallel_size=2 does not divide the world size 3"),
+    (2, ["trainer.global_batch_size=10", "trainer.micro_batch_size=4"],
+     "trainer.global_batch_size=10: must be a multiple of trainer.micro_batch_size (4) x data-parallel size (2) = 8"),
+    (2, ["parallel=expert", "parallel.zero_stage=3"], "parallel.zero_stage=3: ZeRO-3"),
+    (2, ["parallel=expert", "model.moe_impl=native"], "set model.moe_impl=megatron"),
+    (2, ["parallel.tensor_parallel_size=2"], "parallel.tensor_parallel_size=2"),
+    (1, ["optim.min_lr=0.1"], "optim.min_lr=0.1"),
+    (1, ["model.num_experts_per_tok=5"], "model: TimeMoeConfig.num_experts_per_tok=5: exceeds num_experts=4"),
+], ids=["ep-experts", "ep-world", "batch", "zero3-ep", "ep-native", "tp", "min-lr", "model"])
+def test_bad_config_fails_before_any_process_group_work(monkeypatch, world, overrides, message):
+    import torch.distributed as dist
+
+    import timemoe_train.parallel as parallel
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("process-group work started before the config was validated")
+
+    monkeypatch.setattr(dist, "init_process_group", forbidden)
+    monkeypatch.setattr(parallel, "init_parallel", forbidden)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    cfg = composed(*overrides)
+    with pytest.raises(TrainConfigError) as info:
+        make_trainer(cfg, "unused")
+    assert message in str(info.value)
+
+
+def test_cli_reports_a_bad_config_and_exits_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "timemoe_train.train", "data=synthetic", "parallel=expert",
+         "parallel.expert_parallel_size=3", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ, "WORLD_SIZE": "2"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "parallel.expert_parallel_size=3 does not divide the world size 2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("size", ["tiny", "base", "large", "ultra"])
+def test_model_groups_are_the_presets(size):
+    model = run_config(composed(f"model={size}")).model
+    assert model == TimeMoeConfig.preset(size, moe_impl="megatron")
+
+
+def test_paper_recipe_experiment():
+    run = run_config(composed("experiment=timemoe_paper", "data.path=/data/time300b", data=None))
+    o, t = run.optim, run.trainer
+    assert (o.lr, tuple(o.betas), o.weight_decay, o.warmup_steps) == (1e-3, (0.9, 0.95), 0.1, 10_000)
+    assert (t.max_steps, t.global_batch_size, t.precision) == (100_000, 1024, "bf16")
+    assert run.data.max_length == 4096 and run.data.packing
+    assert (run.model.hidden_size, run.model.router_aux_loss_factor) == (384, 0.02)
+    large = run_config(composed("experiment=timemoe_paper", "data.path=x", "model=large", data=None))
+    assert large.model.hidden_size == 768  # the model group can still be chosen on the command line
+
+
+def test_demo_experiment_is_tiny_ep2_on_two_processes():
+    run = run_config(composed("experiment=demo", "data.path=/tmp/demo-corpus", data=None))
+    run.validate(world_size=2)
+    assert run.parallel.expert_parallel_size == 2 and run.model.hidden_size == 32
+    assert run.data.max_length == 512 and run.data.path == "/tmp/demo-corpus"
+
+
+def test_synthetic_stream_is_the_same_for_every_data_parallel_layout():
+    cfg = SyntheticDataConfig(max_length=24, seed=3)
+
+    def global_batches(dp_size, micro, steps=2):
+        loaders = [iter(cfg.build_train_loader(r, dp_size, 8, micro)) for r in range(dp_size)]
+        per_step = 8 // (dp_size * micro)
+        return [torch.cat([next(it)["inputs"] for it in loaders for _ in range(per_step)])
+                if dp_size == 1 else
+                torch.cat([torch.cat([next(it)["inputs"] for _ in range(per_step)]) for it in loaders])
+                for _ in range(steps)]
+
+    one, two = global_batches(1, 2), global_batches(2, 4)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    loader = cfg.build_train_loader(0, 1, 8, 2)
+    it = iter(loader)
+    next(it), next(it)
+    resumed = cfg.build_train_loader(0, 1, 8, 2)
+    resumed.load_state_dict(loader.state_dict())
+    assert torch.equal(next(iter(resumed))["inputs"], next(it)["inputs"])
+
+
+def test_synthetic_rows_are_packed_with_consistent_masks():
+    from timemoe_train.train.synthetic import synthetic_row
+
+    for i in range(20):
+        row = synthetic_row(SyntheticDataConfig(max_length=64), i)
+        seq, mask = row["sequence_ids"], row["loss_mask"].bool()
+        assert torch.equal(row["labels"][:-1], row["inputs"][1:])
+        # a label counts only when it continues the same piece; padding (-1) never counts
+        assert not mask[seq < 0].any()
+        assert torch.equal(mask[:-1], (seq[1:] == seq[:-1]) & (seq[:-1] >= 0))
+
+
+def test_guard_sees_nonfinite_gradients_and_stops_after_max_bad_steps():
+    layer = nn.Linear(3, 1)
+    guard = NonFiniteGuard(layer, max_bad_steps=2, device="cpu")
+    layer(torch.ones(1, 3)).sum().backward()
+    assert guard.grads_nonfinite.item() == 0
+    layer(torch.tensor([[1.0, float("inf"), 0.0]])).sum().backward()
+    assert guard.grads_nonfinite.item() == 1
+    guard.reset()
+    assert guard.grads_nonfinite.item() == 0
+    guard.record(True)
+    guard.check(1)
+    guard.record(False)
+    guard.record(True)
+    guard.check(3)
+    guard.record(True)
+    with pytest.raises(TrainingDiverged, match="non-finite for 2 steps in a row"):
+        guard.check(4)
+    assert guard.skipped_total == 3
+
+
+class Pickled:
+    pass
+
+
+def test_checkpoint_files_load_only_tensors_and_only_from_the_checkpoint_dir(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step1").mkdir(parents=True)
+    torch.save({"w": torch.ones(2), "step": 3}, root / "step1" / "ok.pt")
+    assert load_checkpoint_file(root / "step1" / "ok.pt", root)["step"] == 3
+    torch.save({"w": torch.ones(2)}, tmp_path / "outside.pt")
+    with pytest.raises(PermissionError, match="outside the checkpoint directory"):
+        load_checkpoint_file(tmp_path / "outside.pt", root)
+    (root / "step1" / "link.pt").symlink_to(tmp_path / "outside.pt")
+    with pytest.raises(PermissionError):
+        load_checkpoint_file(root / "step1" / "link.pt", root)
+    torch.save({"obj": Pickled()}, root / "step1" / "code.pt")
+    with pytest.raises(RuntimeError, match="Pickled"):
+        load_checkpoint_file(root / "step1" / "code.pt", root)
+
+
+def test_flop_counting():
+    # two rows: sequences of 3 and 2 points then padding; one of 4 points
+    seq = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, -1, -1]])
+    assert segment_square_sum(seq).item() == 9 + 4 + 16
+    # activated parameters per point, as the paper reports them (50M, 200M, 1.1B)
+    for size, paper in (("base", 50e6), ("large", 200e6), ("ultra", 1.1e9)):
+        assert abs(active_params_per_token(TimeMoeConfig.preset(size)) / paper - 1) < 0.05, size
+    c = TimeMoeConfig.preset("tiny")
+    assert train_flops(c, 10, 0) == 60 * active_params_per_token(c)
+    assert train_flops(c, 0, 100) == 12 * c.num_hidden_layers * c.hidden_size * 100
+
+
+def test_scrub_removes_secret_values():
+    cfg = {"logger": {"wandb": {"api_key": "k", "project": "p"}}, "x": [{"hf_token": "t"}], "auth": {"u": 1}}
+    assert scrub(cfg) == {"logger": {"wandb": {"api_key": "***", "project": "p"}}, "x": [{"hf_token": "***"}],
+                          "auth": "***"}
+
+
+def test_expert_marker_exposes_megatron_experts_to_deepspeed():
+    from deepspeed.moe.layer import MoE
+    from deepspeed.moe.utils import is_moe_param
+
+    from timemoe_train.model import TimeMoeForPrediction
+    from timemoe_train.train.module import TrainModule
+
+    config = TimeMoeConfig.preset("tiny", moe_impl="megatron")
+    model = TimeMoeForPrediction(config)
+    module = TrainModule(model, ep_size=1, with_markers=True)
+    markers = list(module.expert_markers)
+    assert len(markers) == config.num_hidden_layers and all(isinstance(m, MoE) for m in markers)
+    experts = {n for n, p in model.named_parameters() if ".experts.local_experts." in n}
+    assert {v[len("model."):] for v in module.expert_aliases.values()} == experts
+    assert all(is_moe_param(p) and p.group_name == "ep_size_1"
+               for n, p in model.named_parameters() if n in experts)
+    assert not any(is_moe_param(p) for n, p in model.named_parameters() if n not in experts)  # shared expert too
+    state = module.state_dict()
+    assert not any(k.startswith("model.") and ".local_experts." in k for k in state)
+    assert not any(k.endswith("_extra_state") for k in state)
+    # the marker names are what DeepSpeed's per-expert checkpoint code looks for
+    assert any(".deepspeed_moe.experts.deepspeed_experts.0.linear_fc1.weight" in k for k in state)
+    zeros = {k: torch.zeros_like(v) for k, v in state.items()}
+    module.load_model_state(zeros)
+    assert all(p.abs().sum() == 0 for p in model.parameters())
+    with pytest.raises(RuntimeError, match="Missing key"):
+        module.load_model_state({k: v for k, v in zeros.items() if "deepspeed_experts.1." not in k})
