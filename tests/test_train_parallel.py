@@ -27,32 +27,50 @@ SECRET = "wandb-key-that-must-not-leak-1234"
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    """EP=1 on one process (4 micro-batches accumulated): the reference."""
-    return launch_ok(1, tmp_path_factory.mktemp("single"), TINY + ["parallel.zero_stage=1"])
+def start(tmp_path_factory):
+    """The HF-layout weights every compared run starts from (trainer.init_from_hf), and the loss they give on the
+    first global batch, computed here with the model's own forward on the synthetic stream."""
+    from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
+    from timemoe_train.train.synthetic import SyntheticDataConfig
+
+    hf_dir = tmp_path_factory.mktemp("start")
+    torch.manual_seed(123)
+    model = TimeMoeForPrediction(TimeMoeConfig.preset("tiny"))
+    model.save_pretrained(hf_dir)
+    batches = iter(SyntheticDataConfig(max_length=48, seed=0).build_train_loader(0, 1, 8, 2))
+    with torch.no_grad():
+        losses = [model(inputs_BT=b["inputs"], labels_BT=b["labels"], loss_mask_BT=b["loss_mask"],
+                        sequence_ids_BT=b["sequence_ids"]).loss for b in (next(batches) for _ in range(4))]
+    return TINY + [f"trainer.init_from_hf={hf_dir}"], torch.stack(losses).mean().item()
 
 
 @pytest.fixture(scope="module")
-def ep2(tmp_path_factory):
+def single(tmp_path_factory, start):
+    """EP=1 on one process with the native MoE layer (4 micro-batches accumulated): the reference."""
+    return launch_ok(1, tmp_path_factory.mktemp("single"), start[0] + ["parallel.zero_stage=1"])
+
+
+@pytest.fixture(scope="module")
+def ep2(tmp_path_factory, start):
     """EP=2 on 2 processes, ZeRO-2, W&B offline with an API key in the environment; forecasts at the end."""
     run_dir = tmp_path_factory.mktemp("ep2")
-    overrides = TINY + ["parallel=expert", "parallel.zero_stage=2", "logger=default", "logger.progress=false"]
+    overrides = start[0] + ["parallel=expert", "parallel.zero_stage=2", "logger=default", "logger.progress=false"]
     return launch_ok(2, run_dir, overrides, "--forecast", str(run_dir / "forecast.pt"),
                      env=worker_env(WANDB_API_KEY=SECRET))
 
 
 @pytest.fixture(scope="module")
-def ep2_dp2(tmp_path_factory):
+def ep2_dp2(tmp_path_factory, start):
     """EP=2 x DP=2 on 4 processes, ZeRO-0 (the trainer clips by the exact norm); gradient check at the end."""
     run_dir = tmp_path_factory.mktemp("ep2dp2")
-    return launch_ok(4, run_dir, TINY + ["parallel=expert", "parallel.zero_stage=0"],
+    return launch_ok(4, run_dir, start[0] + ["parallel=expert", "parallel.zero_stage=0"],
                      "--grad-check", str(run_dir / "grad_check.json"))
 
 
 @pytest.fixture(scope="module")
-def zero3(tmp_path_factory):
+def zero3(tmp_path_factory, start):
     """DP=2 with ZeRO-3 (parameters partitioned, no expert parallelism): export reads its gathered weights."""
-    return launch_ok(2, tmp_path_factory.mktemp("zero3"), TINY + ["parallel.zero_stage=3"])
+    return launch_ok(2, tmp_path_factory.mktemp("zero3"), start[0] + ["parallel.zero_stage=3"])
 
 
 def hf_weights(run_dir: Path, tag: str) -> dict:
@@ -60,9 +78,10 @@ def hf_weights(run_dir: Path, tag: str) -> dict:
     return gather_hf_state(root / tag, root)[1]
 
 
-def assert_same_training(ref_dir: Path, run_dir: Path, tol: float = 1e-5):
+def assert_same_training(ref_dir: Path, run_dir: Path, first_loss: float, tol: float = 1e-5):
     ref, run = metrics(ref_dir), metrics(run_dir)
     assert [r["step"] for r in run] == [r["step"] for r in ref] == list(range(1, 7))
+    assert abs(run[0]["loss"] - first_loss) <= 1e-6  # started from the init_from_hf weights, at any layout
     for a, b in zip(ref, run):
         assert abs(a["loss"] - b["loss"]) <= tol, (a["step"], a["loss"], b["loss"])
         assert abs(a["aux_loss"] - b["aux_loss"]) <= tol
@@ -77,16 +96,16 @@ def assert_same_training(ref_dir: Path, run_dir: Path, tol: float = 1e-5):
     assert max((first[k] - last[k]).abs().max().item() for k in first) > 1e-3  # training moved the weights
 
 
-def test_ep2_matches_single_rank(single, ep2):
-    assert_same_training(single, ep2)
+def test_ep2_matches_single_rank(start, single, ep2):
+    assert_same_training(single, ep2, start[1])
 
 
-def test_ep2_dp2_matches_single_rank(single, ep2_dp2):
-    assert_same_training(single, ep2_dp2)
+def test_ep2_dp2_matches_single_rank(start, single, ep2_dp2):
+    assert_same_training(single, ep2_dp2, start[1])
 
 
-def test_zero3_matches_single_rank(single, zero3):
-    assert_same_training(single, zero3)
+def test_zero3_matches_single_rank(start, single, zero3):
+    assert_same_training(single, zero3, start[1])
 
 
 def test_expert_gradients_are_reduced_over_the_expert_data_parallel_group(ep2_dp2):
@@ -121,9 +140,9 @@ def test_checkpoint_layout_and_no_secrets(ep2):
     assert abs(sum(record["expert_load/layer1"]) - 1) < 1e-3
 
 
-def test_resume_after_kill_9_matches_uninterrupted_run(ep2, tmp_path):
+def test_resume_after_kill_9_matches_uninterrupted_run(start, ep2, tmp_path):
     """Same run as `ep2`, killed with SIGKILL right after checkpoint 3 is published, then resumed to step 6."""
-    overrides = TINY + ["parallel=expert", "parallel.zero_stage=2"]
+    overrides = start[0] + ["parallel=expert", "parallel.zero_stage=2"]
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen(torchrun_command(2, run_dir, overrides, "--hang-after", "3"), env=worker_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -144,6 +163,24 @@ def test_resume_after_kill_9_matches_uninterrupted_run(ep2, tmp_path):
     assert [r["step"] for r in resumed] == [4, 5, 6]
     for a, b in zip(straight[3:], resumed):
         assert (a["loss"], a["grad_norm"], a["lr"]) == (b["loss"], b["grad_norm"], b["lr"]), a["step"]
+
+
+def test_sigterm_saves_the_current_step_and_exits(tmp_path):
+    """SLURM preemption: SIGTERM reaches torchrun, which forwards it to the workers; they finish the step, save it
+    and exit (torchrun itself reports the signal)."""
+    overrides = TINY + ["parallel=expert", "trainer.max_steps=1000", "checkpoint.interval=0"]
+    proc = subprocess.Popen(torchrun_command(2, tmp_path, overrides), env=worker_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            (tmp_path / "metrics.jsonl").exists() and len(metrics(tmp_path)) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    last = metrics(tmp_path)[-1]["step"]
+    assert f"stop requested by signal: saved step {last}, exiting" in output, output[-4000:]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == f"step{last:08d}"
+    assert 2 <= last < 1000
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):

@@ -14,12 +14,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.errors import DataError
+from ..export.hf_layout import CheckpointError
 from ..model.config import ConfigError
 from .config import RunConfig, TrainConfigError
 from .monitor import scrub
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-USER_ERRORS = (TrainConfigError, ConfigError, DataError, FileNotFoundError)
+USER_ERRORS = (TrainConfigError, ConfigError, DataError, CheckpointError, FileNotFoundError)
 
 
 def launch_stamp() -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -23,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from ..export.hf_layout import CheckpointError
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
@@ -53,9 +56,10 @@ def load_checkpoint_file(path: str | Path, root: str | Path, map_location="cpu",
     try:
         with torch.serialization.safe_globals(_engine_globals() if engine_classes else []):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
+    except pickle.UnpicklingError as e:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        raise RuntimeError(f"{path}: cannot load with weights_only=True ({e}); it refers to {unsafe}") from None
+        raise CheckpointError(f"{path}: refused: it pickles {unsafe}, and only tensors and DeepSpeed's bookkeeping "
+                              f"are loaded (weights_only=True): {str(e).splitlines()[0]}") from None
 
 
 def run_dir_checkpoint_engine(root: Path):

@@ -31,8 +31,6 @@ class ParallelConfig:
     zero_stage: int = 1
     offload_optimizer: bool = False  # optimizer state and step on the CPU (DeepSpeed's CPU Adam)
     offload_params: bool = False  # ZeRO-3 only
-    # megatron's alltoall dispatcher; "allgather" is the other dispatcher megatron offers.
-    token_dispatcher: str = "alltoall"
 
 
 @dataclass
@@ -133,8 +131,6 @@ class RunConfig:
             _bad("parallel.offload_optimizer", True, "needs ZeRO stage 1, 2 or 3")
         if p.offload_params and p.zero_stage != 3:
             _bad("parallel.offload_params", True, "parameter offload needs ZeRO stage 3")
-        if p.token_dispatcher not in ("alltoall", "allgather"):
-            _bad("parallel.token_dispatcher", p.token_dispatcher, "choose alltoall or allgather")
 
         for key in ("max_steps", "global_batch_size", "micro_batch_size"):
             if int(getattr(t, key)) < 1:
