@@ -51,11 +51,12 @@ def test_learning_rate_warmup_then_cosine_to_min():
     (2, ["trainer.global_batch_size=10", "trainer.micro_batch_size=4"],
      "trainer.global_batch_size=10: must be a multiple of trainer.micro_batch_size (4) x data-parallel size (2) = 8"),
     (2, ["parallel=expert", "parallel.zero_stage=3"], "parallel.zero_stage=3: ZeRO-3"),
-    (2, ["parallel=expert", "model.moe_impl=native"], "set model.moe_impl=megatron"),
+    (1, ["data.max_length=8192"], "data.max_length=8192: exceeds model.max_position_embeddings=4096"),
+    (2, ["parallel=expert", "model.moe_impl=native"], "use parallel=expert (model.moe_impl=megatron"),
     (2, ["parallel.tensor_parallel_size=2"], "parallel.tensor_parallel_size=2"),
     (1, ["optim.min_lr=0.1"], "optim.min_lr=0.1"),
     (1, ["model.num_experts_per_tok=5"], "model: TimeMoeConfig.num_experts_per_tok=5: exceeds num_experts=4"),
-], ids=["ep-experts", "ep-world", "batch", "zero3-ep", "ep-native", "tp", "min-lr", "model"])
+], ids=["ep-experts", "ep-world", "batch", "zero3-ep", "window", "ep-native", "tp", "min-lr", "model"])
 def test_bad_config_fails_before_any_process_group_work(monkeypatch, world, overrides, message):
     import torch.distributed as dist
 

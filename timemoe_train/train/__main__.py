@@ -62,10 +62,8 @@ def make_trainer(cfg: DictConfig, run_dir: str | Path):
 
 def train(cfg: DictConfig, run_dir: str | Path) -> None:
     trainer = make_trainer(cfg, run_dir)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
+    trainer.fit()
+    trainer.close()  # a barrier: only after a run every rank finished (an error exits without it)
 
 
 def _app(cfg: DictConfig) -> None:

@@ -141,6 +141,7 @@ class Checkpointer:
         self.engine.save_checkpoint(str(self.root), tag=tmp, save_latest=False)
         if self.engine.zero_optimization_partition_weights():
             self.engine.save_16bit_model(str(self.root / tmp), CONSOLIDATED)
+        (self.root / tmp).mkdir(parents=True, exist_ok=True)  # ranks that wrote no DeepSpeed file
         torch.save({**trainer_state, "rng": rng_state()},
                    self.root / tmp / f"trainer_state_rank{self.rank:05d}.pt")
         if self.rank == 0:

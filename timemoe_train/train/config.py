@@ -13,14 +13,11 @@ from ..model.config import TimeMoeConfig
 
 PRECISIONS = ("fp32", "bf16")
 ZERO_STAGES = (0, 1, 2, 3)
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 class TrainConfigError(ValueError):
     """A training-config value that cannot work; the message names the key and the value."""
-
-
-def _bad(key: str, value: Any, why: str):
-    raise TrainConfigError(f"{key}={value!r}: {why}")
 
 
 @dataclass
@@ -109,64 +106,51 @@ class RunConfig:
         """Everything that can be checked from the config and the process count alone."""
         from ..parallel import ParallelLayoutError, validate_layout
 
-        p, t, m = self.parallel, self.trainer, self.model
+        p, t, o, c, lg, m = self.parallel, self.trainer, self.optim, self.checkpoint, self.logger, self.model
         try:
             validate_layout(world_size, p.expert_parallel_size, p.tensor_parallel_size,
                             None if m.use_dense else m.num_experts)
         except ParallelLayoutError as e:  # its message starts with the offending key of the parallel group
             raise TrainConfigError(f"parallel.{e}") from None
-        if p.expert_parallel_size > 1 and (m.moe_impl != "megatron" or m.use_dense):
-            _bad("parallel.expert_parallel_size", p.expert_parallel_size,
-                                   "expert parallelism runs megatron's MoE layer: set model.moe_impl=megatron "
-                                   "(and keep model.use_dense=false)")
-        if p.zero_stage not in ZERO_STAGES:
-            _bad("parallel.zero_stage", p.zero_stage, f"choose one of {ZERO_STAGES}")
-        if p.zero_stage == 3 and p.expert_parallel_size > 1:
-            _bad("parallel.zero_stage", 3, "ZeRO-3 partitions parameters over all ranks, which "
-                                   "expert parallelism cannot share; use stage 0, 1 or 2 with expert_parallel_size>1")
-        if p.offload_optimizer and p.expert_parallel_size > 1:
-            _bad("parallel.offload_optimizer", True,
-                                   "CPU offload is supported without expert parallelism only")
-        if p.offload_optimizer and p.zero_stage == 0:
-            _bad("parallel.offload_optimizer", True, "needs ZeRO stage 1, 2 or 3")
-        if p.offload_params and p.zero_stage != 3:
-            _bad("parallel.offload_params", True, "parameter offload needs ZeRO stage 3")
-
-        for key in ("max_steps", "global_batch_size", "micro_batch_size"):
-            if int(getattr(t, key)) < 1:
-                _bad(f"trainer.{key}", getattr(t, key), "must be a positive integer")
+        ep = p.expert_parallel_size
         dp_size = world_size // p.tensor_parallel_size
-        per_step = t.micro_batch_size * dp_size
-        if t.global_batch_size % per_step:
-            _bad(
-                "trainer.global_batch_size", t.global_batch_size,
-                f"must be a multiple of trainer.micro_batch_size ({t.micro_batch_size}) x data-parallel size "
-                f"({dp_size}) = {per_step}")
-        if t.precision not in PRECISIONS:
-            _bad("trainer.precision", t.precision, f"choose one of {PRECISIONS}")
-        if t.max_bad_steps < 1:
-            _bad("trainer.max_bad_steps", t.max_bad_steps, "must be >= 1")
-        if t.device not in ("auto", "cpu", "cuda"):
-            _bad("trainer.device", t.device, "choose auto, cpu or cuda")
-
-        o = self.optim
-        if not o.lr > 0 or not 0 <= o.min_lr <= o.lr:
-            _bad("optim.min_lr", o.min_lr, f"need 0 <= optim.min_lr <= optim.lr ({o.lr}) and lr > 0")
-        if o.warmup_steps < 0 or (o.decay_steps is not None and o.decay_steps < 0):
-            _bad("optim.warmup_steps", o.warmup_steps, "warmup and decay steps must be >= 0")
-        if o.clip_grad < 0:
-            _bad("optim.clip_grad", o.clip_grad, "must be >= 0 (0 disables clipping)")
-
-        c = self.checkpoint
-        if c.interval < 0 or c.keep_last < 1:
-            _bad("checkpoint.keep_last" if c.keep_last < 1 else "checkpoint.interval",
-                                   c.keep_last if c.keep_last < 1 else c.interval,
-                                   "interval must be >= 0 and keep_last >= 1")
-        if self.logger.wandb.mode not in ("online", "offline", "disabled"):
-            _bad("logger.wandb.mode", self.logger.wandb.mode, "choose online, offline or disabled")
-        if self.logger.interval < 1 or self.logger.heatmap_interval < 0:
-            _bad("logger.interval", self.logger.interval,
-                                   "interval must be >= 1 and heatmap_interval >= 0")
+        per_step = max(1, t.micro_batch_size) * dp_size
+        window = getattr(self.data, "max_length", None)
+        rules = [  # (broken, key, value, why), checked in order
+            (ep > 1 and (m.moe_impl != "megatron" or m.use_dense), "parallel.expert_parallel_size", ep,
+             "expert parallelism runs megatron's MoE layer: use parallel=expert (model.moe_impl=megatron, "
+             "model.use_dense=false)"),
+            (p.zero_stage not in ZERO_STAGES, "parallel.zero_stage", p.zero_stage, f"choose one of {ZERO_STAGES}"),
+            (p.zero_stage == 3 and ep > 1, "parallel.zero_stage", p.zero_stage,
+             "ZeRO-3 partitions every parameter over all ranks, experts included; with expert_parallel_size > 1 "
+             "use stage 0, 1 or 2"),
+            (p.offload_optimizer and ep > 1, "parallel.offload_optimizer", True,
+             "CPU offload is supported without expert parallelism only"),
+            (p.offload_optimizer and p.zero_stage == 0, "parallel.offload_optimizer", True, "needs ZeRO stage >= 1"),
+            (p.offload_params and p.zero_stage != 3, "parallel.offload_params", True, "needs ZeRO stage 3"),
+            *((getattr(t, k) < 1, f"trainer.{k}", getattr(t, k), "must be a positive integer")
+              for k in ("max_steps", "global_batch_size", "micro_batch_size", "max_bad_steps")),
+            (t.global_batch_size % per_step, "trainer.global_batch_size", t.global_batch_size,
+             f"must be a multiple of trainer.micro_batch_size ({t.micro_batch_size}) x data-parallel size "
+             f"({dp_size}) = {per_step}"),
+            (t.precision not in PRECISIONS, "trainer.precision", t.precision, f"choose one of {PRECISIONS}"),
+            (t.device not in ("auto", "cpu", "cuda"), "trainer.device", t.device, "choose auto, cpu or cuda"),
+            (window is not None and window > m.max_position_embeddings, "data.max_length", window,
+             f"exceeds model.max_position_embeddings={m.max_position_embeddings}"),
+            (not o.lr > 0, "optim.lr", o.lr, "must be > 0"),
+            (not 0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"need 0 <= optim.min_lr <= optim.lr ({o.lr})"),
+            (o.warmup_steps < 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0"),
+            (o.decay_steps is not None and o.decay_steps < 0, "optim.decay_steps", o.decay_steps, "must be >= 0"),
+            (o.clip_grad < 0, "optim.clip_grad", o.clip_grad, "must be >= 0 (0 disables clipping)"),
+            (c.interval < 0, "checkpoint.interval", c.interval, "must be >= 0 (0: only at the end)"),
+            (c.keep_last < 1, "checkpoint.keep_last", c.keep_last, "must be >= 1"),
+            (lg.wandb.mode not in WANDB_MODES, "logger.wandb.mode", lg.wandb.mode, f"choose one of {WANDB_MODES}"),
+            (lg.interval < 1, "logger.interval", lg.interval, "must be >= 1"),
+            (lg.heatmap_interval < 0, "logger.heatmap_interval", lg.heatmap_interval, "must be >= 0 (0: off)"),
+        ]
+        for broken, key, value, why in rules:
+            if broken:
+                raise TrainConfigError(f"{key}={value!r}: {why}")
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         dp_size = world_size // self.parallel.tensor_parallel_size

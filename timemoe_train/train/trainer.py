@@ -48,8 +48,7 @@ class StopRequest:
 
 class Trainer:
     def __init__(self, run: RunConfig, run_dir: str | Path, config_yaml: str, config_dict: dict):
-        self.run, self.run_dir = run, Path(run_dir)
-        self.config_yaml, self.config_dict = config_yaml, config_dict
+        self.run, self.run_dir, self.config_yaml = run, Path(run_dir), config_yaml
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists, also in a plain one-process run
         p, t = run.parallel, run.trainer
         self.layout = init_parallel(p.expert_parallel_size, p.tensor_parallel_size,
