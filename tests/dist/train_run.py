@@ -64,60 +64,50 @@ def forecast(trainer: Trainer, out: Path) -> None:
 def grad_check(trainer: Trainer, out: Path) -> None:
     """Expert gradients of one micro-batch per rank: the engine's, and the local ones reduced by hand over the
     expert-data-parallel group (right) and over all ranks (wrong), each against a one-process reference."""
+    from moe_parity import hf_grads  # next to this script, which is on sys.path
+
     from timemoe_train.export.cli import gather_hf_state
     from timemoe_train.model import TimeMoeForPrediction
-    from timemoe_train.model.state_dict_adapter import megatron_to_hf
-    from timemoe_train.train.module import MODEL_PREFIX
     from timemoe_train.train.trainer import build_loader
 
     lay, run, engine, module = trainer.layout, trainer.run, trainer.engine, trainer.module
-    t = run.trainer
-    config = run.model
+    t, config = run.trainer, run.model
     step_batches = []  # every rank's next micro-batch, rebuilt from the deterministic synthetic stream
     for rank in range(lay.dp_size):
         loader = build_loader(run.data, rank, lay.dp_size, t.global_batch_size, t.micro_batch_size)
         loader.load_state_dict(trainer.loader.state_dict())
         step_batches.append(next(iter(loader)))
-    mine = step_batches[lay.dp_rank]
-    inputs = {"inputs_BT": mine["inputs"], "labels_BT": mine["labels"], "loss_mask_BT": mine["loss_mask"],
-              "sequence_ids_BT": mine["sequence_ids"]}
 
-    def expert_grads():
-        grads = {}
-        for name in module.expert_aliases.values():
-            grads[name[len(MODEL_PREFIX):]] = module.get_parameter(name).grad.detach().clone()
-        return megatron_to_hf(grads, config, lay.ep_rank, lay.ep_size)
+    def model_inputs(b):
+        return {"inputs_BT": b["inputs"], "labels_BT": b["labels"], "loss_mask_BT": b["loss_mask"],
+                "sequence_ids_BT": b["sequence_ids"]}
 
+    def expert_grads(model):  # this rank's experts, under their released (global) names
+        grads = hf_grads(model, config, lay.ep_rank, lay.ep_size)
+        return {k: g.clone() for k, g in grads.items() if ".experts." in k}
+
+    mine = model_inputs(step_batches[lay.dp_rank])
     module.train()
     engine.zero_grad()
-    module(**inputs).loss.backward()  # plain autograd: local gradients, no reduction
-    local = expert_grads()
+    module(**mine).loss.backward()  # plain autograd: local gradients, no reduction
+    local = expert_grads(module.model)
     right, wrong = {}, {}
     for k, g in local.items():
-        right[k] = g.clone()
+        right[k], wrong[k] = g.clone(), g.clone()
         dist.all_reduce(right[k], group=lay.expert_dp_group)
-        right[k] /= lay.dp_size
-        wrong[k] = g.clone()
         dist.all_reduce(wrong[k])
+        right[k] /= lay.dp_size
         wrong[k] /= lay.dp_size
     engine.zero_grad()
-    engine.backward(engine(**inputs).loss)  # the engine's reduction (ZeRO-0 leaves it in .grad)
-    reduced = expert_grads()
+    engine.backward(engine(**mine).loss)  # the engine's reduction (ZeRO-0 leaves it in .grad)
+    reduced = expert_grads(module.model)
 
     root = Path(run.checkpoint.dir)
     _, hf, _ = gather_hf_state(root / (root / "latest").read_text().strip(), root)
     reference = TimeMoeForPrediction(dataclasses.replace(config, moe_impl="native"))
     reference.load_state_dict(hf, strict=True)
-    losses = [reference(inputs_BT=b["inputs"], labels_BT=b["labels"], loss_mask_BT=b["loss_mask"],
-                        sequence_ids_BT=b["sequence_ids"]).loss for b in step_batches]
-    torch.stack(losses).mean().backward()
-    ref = {n: p.grad for n, p in reference.named_parameters()}
-    ref_hf = {}
-    for n, g in ref.items():  # stacked native experts -> released per-expert names
-        prefix, _, leaf = n.rpartition(".")
-        if leaf.endswith(("_EIH", "_EHI")):
-            proj = leaf.rsplit("_", 1)[0]
-            ref_hf.update({f"{prefix}.{e}.{proj}.weight": g[e] for e in range(g.shape[0])})
+    torch.stack([reference(**model_inputs(b)).loss for b in step_batches]).mean().backward()
+    ref_hf = hf_grads(reference, config)
     scale = max(ref_hf[k].abs().max().item() for k in local)
 
     def worst(grads):
