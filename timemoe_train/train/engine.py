@@ -35,12 +35,12 @@ class SkippableStep:
     last_norm: float | None = None
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, *args, **kwargs):
         if self.veto:
             return None
         if self.exact_clipping:
             self.last_norm = self._clip_by_global_norm()
-        return super().step(closure)
+        return super().step(*args, **kwargs)
 
     def _clip_by_global_norm(self) -> float:
         dense, expert = [], []
