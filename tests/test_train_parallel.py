@@ -146,13 +146,20 @@ def test_resume_after_kill_9_matches_uninterrupted_run(start, ep2, tmp_path):
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen(torchrun_command(2, run_dir, overrides, "--hang-after", "3"), env=worker_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    hanging = run_dir / "checkpoints" / "hanging"
+    marks = [run_dir / "checkpoints" / f"hanging.{rank}" for rank in range(2)]
     deadline = time.time() + 300
-    while not hanging.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert hanging.exists(), proc.stderr.read().decode()[-4000:]
+    try:
+        while not all(m.exists() for m in marks) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+    finally:  # torchrun starts its workers in sessions of their own: kill them by pid, then torchrun
+        for pid_file in run_dir.glob("pid.*"):
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert all(m.exists() for m in marks), proc.stderr.read().decode()[-4000:]
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]
 
     resumed_dir = tmp_path / "resumed"

@@ -2,7 +2,8 @@
 then optionally
   --forecast FILE      forecast a fixed context with the training model (all ranks take part) -> FILE (rank 0)
   --grad-check FILE    compare expert gradients after one more micro-batch with a single-process reference -> FILE
-  --hang-after STEP    after publishing checkpoint STEP, touch `<checkpoint.dir>/hanging` and sleep (to be killed)
+  --hang-after STEP    after publishing checkpoint STEP, each rank touches `<checkpoint.dir>/hanging.<rank>` and
+                       sleeps (to be killed by pid: every rank writes it to `<run-dir>/pid.<rank>` at start)
   --nan-steps 2,4      rank 0 feeds a NaN input point in these steps (1-based), the other ranks clean data
 
     torchrun --nproc_per_node 2 tests/dist/train_run.py --run-dir D [options] -- key=value ...
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -32,9 +34,9 @@ def hang_after(step: int, trainer: Trainer) -> None:
 
     def save_then_hang(at_step, *args, **kwargs):
         path = save(at_step, *args, **kwargs)
-        if at_step == step:
-            (checkpointer.root / "hanging").touch()
-            while True:  # the test kills every process with SIGKILL now
+        if at_step == step:  # published on every rank: wait for SIGKILL
+            (checkpointer.root / f"hanging.{dist.get_rank()}").touch()
+            while True:
                 time.sleep(1)
         return path
 
@@ -129,6 +131,8 @@ def main() -> None:
     parser.add_argument("--nan-steps", type=lambda s: {int(x) for x in s.split(",")}, default=set())
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.run_dir) / f"pid.{os.environ.get('RANK', '0')}").write_text(str(os.getpid()))
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=args.overrides)
     trainer = make_trainer(cfg, args.run_dir)
