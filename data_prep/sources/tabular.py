@@ -72,11 +72,7 @@ class TableSource:
         }
 
     def discover(self) -> Discovery:
-        files = input_files(Path(self.input), SUFFIXES[self.name])
-        if self.dataset:
-            return Discovery([DatasetSpec(self.domain, self.dataset, "table", tuple(map(str, files)), self.freq)])
-        specs = [DatasetSpec(self.domain, f.stem, "table", (str(f),), self.freq) for f in files]
-        return Discovery(specs)
+        return discover_files(self, SUFFIXES[self.name], "table")
 
     def index(self, spec: DatasetSpec, folder: Path) -> IndexedDataset:
         stager = Stager(folder, spec.domain, spec.dataset)
@@ -103,6 +99,15 @@ def input_files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
     if not files:
         raise PrepError(path, "--input", str(path), f"holds no {'/'.join(suffixes)} files")
     return files
+
+
+def discover_files(source, suffixes: tuple[str, ...], kind: str) -> Discovery:
+    """The input files of a file-per-dataset source: one dataset named after each file, or, when the source names
+    a dataset, one dataset of all of them."""
+    files = input_files(Path(source.input), suffixes)
+    if source.dataset:
+        return Discovery([DatasetSpec(source.domain, source.dataset, kind, tuple(map(str, files)), source.freq)])
+    return Discovery([DatasetSpec(source.domain, f.stem, kind, (str(f),), source.freq) for f in files])
 
 
 def read_series(kind: str, path: Path, layout: TableLayout, freq: str | None) -> tuple[Series, str | None]:

@@ -17,7 +17,7 @@ import numpy as np
 from data_prep.errors import PrepError
 from data_prep.index import IndexedDataset, Stager
 from data_prep.sources.base import DatasetSpec, Discovery, check_domain
-from data_prep.sources.tabular import input_files
+from data_prep.sources.tabular import discover_files
 
 FREQ_ALIASES = {
     "yearly": "Y",
@@ -49,10 +49,7 @@ class TsfSource:
         return {"name": self.name, "input": input_path, "domain": self.domain, "dataset": self.dataset, "freq": self.freq}
 
     def discover(self) -> Discovery:
-        files = input_files(Path(self.input), (".tsf",))
-        if self.dataset:
-            return Discovery([DatasetSpec(self.domain, self.dataset, "tsf", tuple(map(str, files)), self.freq)])
-        return Discovery([DatasetSpec(self.domain, f.stem, "tsf", (str(f),), self.freq) for f in files])
+        return discover_files(self, (".tsf",), "tsf")
 
     def index(self, spec: DatasetSpec, folder: Path) -> IndexedDataset:
         stager = Stager(folder, spec.domain, spec.dataset)
