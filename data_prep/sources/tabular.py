@@ -75,19 +75,27 @@ class TableSource:
         return discover_files(self, SUFFIXES[self.name], "table")
 
     def index(self, spec: DatasetSpec, folder: Path) -> IndexedDataset:
-        stager = Stager(folder, spec.domain, spec.dataset)
-        try:
-            freqs = set()
-            for name in spec.files:
-                path = Path(name)
-                series, freq = read_series(self.name, path, self.layout, spec.freq)
-                freqs.add(freq)
-                prefix = f"{path.stem}/" if len(spec.files) > 1 else ""
-                stager.add_all((prefix + item_id, values) for item_id, values in series)
-            return stager.finish(freq=freqs.pop() if len(freqs) == 1 else None)
-        except BaseException:
-            stager.abort()
-            raise
+        def read_file(path: Path, stager: Stager, prefix: str) -> str | None:
+            series, freq = read_series(self.name, path, self.layout, spec.freq)
+            stager.add_all((prefix + item_id, values) for item_id, values in series)
+            return freq
+
+        return index_files(spec, folder, read_file)
+
+
+def index_files(spec: DatasetSpec, folder: Path, read_file) -> IndexedDataset:
+    """Index a dataset of one or more files. `read_file(path, stager, prefix)` stages one file's series (their ids
+    prefixed with the file's stem when there are several files) and returns the file's frequency."""
+    stager = Stager(folder, spec.domain, spec.dataset)
+    try:
+        freqs = set()
+        for name in spec.files:
+            path = Path(name)
+            freqs.add(read_file(path, stager, f"{path.stem}/" if len(spec.files) > 1 else ""))
+        return stager.finish(freq=freqs.pop() if len(freqs) == 1 else None)
+    except BaseException:
+        stager.abort()
+        raise
 
 
 def input_files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:

@@ -17,7 +17,7 @@ import numpy as np
 from data_prep.errors import PrepError
 from data_prep.index import IndexedDataset, Stager
 from data_prep.sources.base import DatasetSpec, Discovery, check_domain
-from data_prep.sources.tabular import discover_files
+from data_prep.sources.tabular import discover_files, index_files
 
 FREQ_ALIASES = {
     "yearly": "Y",
@@ -52,17 +52,11 @@ class TsfSource:
         return discover_files(self, (".tsf",), "tsf")
 
     def index(self, spec: DatasetSpec, folder: Path) -> IndexedDataset:
-        stager = Stager(folder, spec.domain, spec.dataset)
-        try:
-            freqs = set()
-            for name in spec.files:
-                path = Path(name)
-                file_freq = read_tsf(path, stager, prefix=f"{path.stem}/" if len(spec.files) > 1 else "")
-                freqs.add(spec.freq or file_freq)
-            return stager.finish(freq=freqs.pop() if len(freqs) == 1 else None)
-        except BaseException:
-            stager.abort()
-            raise
+        def read_file(path: Path, stager: Stager, prefix: str) -> str | None:
+            file_freq = read_tsf(path, stager, prefix=prefix)
+            return spec.freq or file_freq
+
+        return index_files(spec, folder, read_file)
 
 
 def _values(text: str, path: Path, line_no: int) -> np.ndarray:
