@@ -142,12 +142,13 @@ def _read_arrow_table(kind: str, path: Path) -> pa.Table:
     try:
         if kind == "parquet":
             return pq.read_table(path)
-        source = pa.memory_map(str(path))
         try:
-            return pa.ipc.open_file(source).read_all()
+            return pa.ipc.open_file(pa.memory_map(str(path))).read_all()  # GluonTS and our own shards
         except pa.ArrowInvalid:
-            source.seek(0)
-            return pa.ipc.open_stream(source).read_all()  # Hugging Face cache files are streams
+            # Hugging Face `datasets` files (its cache, `save_to_disk`) are Arrow streams: read them its own way.
+            import datasets
+
+            return datasets.Dataset.from_file(str(path)).data.table
     except (pa.ArrowInvalid, OSError) as e:
         raise PrepError(path, "file", None, f"not a readable {kind} file: {e}") from None
 
