@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -76,7 +77,18 @@ def _app(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+# Notices from the libraries about their own internals, printed once per process; nothing a user can act on.
+_LIBRARY_NOTICES = (
+    # megatron-core without Apex/TE falls back to torch's norm and kernels (and we use DeepSpeed's optimizer anyway)
+    r"(Transformer Engine and )?Apex (is|are) not installed",
+    r"full scope is deprecated",  # megatron-core's TransformerConfig default for CUDA graphs, which we do not use
+    r"`torch\.distributed\.all_gather_into_tensor` is deprecated",  # deepspeed's ZeRO gathers
+)
+
+
 def main() -> None:
+    for message in _LIBRARY_NOTICES:
+        warnings.filterwarnings("ignore", message=message)
     OmegaConf.register_new_resolver("launch_stamp", launch_stamp, use_cache=True, replace=True)
     if int(os.environ.get("RANK", "0")) != 0:  # one copy of Hydra's own files, written by rank 0
         sys.argv.append("hydra.output_subdir=null")
