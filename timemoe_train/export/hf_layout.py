@@ -98,13 +98,18 @@ def read_hf_weights(directory: str | Path, config: TimeMoeConfig) -> dict[str, t
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-def load_hf(model_cls, directory: str | Path, **config_overrides):
-    config = TimeMoeConfig.load(directory, **config_overrides)
-    state = read_hf_weights(directory, config)
-    model = model_cls(config)
-    if config.moe_impl == "megatron" and not config.use_dense:
+def load_hf_state(model, hf_state: dict[str, torch.Tensor], ep_rank: int = 0, ep_size: int = 1):
+    """The inverse of `hf_state_dict`: weights under the released names into `model`, whatever MoE implementation
+    it runs (with expert parallelism, the experts of EP rank `ep_rank` only)."""
+    state = hf_state
+    if model.config.moe_impl == "megatron" and not model.config.use_dense:
         from ..model.state_dict_adapter import hf_to_megatron
 
-        state = hf_to_megatron(state, config)
+        state = hf_to_megatron(hf_state, model.config, ep_rank, ep_size)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model
+
+
+def load_hf(model_cls, directory: str | Path, **config_overrides):
+    config = TimeMoeConfig.load(directory, **config_overrides)
+    return load_hf_state(model_cls(config), read_hf_weights(directory, config))

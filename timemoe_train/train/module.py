@@ -110,14 +110,3 @@ def initial_hf_state(config: TimeMoeConfig, seed: int, init_from_hf: str | None)
         native = TimeMoeForPrediction(dataclasses.replace(config, moe_impl="native", aux_loss_type="timemoe"))
     return native.state_dict()
 
-
-def build_model(config: TimeMoeConfig, hf_state: dict[str, torch.Tensor], ep_rank: int, ep_size: int):
-    """The training model on this rank (its experts only, under megatron) loaded with `hf_state`."""
-    model = TimeMoeForPrediction(config)
-    state = hf_state
-    if config.moe_impl == "megatron" and not config.use_dense:
-        from ..model.state_dict_adapter import hf_to_megatron
-
-        state = hf_to_megatron(hf_state, config, ep_rank, ep_size)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    return model

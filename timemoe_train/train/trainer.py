@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..export.hf_layout import load_hf_state
+from ..model import TimeMoeForPrediction
 from ..parallel import init_parallel
 from .checkpoint import Checkpointer
 from .config import RunConfig
@@ -18,7 +20,7 @@ from .engine import build_engine, global_grad_norm, learning_rate, set_learning_
 from .guard import NonFiniteGuard
 from .metrics import (StepStats, domain_heatmap, expert_load_metrics, peak_flops, reduce_domain_load,
                       train_flops)
-from .module import TrainModule, build_model, initial_hf_state
+from .module import TrainModule, initial_hf_state
 from .monitor import Monitor
 
 _MODEL_INPUTS = {"inputs": "inputs_BT", "labels": "labels_BT", "loss_mask": "loss_mask_BT",
@@ -58,7 +60,9 @@ class Trainer:
             t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else torch.device("cpu")
         self.gas = run.gradient_accumulation_steps(lay.world_size)
 
-        model = build_model(run.model, initial_hf_state(run.model, t.seed, t.init_from_hf), lay.ep_rank, lay.ep_size)
+        # Under megatron, this rank's experts only.
+        model = load_hf_state(TimeMoeForPrediction(run.model), initial_hf_state(run.model, t.seed, t.init_from_hf),
+                              lay.ep_rank, lay.ep_size)
         self.module = TrainModule(model, lay.ep_size, with_markers=p.zero_stage < 3).to(self.device)
         torch.manual_seed(t.seed * 7919 + lay.rank)  # dropout and anything else random differs per rank
         self.guard = NonFiniteGuard(self.module, t.max_bad_steps, self.device)
