@@ -43,11 +43,13 @@ class SkippableStep:
         return super().step(*args, **kwargs)
 
     def _clip_by_global_norm(self) -> float:
+        from deepspeed.moe.utils import is_moe_param
+
         dense, expert = [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    (expert if getattr(p, "allreduce", True) is False else dense).append(p.grad)
+                    (expert if is_moe_param(p) else dense).append(p.grad)
         sq = torch.zeros(2, dtype=torch.float32, device=self.param_groups[0]["params"][0].device)
         for i, grads in enumerate((dense, expert)):
             if grads:
@@ -73,9 +75,9 @@ def param_groups(module: nn.Module, cfg) -> list[dict]:
             (decay if p.ndim >= 2 or cfg.decay_1d else no_decay).append(p)
     groups = [{"name": "decay", "params": decay, "weight_decay": cfg.weight_decay},
               {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
-    if any(getattr(p, "allreduce", True) is False for p in module.parameters()):
-        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
+    if any(is_moe_param(p) for p in module.parameters()):
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     return [g for g in groups if g["params"]]
 
