@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from timemoe_train.export.cli import export
-from timemoe_train.export.hf_layout import CheckpointError
+from timemoe_train.checkpoint import CheckpointError
 from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
 
 MARKER = "expert_markers.{layer}.deepspeed_moe.experts.deepspeed_experts.{expert}.{linear}.weight"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from timemoe_train.export.hf_layout import CheckpointError
+from timemoe_train.checkpoint import CheckpointError
 from timemoe_train.model import ConfigError, TimeMoeConfig, TimeMoeForPrediction, load_balancing_loss
 from timemoe_train.model.modeling import apply_rotary, rotary_cos_sin
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from timemoe_train.export.hf_layout import REMOTE_CODE_DIR
+from timemoe_train.model.hf_layout import REMOTE_CODE_DIR
 from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
 
 transformers = pytest.importorskip("transformers")

@@ -13,10 +13,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from timemoe_train.export.hf_layout import CheckpointError
+from timemoe_train.checkpoint import CheckpointError
 from timemoe_train.model import TimeMoeConfig
 from timemoe_train.train.__main__ import CONFIG_DIR, make_trainer, run_config
-from timemoe_train.train.checkpoint import load_checkpoint_file
+from timemoe_train.checkpoint import load_checkpoint_file
 from timemoe_train.train.config import OptimConfig, TrainConfigError
 from timemoe_train.train.engine import learning_rate
 from timemoe_train.train.guard import NonFiniteGuard, TrainingDiverged

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..export.hf_layout import CheckpointError
+from ..checkpoint import CheckpointError
 from ..model import ConfigError, TimeMoeForPrediction
 from .baselines import last_value, seasonal_naive
 from .data import DEFAULT_RATIOS, EvalError, fit_scaler, num_test_windows, read_csv, split_borders, window_starts

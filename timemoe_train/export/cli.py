@@ -1,27 +1,29 @@
 """`timemoe-export CKPT_DIR OUT_DIR`: a training checkpoint -> the released HF layout, without a distributed run.
 
 CKPT_DIR is a run's `checkpoint.dir` (the checkpoint named by its `latest` file is exported, or `--tag`) or one
-checkpoint directory. The experts of every expert-parallel rank are read from DeepSpeed's per-expert files and
-gathered under the released names; the result loads with `AutoModelForCausalLM.from_pretrained(OUT_DIR,
-trust_remote_code=True)` like TimeMoE-50M.
+checkpoint directory. The checkpoint is first verified against its manifest. Its elastic part holds every weight
+in fp32 under the released names (the optimizer's fp32 master copy in a bf16 run); a checkpoint without one
+(ZeRO-3, or written before elastic checkpoints) is read from DeepSpeed's files, the experts of every
+expert-parallel rank gathered from the per-expert files. The result loads with
+`AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)` like TimeMoE-50M.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from ..checkpoint import (CONSOLIDATED, ELASTIC, LATEST, MANIFEST, META, MODEL_PREFIX, CheckpointError, elastic,
+                          load_checkpoint_file, read_meta, verify)
 from ..model import TimeMoeConfig, TimeMoeForPrediction
 from ..model.config import ConfigError
-from ..train.checkpoint import CONSOLIDATED, LATEST, META, load_checkpoint_file
-from ..train.module import MODEL_PREFIX
-from .hf_layout import CheckpointError, check_state_dict, save_hf
+from ..model.hf_layout import check_state_dict, save_hf
 
 _EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt")
 _MARKER_KEY = re.compile(r"(expert_markers\.\d+\.deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)(\..+)")
@@ -42,8 +44,14 @@ def checkpoint_dir(path: str | Path, tag: str | None = None) -> tuple[Path, Path
 
 def gather_hf_state(tag_dir: Path, root: Path) -> tuple[TimeMoeConfig, dict[str, torch.Tensor], str]:
     """The full model of checkpoint `tag_dir` under the released names; also its config and precision."""
-    meta = json.loads((tag_dir / META).read_text())
+    if (tag_dir / MANIFEST).is_file():
+        verify(tag_dir)
+    else:
+        warnings.warn(f"{tag_dir}: no {MANIFEST} (written before manifests existed): exported unverified")
+    meta = read_meta(tag_dir)
     config = TimeMoeConfig(**meta["model"])
+    if (tag_dir / ELASTIC).is_dir():
+        return config, elastic.read_weights(tag_dir / ELASTIC), meta["precision"]
 
     def load(name):
         return load_checkpoint_file(tag_dir / name, root, engine_classes=False)

@@ -286,12 +286,12 @@ class TimeMoeForPrediction(nn.Module):
 
     # --- HF layout --------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
-        from ..export.hf_layout import save_hf
+        from .hf_layout import save_hf
 
         return save_hf(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **config_overrides) -> "TimeMoeForPrediction":
-        from ..export.hf_layout import load_hf
+        from .hf_layout import load_hf
 
         return load_hf(cls, directory, **config_overrides)

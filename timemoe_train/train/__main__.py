@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.errors import DataError
-from ..export.hf_layout import CheckpointError
+from ..checkpoint import CheckpointError
 from ..model.config import ConfigError
 from .config import RunConfig, TrainConfigError
 from .monitor import scrub

@@ -1,76 +1,58 @@
-"""Checkpoints that appear only when complete, resume exactly, and never unpickle arbitrary code.
+"""Checkpoints that appear only when complete and verified, resume at any layout, and never unpickle code.
 
-Layout of `checkpoint.dir`:
-    step00000100/        DeepSpeed's files (shared weights, ZeRO shards, one file per expert) plus
-        trainer_state_rank00000.pt   per rank: step, data-loader position, RNG states, guard counters
-        meta.json                    model config, parallel layout, expert-name map (for `timemoe-export`)
-        consolidated_model_states.pt ZeRO-3 only: the gathered weights (its shards alone need DeepSpeed to read)
-        config.yaml                  the resolved run config (secrets removed)
-    latest               the tag of the newest complete checkpoint (DeepSpeed's format)
+The file format and its names are `timemoe_train.checkpoint`'s. A save writes every file through a digest (size +
+sha256 as the bytes pass, fsynced) into `.tmp-step…`; rank 0 writes the manifest of all ranks' files, renames the
+directory into place, then moves `latest`. `kill -9` at any moment leaves the previous or the new checkpoint
+visible, never a partial one. Resuming verifies the newest checkpoint against its manifest and falls back, with a
+warning naming the bad file, to the newest one that verifies; if none does, it stops with an error and writes
+nothing.
 
-A save writes into `.tmp-step…`, renames it once every rank has finished, then replaces `latest` atomically.
-`kill -9` at any moment leaves either the previous or the new checkpoint visible, never a partial one.
+Same layout (world size, EP size, ZeRO stage, precision, MoE implementation) loads DeepSpeed's own files, the fast
+path; any other layout loads the elastic part (`elastic/`, see `timemoe_train.checkpoint.elastic` for why DCP).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..export.hf_layout import CheckpointError
-
-LATEST = "latest"
-TMP_PREFIX = ".tmp-"
-META = "meta.json"
-CONFIG = "config.yaml"
-CONSOLIDATED = "consolidated_model_states.pt"
+from ..checkpoint import (CONFIG, CONSOLIDATED, ELASTIC, LATEST, META, TMP_PREFIX, CheckpointCorrupt,
+                          CheckpointError, DigestWriter, elastic, load_checkpoint_file, read_meta, step_tags, tag_for,
+                          trainer_state_file, verify)
+from ..checkpoint.manifest import fsync_dir, write_manifest
+from .engine_state import engine_state, load_engine_state
 
 
-def tag_for(step: int) -> str:
-    return f"step{step:08d}"
+class CheckpointWarning(UserWarning):
+    pass
 
 
-def _engine_globals() -> list:
-    """The classes DeepSpeed 0.19.8 pickles into its own files besides tensors, allowed for weights_only loads."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def load_checkpoint_file(path: str | Path, root: str | Path, map_location="cpu", engine_classes: bool = True):
-    """torch.load restricted to files inside `root` (the run's checkpoint directory), with weights_only=True:
-    tensors and containers only, plus (`engine_classes`) DeepSpeed's own bookkeeping classes."""
-    path, root = Path(path).resolve(), Path(root).resolve()
-    if root not in path.parents:
-        raise PermissionError(f"{path}: refusing to unpickle a file outside the checkpoint directory {root}")
-    try:
-        with torch.serialization.safe_globals(_engine_globals() if engine_classes else []):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        raise CheckpointError(f"{path}: refused: it pickles {unsafe}, and only tensors and DeepSpeed's bookkeeping "
-                              f"are loaded (weights_only=True): {str(e).splitlines()[0]}") from None
-
-
-def run_dir_checkpoint_engine(root: Path):
-    """DeepSpeed's checkpoint engine, reading through `load_checkpoint_file` (saving is unchanged)."""
+def run_dir_checkpoint_engine(root: Path, records: dict):
+    """DeepSpeed's checkpoint engine, reading through `load_checkpoint_file` and writing through DigestWriter
+    (torch's zip format: the legacy one writes storages past a file object, straight to its descriptor)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     class RunDirCheckpointEngine(TorchCheckpointEngine):
+        def save(self, state_dict, path):
+            save_file(state_dict, path, records)
+
         def load(self, path, map_location=None):
             return load_checkpoint_file(path, root, map_location or "cpu")
 
     return RunDirCheckpointEngine(None)
+
+
+def save_file(obj, path: Path, records: dict) -> None:
+    with DigestWriter(path, records) as f:
+        torch.save(obj, f)
 
 
 def rng_state() -> dict:
@@ -93,36 +75,77 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def newest_verified(root: Path) -> str | None:
+    """The newest checkpoint of `root` that matches its manifest (None: there are none); each one that does not
+    gives a CheckpointWarning naming the file. Raises CheckpointError when checkpoints exist but none verifies."""
+    bad = []
+    for tag in step_tags(root):
+        try:
+            verify(root / tag)
+            return tag
+        except CheckpointCorrupt as e:
+            bad.append(str(e))
+            warnings.warn(f"checkpoint {root / tag} is not used: {e}; falling back to the previous checkpoint",
+                          CheckpointWarning, stacklevel=2)
+    if bad:
+        raise CheckpointError(f"no checkpoint in {root} verifies, so none was loaded and nothing was written "
+                              f"(move the damaged ones away, or set checkpoint.resume=false): " + "; ".join(bad))
+    return None
+
+
 class Checkpointer:
     def __init__(self, cfg, engine, module, rank: int, world_size: int):
+        from ..parallel import current_layout
+
         self.cfg, self.engine, self.module = cfg, engine, module
         self.rank, self.world_size = rank, world_size
+        self.layout = current_layout()
         self.root = Path(cfg.dir).resolve()
-        engine.checkpoint_engine = run_dir_checkpoint_engine(self.root)
+        self.records: dict = {}  # digests of the files this rank wrote into the checkpoint being saved
+        engine.checkpoint_engine = run_dir_checkpoint_engine(self.root, self.records)
 
     # --- reading -------------------------------------------------------------------------------------------
-    def latest_tag(self) -> str | None:
-        path = self.root / LATEST
-        if not path.is_file():
-            return None
-        tag = path.read_text().strip()
-        if not (self.root / tag).is_dir():
-            raise FileNotFoundError(f"{path} names {tag!r}, which is not a directory of {self.root}")
-        return tag
+    def resumable_tag(self) -> str | None:
+        """Rank 0 verifies, every rank gets its answer: the newest verified tag, None, or the same error."""
+        answer = [None]
+        if self.rank == 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", CheckpointWarning)
+                try:
+                    answer = [("tag", newest_verified(self.root))]
+                except CheckpointError as e:
+                    answer = [("error", str(e))]
+        dist.broadcast_object_list(answer, src=0)
+        kind, value = answer[0]
+        if kind == "error":
+            raise CheckpointError(value)
+        return value
 
-    def load(self, tag: str, layout: dict) -> dict:
-        """Restore engine (weights, optimizer) and RNG from `tag`, which must have been written under the same
-        `layout` (world_size, ep_size, zero_stage …); returns this rank's trainer state."""
-        meta = json.loads((self.root / tag / META).read_text())
-        for key, ours in layout.items():
-            if meta.get(key) != ours:
-                raise RuntimeError(
-                    f"{self.root / tag}: written with {key}={meta.get(key)}, this run has {key}={ours}; resume with "
-                    "the same layout, or export it (timemoe-export) and start a new run with trainer.init_from_hf")
-        self.engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=True,
-                                    custom_load_fn=self.module.load_model_state)
-        state = load_checkpoint_file(self.root / tag / f"trainer_state_rank{self.rank:05d}.pt", self.root)
-        set_rng_state(state["rng"])
+    def load(self, tag: str, layout: dict, seed: int) -> dict:
+        """Restore engine (weights, optimizer) and RNG from `tag`; returns the trainer state. `layout` is this
+        run's (`world_size`, `ep_size`, `zero_stage` …): the one written down in meta.json picks the path."""
+        tag_dir = self.root / tag
+        meta = read_meta(tag_dir)
+        written = {key: meta.get(key) for key in layout}
+        if written == layout:
+            self.engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=True,
+                                        custom_load_fn=self.module.load_model_state)
+            state = load_checkpoint_file(tag_dir / trainer_state_file(self.rank), self.root)
+            set_rng_state(state["rng"])
+            return state
+        if 3 in (written.get("zero_stage"), layout.get("zero_stage")) or not (tag_dir / ELASTIC).is_dir():
+            changed = ", ".join(f"{k}={written[k]} -> {layout[k]}" for k in layout if written[k] != layout[k])
+            raise CheckpointError(
+                f"{tag_dir}: written under another layout ({changed}) and holds no elastic part (ZeRO-3 writes "
+                "none); resume with the layout that wrote it, or export it (timemoe-export) and start a new run "
+                "with trainer.init_from_hf")
+        lay = self.layout
+        load_engine_state(self.engine, self.module.model, lay.ep_rank, lay.ep_size,
+                          lambda entries: elastic.load(entries, tag_dir / ELASTIC))
+        state = load_checkpoint_file(tag_dir / trainer_state_file(0), self.root)  # step, data, guard: global
+        self.engine.global_steps = state["step"]
+        # Per-rank RNG streams do not carry over to another rank count: reseed from (seed, rank, step).
+        torch.manual_seed(seed * 7919 + lay.rank + 1_000_003 * state["step"])
         return state
 
     # --- writing -------------------------------------------------------------------------------------------
@@ -135,30 +158,38 @@ class Checkpointer:
 
     def save(self, step: int, trainer_state: dict, meta: dict, config_yaml: str) -> Path:
         tag, tmp = tag_for(step), TMP_PREFIX + tag_for(step)
+        tmp_dir = self.root / tmp
         if self.rank == 0:
-            shutil.rmtree(self.root / tmp, ignore_errors=True)
+            shutil.rmtree(tmp_dir, ignore_errors=True)
         dist.barrier()
+        self.records.clear()
         self.engine.save_checkpoint(str(self.root), tag=tmp, save_latest=False)
         if self.engine.zero_optimization_partition_weights():
-            self.engine.save_16bit_model(str(self.root / tmp), CONSOLIDATED)
-        (self.root / tmp).mkdir(parents=True, exist_ok=True)  # ranks that wrote no DeepSpeed file
-        torch.save({**trainer_state, "rng": rng_state()},
-                   self.root / tmp / f"trainer_state_rank{self.rank:05d}.pt")
+            self.engine.save_16bit_model(str(tmp_dir), CONSOLIDATED)
+        else:
+            lay = self.layout
+            elastic.save(engine_state(self.engine, self.module.model, lay.ep_rank, lay.ep_size),
+                         tmp_dir / ELASTIC, self.records)
+        tmp_dir.mkdir(parents=True, exist_ok=True)  # ranks that wrote no DeepSpeed file
+        save_file({**trainer_state, "rng": rng_state()}, tmp_dir / trainer_state_file(self.rank), self.records)
         if self.rank == 0:
-            (self.root / tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2))
-            (self.root / tmp / CONFIG).write_text(config_yaml)
-        dist.barrier()  # every rank's files are on disk
+            for name, text in ((META, json.dumps({**meta, "step": step}, indent=2)), (CONFIG, config_yaml)):
+                with DigestWriter(tmp_dir / name, self.records) as f:
+                    f.write(text.encode())
+        every_rank = [None] * self.world_size
+        dist.all_gather_object(every_rank, dict(self.records))  # every rank's files are on disk, fsynced
         if self.rank == 0:
+            write_manifest(tmp_dir, {k: v for records in every_rank for k, v in records.items()})
             shutil.rmtree(self.root / tag, ignore_errors=True)  # a re-save of the same step after a resume
-            os.replace(self.root / tmp, self.root / tag)
+            os.replace(tmp_dir, self.root / tag)
+            fsync_dir(self.root)
             _write_atomically(self.root / LATEST, tag)
             self._prune(keep=tag)
         dist.barrier()
         return self.root / tag
 
     def _prune(self, keep: str) -> None:
-        tags = sorted(p.name for p in self.root.glob("step*") if p.is_dir())
-        for old in tags[: max(0, len(tags) - self.cfg.keep_last)]:
+        for old in step_tags(self.root)[self.cfg.keep_last:]:
             if old != keep:
                 shutil.rmtree(self.root / old, ignore_errors=True)
 
@@ -170,8 +201,4 @@ def _write_atomically(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)

@@ -8,11 +8,11 @@ import re
 import torch
 from torch import nn
 
-from ..export.hf_layout import read_hf_weights
+from ..checkpoint import MODEL_PREFIX
+from ..model.hf_layout import read_hf_weights
 from ..model import TimeMoeConfig, TimeMoeForPrediction
 from .config import TrainConfigError
 
-MODEL_PREFIX = "model."
 MARKERS_PREFIX = "expert_markers."
 # config.json keys that must agree for released weights to mean the same model (the rest are training choices).
 ARCHITECTURE_KEYS = ("input_size", "hidden_size", "intermediate_size", "horizon_lengths", "num_hidden_layers",

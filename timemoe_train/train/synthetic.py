@@ -73,7 +73,14 @@ class SyntheticLoader:
             yield {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
     def state_dict(self) -> dict:
-        return {"next_micro": self.next_micro}
+        """As the Arrow loader's: the position in global batches, valid under any layout at a batch boundary."""
+        global_batch, micro_step = divmod(self.next_micro, self.micro_per_step)
+        return {"global_batch": global_batch, "micro_step": micro_step, "dp_size": self.dp_size,
+                "micro_batch_size": self.micro_batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self.next_micro = int(state["next_micro"])
+        if state["micro_step"] and (state["dp_size"], state["micro_batch_size"]) != (self.dp_size,
+                                                                                     self.micro_batch_size):
+            raise ValueError(f"synthetic loader state: micro_step={state['micro_step']} was saved inside a global "
+                             "batch; resume with the same dp_size and micro_batch_size")
+        self.next_micro = state["global_batch"] * self.micro_per_step + state["micro_step"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..export.hf_layout import load_hf_state
+from ..model.hf_layout import load_hf_state
 from ..model import TimeMoeForPrediction
 from ..parallel import init_parallel
 from .checkpoint import Checkpointer
@@ -86,15 +86,18 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def _layout_meta(self) -> dict:
-        return {"world_size": self.layout.world_size, "ep_size": self.layout.ep_size,
-                "zero_stage": self.run.parallel.zero_stage}
+        """What DeepSpeed's own checkpoint files depend on: resuming under other values takes the elastic path."""
+        p = self.run.parallel
+        return {"world_size": self.layout.world_size, "ep_size": self.layout.ep_size, "zero_stage": p.zero_stage,
+                "precision": self.run.trainer.precision, "moe_impl": self.run.model.moe_impl,
+                "offload_optimizer": p.offload_optimizer}
 
     def _resume(self) -> None:
         self.checkpointer.remove_incomplete()
-        tag = self.checkpointer.latest_tag() if self.run.checkpoint.resume else None
+        tag = self.checkpointer.resumable_tag() if self.run.checkpoint.resume else None
         if tag is None:
             return
-        state = self.checkpointer.load(tag, self._layout_meta())
+        state = self.checkpointer.load(tag, self._layout_meta(), self.run.trainer.seed)
         self.step = state["step"]
         self.loader.load_state_dict(state["loader"])
         self.guard.load_state_dict(state["guard"])

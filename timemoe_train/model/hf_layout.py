@@ -10,23 +10,38 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..model.config import TimeMoeConfig
+from ..checkpoint.format import CheckpointError
+from .config import TimeMoeConfig
 
 REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
 WEIGHTS_NAME = "model.safetensors"
 
 
-class CheckpointError(ValueError):
-    pass
-
-
-def hf_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's weights under the released names, whatever MoE implementation it runs."""
+def hf_state_dict(model, ep_rank: int = 0, ep_size: int = 1) -> dict[str, torch.Tensor]:
+    """The model's weights under the released names, whatever MoE implementation it runs (with expert
+    parallelism, EP rank `ep_rank`'s experts under their global numbers)."""
     if model.config.moe_impl == "megatron" and not model.config.use_dense:
-        from ..model.state_dict_adapter import megatron_to_hf
+        from .state_dict_adapter import megatron_to_hf
 
-        return megatron_to_hf(model.state_dict(), model.config)
+        return megatron_to_hf(model.state_dict(), model.config, ep_rank, ep_size)
     return model.state_dict()
+
+
+def released_view(model, tensors: dict[str, torch.Tensor], ep_rank: int = 0,
+                  ep_size: int = 1) -> dict[str, torch.Tensor]:
+    """`tensors` (one per parameter of `model`, by `named_parameters()` name, of that parameter's shape: its
+    fp32 copy, an optimizer moment …) under the released names, as views: writing into the result writes into
+    `tensors`. The same mapping as `hf_state_dict`, because it is `hf_state_dict` with the parameters' storage
+    swapped for `tensors` meanwhile."""
+    params = dict(model.named_parameters())
+    own = {name: p.data for name, p in params.items()}
+    try:
+        for name, p in params.items():
+            p.data = tensors[name]
+        return dict(hf_state_dict(model, ep_rank, ep_size))
+    finally:
+        for name, p in params.items():
+            p.data = own[name]
 
 
 def expected_shapes(config: TimeMoeConfig) -> dict[str, tuple[int, ...]]:
@@ -103,7 +118,7 @@ def load_hf_state(model, hf_state: dict[str, torch.Tensor], ep_rank: int = 0, ep
     it runs (with expert parallelism, the experts of EP rank `ep_rank` only)."""
     state = hf_state
     if model.config.moe_impl == "megatron" and not model.config.use_dense:
-        from ..model.state_dict_adapter import hf_to_megatron
+        from .state_dict_adapter import hf_to_megatron
 
         state = hf_to_megatron(hf_state, model.config, ep_rank, ep_size)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)

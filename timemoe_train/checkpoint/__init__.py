@@ -1,0 +1,24 @@
+"""The checkpoint file format: names, manifest, safe reading, the elastic (any-layout) part. A leaf: it imports
+no other package of timemoe_train, so that `train/` (writes and resumes) and `export/` (reads) share it.
+
+Layout of a run's `checkpoint.dir`:
+    step00000100/
+        mp_rank_*, zero_pp_rank_*, layer_*_expert_*   DeepSpeed's own files: the fast path, same layout only
+        elastic/                      every weight, Adam moment and step count under its released (global) name,
+                                      in torch.distributed.checkpoint's format: resumes at any layout
+        trainer_state_rank00000.pt    per rank: step, data-loader position, RNG states, guard counters
+        meta.json                     model config, parallel layout, expert-name map
+        consolidated_model_states.pt  ZeRO-3 only: the gathered weights
+        config.yaml                   the resolved run config (secrets removed)
+        manifest.json                 size and sha256 of every other file, computed while writing
+    latest                the tag of the newest complete checkpoint (DeepSpeed's format)
+"""
+
+from .files import load_checkpoint_file
+from .format import (CONFIG, CONSOLIDATED, ELASTIC, LATEST, MANIFEST, META, MODEL_PREFIX, TMP_PREFIX, CheckpointCorrupt,
+                     CheckpointError, read_meta, step_tags, tag_for, trainer_state_file)
+from .manifest import DigestWriter, verify
+
+__all__ = ["CONFIG", "CONSOLIDATED", "ELASTIC", "LATEST", "MANIFEST", "META", "MODEL_PREFIX", "TMP_PREFIX", "CheckpointCorrupt",
+           "CheckpointError", "DigestWriter", "load_checkpoint_file", "read_meta", "step_tags", "tag_for",
+           "trainer_state_file", "verify"]
