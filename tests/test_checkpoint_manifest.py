@@ -1,0 +1,81 @@
+"""Checkpoint integrity in one process: files hashed as they are written (torch.save and plain bytes), the manifest,
+and `newest_verified` falling back past a missing, truncated or altered file with a warning naming it; when no
+checkpoint verifies, one error naming every bad file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+from timemoe_train.checkpoint import MANIFEST, CheckpointCorrupt, CheckpointError, DigestWriter, verify
+from timemoe_train.checkpoint.manifest import write_manifest
+from timemoe_train.train.checkpoint import CheckpointWarning, newest_verified
+
+
+def write_checkpoint(root, step: int):
+    """A checkpoint directory as a save leaves it: torch files and text through DigestWriter, a file written past
+    it (as DeepSpeed copies its recovery script), a sub-directory, then the manifest."""
+    tag_dir = root / f"step{step:08d}"
+    (tag_dir / "elastic").mkdir(parents=True)
+    records = {}
+    with DigestWriter(tag_dir / "model.pt", records) as f:
+        torch.save({"w": torch.arange(1000.0) * step}, f)
+    with DigestWriter(tag_dir / "elastic" / "__0_0.distcp", records) as f:
+        f.write(os.urandom(3000))
+    (tag_dir / "script.py").write_text("print('recovery')\n")
+    write_manifest(tag_dir, records)
+    return tag_dir
+
+
+def test_digests_are_those_of_the_bytes_on_disk_and_torch_files_still_load(tmp_path):
+    tag_dir = write_checkpoint(tmp_path, 1)
+    files = json.loads((tag_dir / MANIFEST).read_text())["files"]
+    assert sorted(files) == ["elastic/__0_0.distcp", "model.pt", "script.py"]
+    for name, entry in files.items():
+        data = (tag_dir / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert torch.equal(torch.load(tag_dir / "model.pt", weights_only=True)["w"], torch.arange(1000.0))
+    verify(tag_dir)
+
+
+def flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda p: p.unlink(), "missing"),
+    (lambda p: os.truncate(p, p.stat().st_size - 1), "bytes, the manifest says"),
+    (flip, "sha256 differs"),
+])
+@pytest.mark.parametrize("name", ["model.pt", "elastic/__0_0.distcp", "script.py"])
+def test_newest_damaged_falls_back_to_the_previous_with_a_warning_naming_the_file(tmp_path, damage, why, name):
+    write_checkpoint(tmp_path, 4)
+    newest = write_checkpoint(tmp_path, 12)
+    damage(newest / name)
+    with pytest.raises(CheckpointCorrupt, match=why) as err:
+        verify(newest)
+    assert err.value.path == newest / name
+    with pytest.warns(CheckpointWarning) as warned:
+        assert newest_verified(tmp_path) == "step00000004"
+    assert len(warned) == 1 and f"checkpoint {newest} is not used: {newest / name}: " in str(warned[0].message)
+
+
+def test_no_checkpoint_verifies_is_one_error_naming_every_file(tmp_path):
+    flip(write_checkpoint(tmp_path, 4) / "model.pt")
+    (write_checkpoint(tmp_path, 8) / MANIFEST).unlink()
+    with pytest.warns(CheckpointWarning), pytest.raises(CheckpointError, match="no checkpoint in .* verifies") as err:
+        newest_verified(tmp_path)
+    assert str(tmp_path / "step00000004" / "model.pt") in str(err.value)
+    assert str(tmp_path / "step00000008" / MANIFEST) in str(err.value)
+
+
+def test_no_checkpoint_yet_is_a_fresh_start(tmp_path):
+    assert newest_verified(tmp_path / "nothing") is None
+    (tmp_path / ".tmp-step00000004").mkdir()  # an interrupted save is not a checkpoint
+    assert newest_verified(tmp_path) is None
