@@ -11,6 +11,7 @@ expects experts stacked on dim 0 (AutoEP), and it needs ZeRO >= 1 files (stage 0
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -60,7 +61,9 @@ def load(state: dict, directory: Path, no_dist: bool = False) -> None:
     import torch.distributed.checkpoint as dcp
 
     try:
-        dcp.load(state, checkpoint_id=directory, no_dist=no_dist)
+        with warnings.catch_warnings():  # DCP's notice that no_dist means one process, which is what was asked
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=directory, no_dist=no_dist)
     except Exception as e:  # DCP wraps per-rank failures in its own CheckpointException
         raise CheckpointError(f"{directory}: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}") from e
 
