@@ -115,28 +115,27 @@ def straight(tmp_path_factory):
     return run_dir
 
 
+def resumed(tmp_path_factory, straight: Path, nproc: int, overrides: list[str], damage):
+    """4 steps of the straight run (its checkpoints, step 8 damaged by `damage`) resumed to 8 at another layout."""
+    run_dir = tmp_path_factory.mktemp(damage.__name__)
+    damaged = copy_checkpoints(straight, run_dir, damage)
+    return run_dir, launch_ok(nproc, run_dir, overrides), damaged
+
+
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory, straight):
-    run_dir = tmp_path_factory.mktemp("one_rank")
-    damaged = copy_checkpoints(straight, run_dir, flip_byte)
-    proc = launch_ok(1, run_dir, ["parallel.expert_parallel_size=1", "model.moe_impl=native"])
-    return run_dir, proc, damaged
+    return resumed(tmp_path_factory, straight, 1, ["parallel.expert_parallel_size=1", "model.moe_impl=native"],
+                   flip_byte)
 
 
 @pytest.fixture(scope="module")
 def ep2_dp2(tmp_path_factory, straight):
-    run_dir = tmp_path_factory.mktemp("ep2_dp2")
-    damaged = copy_checkpoints(straight, run_dir, delete_file)
-    proc = launch_ok(4, run_dir, ["parallel.zero_stage=0"])
-    return run_dir, proc, damaged
+    return resumed(tmp_path_factory, straight, 4, ["parallel.zero_stage=0"], delete_file)
 
 
 @pytest.fixture(scope="module")
 def ep4(tmp_path_factory, straight):
-    run_dir = tmp_path_factory.mktemp("ep4")
-    damaged = copy_checkpoints(straight, run_dir, truncate_file)
-    proc = launch_ok(4, run_dir, ["parallel.expert_parallel_size=4"])
-    return run_dir, proc, damaged
+    return resumed(tmp_path_factory, straight, 4, ["parallel.expert_parallel_size=4"], truncate_file)
 
 
 def test_resume_on_one_process_with_the_native_layer(straight, one_rank):

@@ -80,7 +80,13 @@ def _init_process_group(backend: str | None) -> None:
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if "WORLD_SIZE" in os.environ:  # launched by torchrun (or SLURM through it): env:// rendezvous
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        # torchrun keeps one TCPStore for every restart of the workers (torch 2.13): under the same keys a restarted
+        # attempt would read the dead one's addresses and hang creating its groups. One prefix per attempt.
+        store, rank, world_size = next(dist.rendezvous("env://"))
+        attempt = dist.PrefixStore(f"attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+        dist.init_process_group(backend, store=attempt, rank=rank, world_size=world_size)
+    elif "WORLD_SIZE" in os.environ:  # launched with env:// settings by hand
         dist.init_process_group(backend)
     else:  # a plain `python` run: a one-process group that needs no port
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
