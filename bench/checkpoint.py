@@ -4,7 +4,7 @@ process, ZeRO-1), all in one run:
 - save:          the whole save, and its parts: DeepSpeed's own files (fast path), the elastic part (full fp32
                  weights + Adam moments gathered through DeepSpeed's accessors, written by torch.distributed.checkpoint),
                  the manifest (the digests are computed while writing; files written past the digest are hashed here)
-- verified load: the newest checkpoint verified against its manifest (every byte hashed), then loaded by the same
+- verified load: (a fresh process each) the newest checkpoint verified against its manifest (every byte hashed), then loaded by the same
                  layout (DeepSpeed's own files) and by another one (ZeRO-2: the elastic part)
 Ratios are to the training step. The machine is shared: read them as a rough guide.
 
@@ -14,8 +14,10 @@ Ratios are to the training step. The machine is shared: read them as a rough gui
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,50 +62,64 @@ def trainer_for(size: str, steps: int, run_dir: Path, *extra: str):
         return make_trainer(compose("train", overrides=overrides), run_dir)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="base", choices=list(SIZES))
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
-    os.environ.setdefault("DS_BUILD_OPS", "0")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    import json
-
+def phase(name: str, size: str, steps: int, workdir: Path) -> dict:
+    """One trainer per process (DeepSpeed keeps its process groups per process): `write` trains and saves,
+    `same layout` / `elastic` resume from that checkpoint. Returns its times."""
     from timemoe_train.checkpoint import elastic
     from timemoe_train.train import checkpoint as train_checkpoint
     from timemoe_train.train.checkpoint import Checkpointer
 
-    print(f"device: {device_line()}")
     times: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        writer = trainer_for(args.size, args.steps, Path(tmp) / "write")
-        parameters = sum(p.numel() for p in writer.module.parameters())
+    if name == "write":
+        writer = trainer_for(size, steps, workdir / "write")
+        times["parameters"] = sum(p.numel() for p in writer.module.parameters())
         with timed(Checkpointer, "save", times, "save"), timed(writer.engine, "save_checkpoint", times, "deepspeed"), \
                 timed(elastic, "save", times, "elastic"), timed(train_checkpoint, "write_manifest", times, "manifest"):
             writer.fit()  # saves at the end
-        records = [json.loads(line) for line in (Path(tmp) / "write" / "metrics.jsonl").read_text().splitlines()]
-        step = statistics.median(r["step_time_s"] for r in records[1:] or records)
+        records = [json.loads(line) for line in (workdir / "write" / "metrics.jsonl").read_text().splitlines()]
+        times["step"] = statistics.median(r["step_time_s"] for r in records[1:] or records)
         writer.close()
-        del writer
+        return times
+    with timed(Checkpointer, "resumable_tag", times, "verify"), timed(Checkpointer, "load", times, "load"):
+        reader = trainer_for(size, steps, workdir / name.replace(" ", "_"),
+                             *(("parallel.zero_stage=2",) if name == "elastic" else ()))
+    assert reader.step == steps, reader.step
+    reader.close()
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="base", choices=list(SIZES))
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        print("PHASE " + json.dumps(phase(args.phase, args.size, args.steps, args.workdir)))
+        return
+    env = {**os.environ, "DS_BUILD_OPS": "0",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
+    print(f"device: {device_line()}")
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("write", "same layout", "elastic"):
+            proc = subprocess.run([sys.executable, __file__, "--size", args.size, "--steps", str(args.steps),
+                                   "--phase", name, "--workdir", tmp], capture_output=True, text=True, env=env)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("PHASE ")), None)
+            if proc.returncode or line is None:
+                sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
+            times[name] = json.loads(line[len("PHASE "):])
         size = sum(p.stat().st_size for p in (Path(tmp) / "checkpoints").rglob("*") if p.is_file())
-
-        for label, extra in (("same layout", ()), ("elastic", ("parallel.zero_stage=2",))):
-            with timed(Checkpointer, "resumable_tag", times, f"verify {label}"), \
-                    timed(Checkpointer, "load", times, f"load {label}"):
-                reader = trainer_for(args.size, args.steps, Path(tmp) / label.replace(" ", "_"), *extra)
-            assert reader.step == args.steps, reader.step
-            reader.close()
-            del reader
-
-    print(f"{args.size}: {parameters / 1e6:.1f}M parameters, checkpoint {size / 2**20:.0f} MiB on disk, fp32, "
+    w, step = times["write"], times["write"]["step"]
+    print(f"{args.size}: {w['parameters'] / 1e6:.1f}M parameters, checkpoint {size / 2**20:.0f} MiB on disk, fp32, "
           f"1 process, ZeRO-1; training step: global batch {SIZES[args.size]['global']} x {MAX_LENGTH} points")
-    rows = [("training step (median)", step), ("save", times["save"]),
-            ("  DeepSpeed's files", times["deepspeed"]), ("  elastic part", times["elastic"]),
-            ("  manifest", times["manifest"])]
-    for label in ("same layout", "elastic"):
-        rows += [(f"verified load, {label}", times[f"verify {label}"] + times[f"load {label}"]),
-                 ("  verify (sha256 of every file)", times[f"verify {label}"]),
-                 ("  load", times[f"load {label}"])]
+    rows = [("training step (median)", step), ("save", w["save"]), ("  DeepSpeed's files", w["deepspeed"]),
+            ("  elastic part", w["elastic"]), ("  manifest", w["manifest"])]
+    for name in ("same layout", "elastic"):
+        r = times[name]
+        rows += [(f"verified load, {name}", r["verify"] + r["load"]), ("  verify (sha256 of every file)", r["verify"]),
+                 ("  load", r["load"])]
     for name, seconds in rows:
         print(f"  {name:32s} {seconds:8.2f} s   x{seconds / step:5.2f} of a step")
     print(f"device (end): {device_line()}")
