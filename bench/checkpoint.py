@@ -2,7 +2,7 @@
 process, ZeRO-1), all in one run:
 - step:          the median training step (after the first) of the run that writes the checkpoint
 - save:          the whole save, and its parts: DeepSpeed's own files (fast path), the elastic part (full fp32
-                 weights + Adam moments gathered through DeepSpeed's accessors, written by torch.distributed.checkpoint),
+                 weights + Adam moments gathered through DeepSpeed's accessors, then written by DCP),
                  the manifest (the digests are computed while writing; files written past the digest are hashed here)
 - verified load: (a fresh process each) the newest checkpoint verified against its manifest (every byte hashed), then loaded by the same
                  layout (DeepSpeed's own files) and by another one (ZeRO-2: the elastic part)
@@ -74,7 +74,8 @@ def phase(name: str, size: str, steps: int, workdir: Path) -> dict:
         writer = trainer_for(size, steps, workdir / "write")
         times["parameters"] = sum(p.numel() for p in writer.module.parameters())
         with timed(Checkpointer, "save", times, "save"), timed(writer.engine, "save_checkpoint", times, "deepspeed"), \
-                timed(elastic, "save", times, "elastic"), timed(train_checkpoint, "write_manifest", times, "manifest"):
+                timed(train_checkpoint, "engine_state", times, "gather"), timed(elastic, "save", times, "elastic"), \
+                timed(train_checkpoint, "write_manifest", times, "manifest"):
             writer.fit()  # saves at the end
         records = [json.loads(line) for line in (workdir / "write" / "metrics.jsonl").read_text().splitlines()]
         times["step"] = statistics.median(r["step_time_s"] for r in records[1:] or records)
@@ -115,7 +116,8 @@ def main() -> None:
     print(f"{args.size}: {w['parameters'] / 1e6:.1f}M parameters, checkpoint {size / 2**20:.0f} MiB on disk, fp32, "
           f"1 process, ZeRO-1; training step: global batch {SIZES[args.size]['global']} x {MAX_LENGTH} points")
     rows = [("training step (median)", step), ("save", w["save"]), ("  DeepSpeed's files", w["deepspeed"]),
-            ("  elastic part", w["elastic"]), ("  manifest", w["manifest"])]
+            ("  elastic: gather full fp32 state", w["gather"]), ("  elastic: DCP write", w["elastic"]),
+            ("  manifest", w["manifest"])]
     for name in ("same layout", "elastic"):
         r = times[name]
         rows += [(f"verified load, {name}", r["verify"] + r["load"]), ("  verify (sha256 of every file)", r["verify"]),
