@@ -113,7 +113,7 @@ def main() -> None:
             times[name] = json.loads(line[len("PHASE "):])
         size = sum(p.stat().st_size for p in (Path(tmp) / "checkpoints").rglob("*") if p.is_file())
     w, step = times["write"], times["write"]["step"]
-    print(f"{args.size}: {w['parameters'] / 1e6:.1f}M parameters, checkpoint {size / 2**20:.0f} MiB on disk, fp32, "
+    print(f"{args.size}: {w['parameters']:,.0f} parameters, checkpoint {size / 2**20:.0f} MiB on disk, fp32, "
           f"1 process, ZeRO-1; training step: global batch {SIZES[args.size]['global']} x {MAX_LENGTH} points")
     rows = [("training step (median)", step), ("save", w["save"]), ("  DeepSpeed's files", w["deepspeed"]),
             ("  elastic: gather full fp32 state", w["gather"]), ("  elastic: DCP write", w["elastic"]),
