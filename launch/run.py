@@ -13,6 +13,10 @@ Where each setting comes from (first found wins):
 One node and no MASTER_ADDR: `--standalone` (torchrun picks a free port). Otherwise a c10d rendezvous at
 MASTER_ADDR:MASTER_PORT.
 
+Stopping: torchrun forwards SIGTERM, SIGINT and (added here) SIGUSR1 to every trainer process, which saves the
+current step and exits 0; it waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (torchrun's default: 30; raise it when a
+checkpoint save takes longer) before it kills them.
+
 Nodes that share a hostname which resolves elsewhere (network namespaces, some containers) also need:
   LOCAL_ADDR=<this node's address>  -> --local_addr, and --rdzv_conf is_host=1 on node 0, is_host=0 elsewhere
   RDZV_IS_HOST=0|1                  -> overrides that is_host choice
@@ -29,6 +33,8 @@ import shlex
 import sys
 
 DEFAULT_PORT = 29500
+# torchrun's default set plus SLURM's warning signal, all forwarded to the trainer processes.
+STOP_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 # Variables the spawned processes read directly; the dry run shows the ones that are set.
 SHOWN_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "CUDA_VISIBLE_DEVICES")
 
@@ -80,7 +86,8 @@ def torchrun_command(args: argparse.Namespace, env: dict) -> list[str]:
     if not 0 <= node_rank < nnodes:
         raise LaunchError(f"node rank {node_rank} is outside 0..{nnodes - 1} (nnodes={nnodes})")
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--signals_to_handle", STOP_SIGNALS]
     if nnodes == 1 and master is None:
         cmd.append("--standalone")
     else:

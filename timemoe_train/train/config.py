@@ -13,7 +13,7 @@ from ..model.config import TimeMoeConfig
 
 PRECISIONS = ("fp32", "bf16")
 ZERO_STAGES = (0, 1, 2, 3)
-WANDB_MODES = ("online", "offline", "disabled")
+WANDB_MODES = (None, "online", "offline", "disabled")
 
 
 class TrainConfigError(ValueError):
@@ -63,7 +63,7 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: str = "checkpoints"
+    dir: str = "checkpoints"  # train.yaml: ${run.dir}/checkpoints
     interval: int = 500  # steps between checkpoints (0: only at the end and on preemption)
     keep_last: int = 3
     resume: bool = True  # continue from `dir/latest` when it exists
@@ -72,8 +72,11 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # "online", "offline" or "disabled"
-    project: str = "timemoe-train"
+    """Each key set here overrides W&B's environment (WANDB_MODE, WANDB_PROJECT, ...); None leaves it to that
+    environment, and where that is silent too: offline, project timemoe-train."""
+
+    mode: str | None = None  # "online", "offline", "disabled" or None
+    project: str | None = None
     entity: str | None = None
     name: str | None = None
     group: str | None = None
