@@ -21,7 +21,7 @@ from pathlib import Path
 import hydra
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ..data.errors import DataError
 from ..export.hf_layout import CheckpointError
@@ -62,7 +62,7 @@ def run_config(cfg: DictConfig) -> RunConfig:
             cause = e.__cause__ or e
             raise TrainConfigError(f"{name}: {cause}") from None
         except OmegaConfBaseException as e:  # e.g. data.path=??? (mandatory and not given)
-            raise TrainConfigError(f"{e.full_key or name}: {_first_line(e)}") from None
+            raise TrainConfigError(_omegaconf_message(e, name)) from None
     return RunConfig(**groups)
 
 
@@ -86,7 +86,7 @@ def make_trainer(cfg: DictConfig, run_dir: str | Path):
     try:
         container = scrub(OmegaConf.to_container(cfg, resolve=True))
     except OmegaConfBaseException as e:
-        raise TrainConfigError(f"{e.full_key}: {_first_line(e)}") from None
+        raise TrainConfigError(_omegaconf_message(e, "config")) from None
     run = run_config(cfg)
     run.validate(int(os.environ.get("WORLD_SIZE", "1")))
     if int(os.environ.get("RANK", "0")) == 0:
@@ -120,8 +120,17 @@ def _app(cfg: DictConfig) -> None:
         sys.exit(0)
 
 
-def _first_line(e: BaseException) -> str:
-    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+def _one_line(e: BaseException) -> str:
+    """OmegaConf and Hydra messages run over several lines (the key, the object type, a hint): the ones that say
+    something, joined."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return " ".join(line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type=")))
+
+
+def _omegaconf_message(e: OmegaConfBaseException, where: str) -> str:
+    if isinstance(e, MissingMandatoryValue):
+        return f"{e.full_key}: no value given; add {e.full_key}=... to the command"
+    return f"{e.full_key or where}: {_one_line(e)}"
 
 
 def _user_error(message: str) -> None:
@@ -150,7 +159,7 @@ def main() -> None:
         hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")(_app)()
     except (HydraException, OmegaConfBaseException) as e:
         cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else None
-        _user_error(_first_line(e) + (f" ({_first_line(cause)})" if cause else ""))
+        _user_error(_one_line(e) + (f" ({_one_line(cause)})" if cause else ""))
 
 
 if __name__ == "__main__":
