@@ -48,6 +48,7 @@ def flags(cmd):
     return opts, cmd[m + 1], cmd[m + 2:]
 
 
+STOP_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # torchrun's own set plus SLURM's warning signal
 OVERRIDES = ["data.path=/data/time300b", "parallel.expert_parallel_size=8", "trainer.max_steps=100000",
              "checkpoint.dir=/ckpt/run 1"]
 
@@ -59,7 +60,8 @@ def test_two_nodes_of_eight_gpus_from_env(node_rank):
     opts, module, overrides = flags(cmd)
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert opts == {"--nproc_per_node": "8", "--nnodes": "2", "--node_rank": str(node_rank),
-                    "--rdzv_backend": "c10d", "--rdzv_endpoint": "10.0.0.1:29611", "--rdzv_id": "exp42"}
+                    "--rdzv_backend": "c10d", "--rdzv_endpoint": "10.0.0.1:29611", "--rdzv_id": "exp42",
+                    "--signals_to_handle": STOP_SIGNALS}
     assert module == "timemoe_train.train"
     assert overrides == OVERRIDES  # the space inside the last one survives quoting
 
@@ -93,7 +95,7 @@ def test_network_namespaces():
 
 def test_single_node_is_standalone():
     opts, module, overrides = flags(dry_run("--nproc-per-node", "4", "--module", "my.job", "a=1"))
-    assert opts == {"--nproc_per_node": "4", "--standalone": True}
+    assert opts == {"--nproc_per_node": "4", "--standalone": True, "--signals_to_handle": STOP_SIGNALS}
     assert (module, overrides) == ("my.job", ["a=1"])
 
 
@@ -125,6 +127,7 @@ FAKE_SRUN = """#!/usr/bin/env bash
 # srun stand-in: drop srun's own options, run the command once per node as SLURM would (SLURM_NODEID set).
 while [[ $1 == --* ]]; do shift; done
 echo "srun started" >> "$FAKE_LOG"
+echo "grace ${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-unset}" >> "$FAKE_LOG.env"
 if [[ -n "${FAKE_SRUN_HANG:-}" ]]; then
     sleep 60 &
     trap 'echo "srun got TERM" >> "$FAKE_LOG"; kill $!; exit 143' TERM
@@ -148,9 +151,11 @@ def sbatch_env(tmp_path, **extra):
                      SLURM_NNODES="2", SLURM_GPUS_ON_NODE="8", **extra)
 
 
-def test_sbatch_dry_run_prints_each_nodes_command(tmp_path):
+@pytest.mark.parametrize("run_dir", [None, "/scratch/runs/big"])
+def test_sbatch_dry_run_prints_each_nodes_command(tmp_path, run_dir):
+    extra = {"RUN_DIR": run_dir} if run_dir else {}
     out = subprocess.run(["bash", "launch/slurm.sbatch", "data.path=/d", "trainer.max_steps=7"], cwd=REPO,
-                         env=sbatch_env(tmp_path, DRY_RUN="1"), capture_output=True, text=True, timeout=120)
+                         env=sbatch_env(tmp_path, DRY_RUN="1", **extra), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     commands = [shlex.split(line) for line in out.stdout.splitlines() if "torch.distributed.run" in line]
     assert len(commands) == 2
@@ -158,7 +163,14 @@ def test_sbatch_dry_run_prints_each_nodes_command(tmp_path):
         opts, module, overrides = flags(cmd)
         assert (opts["--nnodes"], opts["--node_rank"], opts["--nproc_per_node"]) == ("2", str(node), "8")
         assert (opts["--rdzv_endpoint"], opts["--rdzv_id"], opts["--rdzv_backend"]) == ("node01:29500", "4242", "c10d")
-        assert overrides == ["checkpoint.dir=checkpoints/timemoe-4242", "data.path=/d", "trainer.max_steps=7"]
+        # The run directory comes from the overrides (the same after a requeue or a resubmission) unless RUN_DIR
+        assert overrides == [*([f"run.dir={run_dir}"] if run_dir else []), "data.path=/d", "trainer.max_steps=7"]
+    # torchrun waits this long for a checkpoint save before it kills the trainers; SLURM warns earlier than that
+    assert (tmp_path / "log.env").read_text().split() == ["grace", "240"]
+    script = (REPO / "launch" / "slurm.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@300" in script
+    # SLURM opens the log before the script runs: no folder it would have to create
+    assert "#SBATCH --output=%x-%j.out" in script
 
 
 def test_sbatch_usr1_stops_workers_then_requeues(tmp_path):
@@ -181,37 +193,39 @@ def test_sbatch_usr1_stops_workers_then_requeues(tmp_path):
     assert "requeueing job 4242" in proc.stdout.read()
 
 
-# --- launch/hydra: the sweep config composed by a throw-away Hydra app --------------------------------------------
+# --- launch/hydra: the sweep config, composed with the real configs by a Hydra app that only records each job --
 APP = """
 import json, os, hydra
-from omegaconf import OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from timemoe_train.train.__main__ import CONFIG_DIR  # also registers the run_name resolver
 
-@hydra.main(version_base=None, config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg):
     with open(os.environ["SWEEP_LOG"], "a") as f:
-        f.write(json.dumps(OmegaConf.to_container(cfg, resolve=True)) + "\\n")
+        f.write(json.dumps({"experts": cfg.model.num_experts, "lr": cfg.optim.lr, "data": cfg.data.path,
+                            "out": HydraConfig.get().runtime.output_dir, "checkpoints": cfg.checkpoint.dir}) + "\\n")
 
 main()
 """
 
 
 def test_experts_lr_sweep(tmp_path):
-    (tmp_path / "conf").mkdir()
-    (tmp_path / "conf" / "train.yaml").write_text(
-        "model: {num_experts: 8}\noptim: {lr: 0.001}\ncheckpoint: {dir: checkpoints}\ndata: {path: null}\n")
     (tmp_path / "app.py").write_text(APP)
     log = tmp_path / "runs.jsonl"
     out = subprocess.run(
         [sys.executable, str(tmp_path / "app.py"), f"hydra.searchpath=[file://{REPO}/launch/hydra]",
-         "+sweep=experts_lr", "data.path=/d", f"hydra.sweep.dir={tmp_path}/multirun"],
+         "+sweep=experts_lr", "data.path=/d"],
         cwd=tmp_path, env={**os.environ, "SWEEP_LOG": str(log)}, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     runs = [json.loads(line) for line in log.read_text().splitlines()]
-    assert sorted((r["model"]["num_experts"], r["optim"]["lr"]) for r in runs) == sorted(
-        (e, lr) for e in (4, 8) for lr in (3e-4, 1e-3, 3e-3))
-    assert all(r["data"]["path"] == "/d" for r in runs)
-    dirs = {r["checkpoint"]["dir"] for r in runs}
-    assert len(dirs) == 6 and all(d.startswith(f"{tmp_path}/multirun/experts=") for d in dirs)
+    assert sorted((r["experts"], r["lr"]) for r in runs) == sorted((e, lr) for e in (4, 8) for lr in (3e-4, 1e-3, 3e-3))
+    assert all(r["data"] == "/d" for r in runs)
+    # every job its own run directory runs/<its overrides>, checkpoints inside: the sweep again resumes each
+    assert len({r["out"] for r in runs}) == 6
+    for r in runs:
+        name = Path(r["out"]).name
+        assert Path(r["out"]).parent == tmp_path / "runs" and r["checkpoints"] == f"runs/{name}/checkpoints"
+        assert f"model.num_experts={r['experts']}" in name and "+sweep=experts_lr" in name
 
 
 def test_slurm_cluster_config_is_a_submitit_launcher_override():
