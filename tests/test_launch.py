@@ -241,3 +241,40 @@ def test_slurm_cluster_config_is_a_submitit_launcher_override():
              "array_parallelism", "setup"}
     assert set(cfg["hydra"]["launcher"]) <= known
     assert cfg["hydra"]["launcher"]["tasks_per_node"] == cfg["hydra"]["launcher"]["gpus_per_node"]
+
+
+# --- docker/README.md: the documented `docker run` commands keep a run's files on the mounted storage -------------
+def docker_runs() -> list[list[str]]:
+    text = (REPO / "docker" / "README.md").read_text().replace("\\\n", " ")
+    return [shlex.split(line.strip()) for line in text.splitlines() if line.strip().startswith("docker run")]
+
+
+def test_documented_docker_runs_keep_checkpoints_metrics_and_wandb_on_the_mounted_volume():
+    """Stand-in for `docker run`: the container's working directory is the Dockerfile's WORKDIR, the trainer's
+    config is resolved as the documented command would resolve it (`--cfg job`), and every file the run writes
+    (its run directory: checkpoints, metrics.jsonl, W&B) must lie under a `-v` mount, not in the container."""
+    from timemoe_train.train.config import WandbConfig
+    from timemoe_train.train.monitor import wandb_settings
+
+    workdir = Path(next(line.split()[1] for line in (REPO / "docker" / "Dockerfile").read_text().splitlines()
+                        if line.startswith("WORKDIR")))
+    commands = docker_runs()
+    assert len(commands) == 2
+    for cmd in commands:
+        mounts = [Path(cmd[i + 1].split(":")[1]) for i, word in enumerate(cmd) if word == "-v"]
+        env = {cmd[i + 1].split("=")[0]: cmd[i + 1].partition("=")[2] for i, w in enumerate(cmd) if w == "-e"}
+        overrides = [w for w in cmd[cmd.index("launch/run.py") + 1:] if "=" in w]
+        resolved = subprocess.run([sys.executable, "-m", "timemoe_train.train", *overrides, "--cfg", "job",
+                                   "--resolve"], capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert resolved.returncode == 0, resolved.stderr
+        yaml = pytest.importorskip("yaml")
+        cfg = yaml.safe_load(resolved.stdout)
+        run_dir = workdir / cfg["run"]["dir"]
+        assert any(m in run_dir.parents for m in mounts), (run_dir, mounts)
+        assert (workdir / cfg["checkpoint"]["dir"]).parent == run_dir  # checkpoints inside the run directory
+        # metrics.jsonl is written to the run directory, and so are the W&B files unless WANDB_DIR says otherwise
+        settings = wandb_settings(WandbConfig(**{k: v for k, v in cfg["logger"]["wandb"].items()
+                                                 if k != "_target_"}), run_dir, env)
+        assert settings["dir"] == str(run_dir)
+        assert settings["mode"] == (None if env.get("WANDB_MODE") else "offline")  # -e WANDB_MODE is honoured
+    assert "WANDB_MODE" not in (REPO / "docker" / "Dockerfile").read_text()  # the image does not decide it

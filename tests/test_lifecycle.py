@@ -165,15 +165,22 @@ def losses(folder: Path) -> list[float]:
 
 def test_multirun_of_the_trainer_equals_the_runs_done_separately(tmp_path):
     """Two jobs in one process (megatron's MoE layer, so megatron's parallel state, DeepSpeed's expert groups and
-    the process group are all set up and torn down per job), against the same two runs as separate commands."""
-    (tmp_path / "sweep").mkdir()
-    cli(tmp_path / "sweep", "-m", *MULTIRUN, "optim.lr=0.001,0.003")
-    jobs = sorted(p for p in (tmp_path / "sweep" / "runs").iterdir() if p.is_dir())
-    assert len(jobs) == 2 and "optim.lr=0.001" in jobs[0].name and "optim.lr=0.003" in jobs[1].name
-    for lr, job in zip(("0.001", "0.003"), jobs):
+    the process group are all set up and torn down per job), and the same sweep through hydra-submitit-launcher's
+    local launcher (a process per job, as on SLURM), against the same two runs as separate commands."""
+    sweeps = {"basic": [], "submitit": ["hydra/launcher=submitit_local"]}
+    jobs = {}
+    for name, launcher in sweeps.items():
+        (tmp_path / name).mkdir()
+        cli(tmp_path / name, "-m", *launcher, *MULTIRUN, "optim.lr=0.001,0.003")
+        jobs[name] = sorted(p for p in (tmp_path / name / "runs").iterdir() if p.is_dir() and p.name[0] != ".")
+        assert len(jobs[name]) == 2 and "optim.lr=0.001" in jobs[name][0].name, jobs[name]
+    for i, lr in enumerate(("0.001", "0.003")):
         (tmp_path / lr).mkdir()
         cli(tmp_path / lr, *MULTIRUN, f"optim.lr={lr}")
         (alone,) = (tmp_path / lr / "runs").iterdir()
-        assert alone.name == job.name  # a job of a sweep is the run of the same overrides: resumable alone
-        assert losses(job) == losses(alone) and len(losses(job)) == 3
-    assert losses(jobs[0]) != losses(jobs[1])
+        assert len(losses(alone)) == 3
+        for name in sweeps:
+            job = jobs[name][i]
+            assert job.name == alone.name  # a job of a sweep is the run of the same overrides: resumable alone
+            assert losses(job) == losses(alone), (name, lr)
+    assert losses(jobs["basic"][0]) != losses(jobs["basic"][1])

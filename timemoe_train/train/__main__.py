@@ -109,9 +109,21 @@ def train(cfg: DictConfig, run_dir: str | Path) -> bool:
     return trainer.stopped
 
 
+def _submitit_distributed_env() -> None:
+    """Under hydra-submitit-launcher (+cluster=slurm) every task of a job runs this app itself, without torchrun:
+    torch.distributed's env:// variables (RANK, WORLD_SIZE, MASTER_ADDR, ...) come from submitit's view of it."""
+    if os.environ.get("SUBMITIT_EXECUTOR") and "RANK" not in os.environ:
+        from submitit import JobEnvironment
+        from submitit.helpers import TorchDistributedEnvironment
+
+        if JobEnvironment().num_tasks > 1:
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def _app(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    _submitit_distributed_env()
     try:
         stopped = train(cfg, HydraConfig.get().runtime.output_dir)
     except USER_ERRORS as e:
