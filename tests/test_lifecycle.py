@@ -166,21 +166,25 @@ def losses(folder: Path) -> list[float]:
 def test_multirun_of_the_trainer_equals_the_runs_done_separately(tmp_path):
     """Two jobs in one process (megatron's MoE layer, so megatron's parallel state, DeepSpeed's expert groups and
     the process group are all set up and torn down per job), and the same sweep through hydra-submitit-launcher's
-    local launcher (a process per job, as on SLURM), against the same two runs as separate commands."""
-    sweeps = {"basic": [], "submitit": ["hydra/launcher=submitit_local"]}
+    local launcher with 2 tasks per job (as on SLURM: no torchrun, each task finds its rank from submitit) and the
+    experts split over them, against the same two runs as separate one-process commands."""
+    ep1 = MULTIRUN
+    ep2 = [o.replace("expert_parallel_size=1", "expert_parallel_size=2") for o in MULTIRUN]
+    sweeps = {"basic": ep1, "submitit": ["hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *ep2]}
     jobs = {}
-    for name, launcher in sweeps.items():
+    for name, overrides in sweeps.items():
         (tmp_path / name).mkdir()
-        cli(tmp_path / name, "-m", *launcher, *MULTIRUN, "optim.lr=0.001,0.003")
+        cli(tmp_path / name, "-m", *overrides, "optim.lr=0.001,0.003")
         jobs[name] = sorted(p for p in (tmp_path / name / "runs").iterdir() if p.is_dir() and p.name[0] != ".")
         assert len(jobs[name]) == 2 and "optim.lr=0.001" in jobs[name][0].name, jobs[name]
     for i, lr in enumerate(("0.001", "0.003")):
         (tmp_path / lr).mkdir()
-        cli(tmp_path / lr, *MULTIRUN, f"optim.lr={lr}")
+        cli(tmp_path / lr, *ep1, f"optim.lr={lr}")
         (alone,) = (tmp_path / lr / "runs").iterdir()
         assert len(losses(alone)) == 3
-        for name in sweeps:
-            job = jobs[name][i]
-            assert job.name == alone.name  # a job of a sweep is the run of the same overrides: resumable alone
-            assert losses(job) == losses(alone), (name, lr)
+        assert jobs["basic"][i].name == alone.name  # a job of a sweep is the run of its overrides: resumable alone
+        assert losses(jobs["basic"][i]) == losses(alone), lr
+        meta = json.loads((jobs["submitit"][i] / "checkpoints" / "step00000003" / "meta.json").read_text())
+        assert (meta["world_size"], meta["ep_size"]) == (2, 2)
+        assert losses(jobs["submitit"][i]) == pytest.approx(losses(alone), abs=1e-6), lr
     assert losses(jobs["basic"][0]) != losses(jobs["basic"][1])
