@@ -140,11 +140,11 @@ def test_paper_recipe_experiment():
     assert large.model.hidden_size == 768  # the model group can still be chosen on the command line
 
 
-def test_demo_experiment_is_tiny_ep2_on_two_processes():
-    run = run_config(composed("experiment=demo", "data.path=/tmp/demo-corpus", data=None))
+def test_demo_experiment_is_tiny_ep2_on_two_processes(tmp_path):
+    run = run_config(composed("experiment=demo", f"data.path={tmp_path}", data=None))
     run.validate(world_size=2)
     assert run.parallel.expert_parallel_size == 2 and run.model.hidden_size == 32
-    assert run.data.max_length == 512 and run.data.path == "/tmp/demo-corpus"
+    assert run.data.max_length == 512 and run.data.path == str(tmp_path)
 
 
 def test_synthetic_stream_is_the_same_for_every_data_parallel_layout():
