@@ -278,3 +278,38 @@ def test_documented_docker_runs_keep_checkpoints_metrics_and_wandb_on_the_mounte
         assert settings["dir"] == str(run_dir)
         assert settings["mode"] == (None if env.get("WANDB_MODE") else "offline")  # -e WANDB_MODE is honoured
     assert "WANDB_MODE" not in (REPO / "docker" / "Dockerfile").read_text()  # the image does not decide it
+
+
+WORKER = """
+import os, signal, sys, time
+from pathlib import Path
+
+def stop(signum, frame):
+    Path(os.environ["OUT"], f"stopped.{os.environ['RANK']}").write_text(signal.Signals(signum).name)
+    sys.exit(0)
+
+for sig in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(sig, stop)
+Path(os.environ["OUT"], f"ready.{os.environ['RANK']}").touch()
+while True:
+    time.sleep(0.1)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_run_py_forwards_a_stop_to_the_workers_and_exits_0(tmp_path, sig):
+    """SIGUSR1 (SLURM's warning) is forwarded too; torchrun's re-raised signal becomes one line and status 0."""
+    (tmp_path / "stop_worker.py").write_text(WORKER)
+    env = clean_env(OUT=str(tmp_path), PYTHONPATH=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, str(RUN), "--nproc-per-node", "2", "--module", "stop_worker"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready.{r}").exists() for r in range(2)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert [(tmp_path / f"stopped.{r}").read_text() for r in range(2)] == [sig.name] * 2
+    assert f"launch/run.py: {sig.name}: torchrun forwarded it to the trainer processes" in err
+    assert "Traceback" not in err
