@@ -3,7 +3,7 @@
     timemoe-prep --source time300b --input IN --output OUT [--workers N]
     timemoe-prep --source csv|parquet|arrow|tsf --input FILE_OR_DIR --output OUT [--domain D] [--dataset NAME] ...
     timemoe-prep --source embedded --output OUT
-    timemoe-prep inspect OUT [--plot FILE]
+    timemoe-prep inspect OUT [--out FILE.png]
 
 Exit status: 0 done, 1 bad input (the message names the file, field and value), 2 bad usage.
 """

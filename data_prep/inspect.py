@@ -77,7 +77,9 @@ def plot_samples(out_dir: Path, png: Path, per_domain: int = 3, seed: int = 0) -
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="timemoe-prep inspect", description=__doc__.splitlines()[0])
     p.add_argument("dir", type=Path)
-    p.add_argument("--plot", type=Path, help="PNG to write (default: DIR/samples.png)")
+    # Not into DIR by default: shared corpora are often read-only.
+    p.add_argument("--plot", "--out", type=Path, dest="plot",
+                   help="PNG to write (default: <DIR name>-samples.png in the current directory)")
     p.add_argument("--samples", type=int, default=3, help="series per domain in the plot")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest")
@@ -91,6 +93,6 @@ def main(argv: list[str]) -> int:
     print("cleaning: " + ", ".join(f"{k} {v['count']:,} ({v['points']:,} points)" for k, v in rules.items()))
     for s in manifest["skipped"]:
         print(f"skipped {s['domain']}/{s['dataset']}: {s['file']}: {s['problem']}")
-    png = plot_samples(args.dir, args.plot or args.dir / "samples.png", args.samples, args.seed)
+    png = plot_samples(args.dir, args.plot or Path(f"{args.dir.resolve().name}-samples.png"), args.samples, args.seed)
     print(f"sample series: {png}")
     return 0

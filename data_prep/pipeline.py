@@ -96,6 +96,14 @@ def _clear(out: Path) -> None:
     shutil.rmtree(out / WORK, ignore_errors=True)
 
 
+def _kept_work(out: Path) -> bool:
+    """Whether an unfinished job left anything worth resuming (a finished index or shard); a job that failed
+    before that is discarded without --overwrite, so that the corrected command just runs."""
+    datasets = out / WORK / "datasets"
+    indexed = datasets.is_dir() and any(IndexedDataset.load(d) is not None for d in datasets.iterdir())
+    return indexed or any(out.glob("shard-*.arrow"))
+
+
 def _index_one(source: Source, spec: DatasetSpec, folder: Path, skip: bool) -> IndexedDataset | PrepError:
     shutil.rmtree(folder, ignore_errors=True)  # leftovers of an interrupted attempt
     try:
@@ -149,7 +157,7 @@ def prepare(source: Source, output: str | Path, options: PrepOptions | None = No
         fingerprint = _fingerprint(identity, discovery)
         job = work / "job.json"
         if job.exists() and json.loads(job.read_text())["fingerprint"] != fingerprint:
-            if not options.overwrite:
+            if not options.overwrite and _kept_work(out):
                 raise PrepError(job, "fingerprint", fingerprint[:12], "an unfinished job over other input or "
                                 "options is in this folder; pass --overwrite to discard it")
             _clear(out)

@@ -13,6 +13,11 @@ Where each setting comes from (first found wins):
 One node and no MASTER_ADDR: `--standalone` (torchrun picks a free port). Otherwise a c10d rendezvous at
 MASTER_ADDR:MASTER_PORT.
 
+Stopping: torchrun forwards SIGTERM, SIGINT and (added here) SIGUSR1 to every trainer process, which saves the
+current step and exits 0; it waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (torchrun's default: 30; raise it when a
+checkpoint save takes longer) before it kills them. torchrun then re-raises the signal as an exception (a
+traceback, status 1); this launcher reports it in one line and exits 0, like the trainer.
+
 Nodes that share a hostname which resolves elsewhere (network namespaces, some containers) also need:
   LOCAL_ADDR=<this node's address>  -> --local_addr, and --rdzv_conf is_host=1 on node 0, is_host=0 elsewhere
   RDZV_IS_HOST=0|1                  -> overrides that is_host choice
@@ -26,9 +31,12 @@ import argparse
 import os
 import re
 import shlex
+import signal
 import sys
 
 DEFAULT_PORT = 29500
+# torchrun's default set plus SLURM's warning signal, all forwarded to the trainer processes.
+STOP_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 # Variables the spawned processes read directly; the dry run shows the ones that are set.
 SHOWN_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "CUDA_VISIBLE_DEVICES")
 
@@ -80,7 +88,8 @@ def torchrun_command(args: argparse.Namespace, env: dict) -> list[str]:
     if not 0 <= node_rank < nnodes:
         raise LaunchError(f"node rank {node_rank} is outside 0..{nnodes - 1} (nnodes={nnodes})")
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--signals_to_handle", STOP_SIGNALS]
     if nnodes == 1 and master is None:
         cmd.append("--standalone")
     else:
@@ -127,7 +136,20 @@ def main(argv: list[str] | None = None) -> int:
         shown = [f"{k}={shlex.quote(os.environ[k])}" for k in SHOWN_ENV if os.environ.get(k)]
         print(" ".join(shown + [shlex.quote(c) for c in cmd]), flush=True)
         return 0
-    os.execv(cmd[0], cmd)
+    return run_torchrun(cmd[3:])
+
+
+def run_torchrun(torchrun_args: list[str]) -> int:
+    """torchrun in this process (the command above is `python -m torch.distributed.run` + these arguments)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main as torchrun_main
+
+    try:
+        torchrun_main(torchrun_args)
+    except SignalException as e:
+        print(f"launch/run.py: {signal.Signals(e.sigval).name}: torchrun forwarded it to the trainer processes, "
+              "which save their current step and exit", file=sys.stderr, flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def flags(cmd):
     return opts, cmd[m + 1], cmd[m + 2:]
 
 
+STOP_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # torchrun's own set plus SLURM's warning signal
 OVERRIDES = ["data.path=/data/time300b", "parallel.expert_parallel_size=8", "trainer.max_steps=100000",
              "checkpoint.dir=/ckpt/run 1"]
 
@@ -59,7 +60,8 @@ def test_two_nodes_of_eight_gpus_from_env(node_rank):
     opts, module, overrides = flags(cmd)
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert opts == {"--nproc_per_node": "8", "--nnodes": "2", "--node_rank": str(node_rank),
-                    "--rdzv_backend": "c10d", "--rdzv_endpoint": "10.0.0.1:29611", "--rdzv_id": "exp42"}
+                    "--rdzv_backend": "c10d", "--rdzv_endpoint": "10.0.0.1:29611", "--rdzv_id": "exp42",
+                    "--signals_to_handle": STOP_SIGNALS}
     assert module == "timemoe_train.train"
     assert overrides == OVERRIDES  # the space inside the last one survives quoting
 
@@ -93,7 +95,7 @@ def test_network_namespaces():
 
 def test_single_node_is_standalone():
     opts, module, overrides = flags(dry_run("--nproc-per-node", "4", "--module", "my.job", "a=1"))
-    assert opts == {"--nproc_per_node": "4", "--standalone": True}
+    assert opts == {"--nproc_per_node": "4", "--standalone": True, "--signals_to_handle": STOP_SIGNALS}
     assert (module, overrides) == ("my.job", ["a=1"])
 
 
@@ -125,6 +127,7 @@ FAKE_SRUN = """#!/usr/bin/env bash
 # srun stand-in: drop srun's own options, run the command once per node as SLURM would (SLURM_NODEID set).
 while [[ $1 == --* ]]; do shift; done
 echo "srun started" >> "$FAKE_LOG"
+echo "grace ${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-unset}" >> "$FAKE_LOG.env"
 if [[ -n "${FAKE_SRUN_HANG:-}" ]]; then
     sleep 60 &
     trap 'echo "srun got TERM" >> "$FAKE_LOG"; kill $!; exit 143' TERM
@@ -148,9 +151,11 @@ def sbatch_env(tmp_path, **extra):
                      SLURM_NNODES="2", SLURM_GPUS_ON_NODE="8", **extra)
 
 
-def test_sbatch_dry_run_prints_each_nodes_command(tmp_path):
+@pytest.mark.parametrize("run_dir", [None, "/scratch/runs/big"])
+def test_sbatch_dry_run_prints_each_nodes_command(tmp_path, run_dir):
+    extra = {"RUN_DIR": run_dir} if run_dir else {}
     out = subprocess.run(["bash", "launch/slurm.sbatch", "data.path=/d", "trainer.max_steps=7"], cwd=REPO,
-                         env=sbatch_env(tmp_path, DRY_RUN="1"), capture_output=True, text=True, timeout=120)
+                         env=sbatch_env(tmp_path, DRY_RUN="1", **extra), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     commands = [shlex.split(line) for line in out.stdout.splitlines() if "torch.distributed.run" in line]
     assert len(commands) == 2
@@ -158,7 +163,14 @@ def test_sbatch_dry_run_prints_each_nodes_command(tmp_path):
         opts, module, overrides = flags(cmd)
         assert (opts["--nnodes"], opts["--node_rank"], opts["--nproc_per_node"]) == ("2", str(node), "8")
         assert (opts["--rdzv_endpoint"], opts["--rdzv_id"], opts["--rdzv_backend"]) == ("node01:29500", "4242", "c10d")
-        assert overrides == ["checkpoint.dir=checkpoints/timemoe-4242", "data.path=/d", "trainer.max_steps=7"]
+        # The run directory comes from the overrides (the same after a requeue or a resubmission) unless RUN_DIR
+        assert overrides == [*([f"run.dir={run_dir}"] if run_dir else []), "data.path=/d", "trainer.max_steps=7"]
+    # torchrun waits this long for a checkpoint save before it kills the trainers; SLURM warns earlier than that
+    assert (tmp_path / "log.env").read_text().split() == ["grace", "240"]
+    script = (REPO / "launch" / "slurm.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@300" in script
+    # SLURM opens the log before the script runs: no folder it would have to create
+    assert "#SBATCH --output=%x-%j.out" in script
 
 
 def test_sbatch_usr1_stops_workers_then_requeues(tmp_path):
@@ -181,37 +193,39 @@ def test_sbatch_usr1_stops_workers_then_requeues(tmp_path):
     assert "requeueing job 4242" in proc.stdout.read()
 
 
-# --- launch/hydra: the sweep config composed by a throw-away Hydra app --------------------------------------------
+# --- launch/hydra: the sweep config, composed with the real configs by a Hydra app that only records each job --
 APP = """
 import json, os, hydra
-from omegaconf import OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from timemoe_train.train.__main__ import CONFIG_DIR  # also registers the run_name resolver
 
-@hydra.main(version_base=None, config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg):
     with open(os.environ["SWEEP_LOG"], "a") as f:
-        f.write(json.dumps(OmegaConf.to_container(cfg, resolve=True)) + "\\n")
+        f.write(json.dumps({"experts": cfg.model.num_experts, "lr": cfg.optim.lr, "data": cfg.data.path,
+                            "out": HydraConfig.get().runtime.output_dir, "checkpoints": cfg.checkpoint.dir}) + "\\n")
 
 main()
 """
 
 
 def test_experts_lr_sweep(tmp_path):
-    (tmp_path / "conf").mkdir()
-    (tmp_path / "conf" / "train.yaml").write_text(
-        "model: {num_experts: 8}\noptim: {lr: 0.001}\ncheckpoint: {dir: checkpoints}\ndata: {path: null}\n")
     (tmp_path / "app.py").write_text(APP)
     log = tmp_path / "runs.jsonl"
     out = subprocess.run(
         [sys.executable, str(tmp_path / "app.py"), f"hydra.searchpath=[file://{REPO}/launch/hydra]",
-         "+sweep=experts_lr", "data.path=/d", f"hydra.sweep.dir={tmp_path}/multirun"],
+         "+sweep=experts_lr", "data.path=/d"],
         cwd=tmp_path, env={**os.environ, "SWEEP_LOG": str(log)}, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     runs = [json.loads(line) for line in log.read_text().splitlines()]
-    assert sorted((r["model"]["num_experts"], r["optim"]["lr"]) for r in runs) == sorted(
-        (e, lr) for e in (4, 8) for lr in (3e-4, 1e-3, 3e-3))
-    assert all(r["data"]["path"] == "/d" for r in runs)
-    dirs = {r["checkpoint"]["dir"] for r in runs}
-    assert len(dirs) == 6 and all(d.startswith(f"{tmp_path}/multirun/experts=") for d in dirs)
+    assert sorted((r["experts"], r["lr"]) for r in runs) == sorted((e, lr) for e in (4, 8) for lr in (3e-4, 1e-3, 3e-3))
+    assert all(r["data"] == "/d" for r in runs)
+    # every job its own run directory runs/<its overrides>, checkpoints inside: the sweep again resumes each
+    assert len({r["out"] for r in runs}) == 6
+    for r in runs:
+        name = Path(r["out"]).name
+        assert Path(r["out"]).parent == tmp_path / "runs" and r["checkpoints"] == f"runs/{name}/checkpoints"
+        assert f"model.num_experts={r['experts']}" in name and "+sweep=experts_lr" in name
 
 
 def test_slurm_cluster_config_is_a_submitit_launcher_override():
@@ -227,3 +241,75 @@ def test_slurm_cluster_config_is_a_submitit_launcher_override():
              "array_parallelism", "setup"}
     assert set(cfg["hydra"]["launcher"]) <= known
     assert cfg["hydra"]["launcher"]["tasks_per_node"] == cfg["hydra"]["launcher"]["gpus_per_node"]
+
+
+# --- docker/README.md: the documented `docker run` commands keep a run's files on the mounted storage -------------
+def docker_runs() -> list[list[str]]:
+    text = (REPO / "docker" / "README.md").read_text().replace("\\\n", " ")
+    return [shlex.split(line.strip()) for line in text.splitlines() if line.strip().startswith("docker run")]
+
+
+def test_documented_docker_runs_keep_checkpoints_metrics_and_wandb_on_the_mounted_volume():
+    """Stand-in for `docker run`: the container's working directory is the Dockerfile's WORKDIR, the trainer's
+    config is resolved as the documented command would resolve it (`--cfg job`), and every file the run writes
+    (its run directory: checkpoints, metrics.jsonl, W&B) must lie under a `-v` mount, not in the container."""
+    from timemoe_train.train.config import WandbConfig
+    from timemoe_train.train.monitor import wandb_settings
+
+    workdir = Path(next(line.split()[1] for line in (REPO / "docker" / "Dockerfile").read_text().splitlines()
+                        if line.startswith("WORKDIR")))
+    commands = docker_runs()
+    assert len(commands) == 2
+    for cmd in commands:
+        mounts = [Path(cmd[i + 1].split(":")[1]) for i, word in enumerate(cmd) if word == "-v"]
+        env = {cmd[i + 1].split("=")[0]: cmd[i + 1].partition("=")[2] for i, w in enumerate(cmd) if w == "-e"}
+        overrides = [w for w in cmd[cmd.index("launch/run.py") + 1:] if "=" in w]
+        resolved = subprocess.run([sys.executable, "-m", "timemoe_train.train", *overrides, "--cfg", "job",
+                                   "--resolve"], capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert resolved.returncode == 0, resolved.stderr
+        yaml = pytest.importorskip("yaml")
+        cfg = yaml.safe_load(resolved.stdout)
+        run_dir = workdir / cfg["run"]["dir"]
+        assert any(m in run_dir.parents for m in mounts), (run_dir, mounts)
+        assert (workdir / cfg["checkpoint"]["dir"]).parent == run_dir  # checkpoints inside the run directory
+        # metrics.jsonl is written to the run directory, and so are the W&B files unless WANDB_DIR says otherwise
+        settings = wandb_settings(WandbConfig(**{k: v for k, v in cfg["logger"]["wandb"].items()
+                                                 if k != "_target_"}), run_dir, env)
+        assert settings["dir"] == str(run_dir)
+        assert settings["mode"] == (None if env.get("WANDB_MODE") else "offline")  # -e WANDB_MODE is honoured
+    assert "WANDB_MODE" not in (REPO / "docker" / "Dockerfile").read_text()  # the image does not decide it
+
+
+WORKER = """
+import os, signal, sys, time
+from pathlib import Path
+
+def stop(signum, frame):
+    Path(os.environ["OUT"], f"stopped.{os.environ['RANK']}").write_text(signal.Signals(signum).name)
+    sys.exit(0)
+
+for sig in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(sig, stop)
+Path(os.environ["OUT"], f"ready.{os.environ['RANK']}").touch()
+while True:
+    time.sleep(0.1)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_run_py_forwards_a_stop_to_the_workers_and_exits_0(tmp_path, sig):
+    """SIGUSR1 (SLURM's warning) is forwarded too; torchrun's re-raised signal becomes one line and status 0."""
+    (tmp_path / "stop_worker.py").write_text(WORKER)
+    env = clean_env(OUT=str(tmp_path), PYTHONPATH=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, str(RUN), "--nproc-per-node", "2", "--module", "stop_worker"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready.{r}").exists() for r in range(2)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert [(tmp_path / f"stopped.{r}").read_text() for r in range(2)] == [sig.name] * 2
+    assert f"launch/run.py: {sig.name}: torchrun forwarded it to the trainer processes" in err
+    assert "Traceback" not in err

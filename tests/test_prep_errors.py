@@ -108,7 +108,7 @@ def test_cli_reports_bad_input_with_exit_status_1(tmp_path):
     [
         ("date,a,b\n2020-01-01,1,2\n", TableLayout(timestamp_column="when"), "column = 'when': missing"),
         ("when,a\n2020-01-01,1\n", TableLayout(), "column = 'timestamp': missing"),
-        ("id,timestamp,v\nx,2020-01-01,1\n", TableLayout(), "column = 'value': missing"),
+        ("id,timestamp,v,w\nx,2020-01-01,1,2\n", TableLayout(), "column = 'value': missing"),
         ("id,timestamp,value\nx,2020-01-01,1\nx,2020-01-02,seven\n", TableLayout(), "row 2 = 'seven': not a number"),
         ("id,timestamp,value\nx,2020-01-01,1\nx,2020-01-01,2\n", TableLayout(), "repeated timestamp in series x"),
         ("timestamp,a\nyesterday,1\n", TableLayout(), "'yesterday': not a timestamp"),

@@ -4,6 +4,7 @@ file safety, FLOP counting, secret scrubbing, the DeepSpeed expert marker."""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,14 +75,52 @@ def test_bad_config_fails_before_any_process_group_work(monkeypatch, world, over
     assert message in str(info.value)
 
 
-def test_cli_reports_a_bad_config_and_exits_2(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "timemoe_train.train", "data=synthetic", "parallel=expert",
-         "parallel.expert_parallel_size=3", f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ, "WORLD_SIZE": "2"})
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "parallel.expert_parallel_size=3 does not divide the world size 2" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def broken_checkpoint(run_dir: Path) -> None:
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("step00000007")
+
+
+@pytest.mark.parametrize("args, message, setup", [
+    (["data=synthetic", "parallel=expert", "parallel.expert_parallel_size=3"],
+     "parallel.expert_parallel_size=3 does not divide the world size 2", None),
+    ([], "TrainConfigError: data.path: no value given; add data.path=... to the command", None),
+    (["data.path=/no/such/corpus"], "TrainConfigError: data.path='/no/such/corpus': no such directory", None),
+    (["data=synthetic", "trainer.max_stepz=5"],
+     "Could not override 'trainer.max_stepz'. To append to your config use +trainer.max_stepz=5", None),
+    (["data=synthetic", "trainer.max_steps=abc"], "TrainConfigError: trainer.max_steps='abc': must be int", None),
+    (["model=huge"], "Could not find 'model/huge'", None),
+    (["data=synthetic", "data.max_length=48", "trainer.global_batch_size=2", "trainer.micro_batch_size=1",
+      "logger=none"], "names 'step00000007', which is not a directory", broken_checkpoint),
+], ids=["layout", "no-data-path", "missing-data-path", "unknown-key", "bad-type", "unknown-group", "checkpoint"])
+def test_each_user_error_is_one_line_with_exit_status_2(tmp_path, args, message, setup):
+    if setup:
+        setup(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-m", "timemoe_train.train", *args, f"run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, cwd=tmp_path,
+                          env={**{k: v for k, v in os.environ.items() if k != "WORLD_SIZE"},
+                               **({"WORLD_SIZE": "2"} if "parallel=expert" in args else {})})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("timemoe-train:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr
+    if not setup:  # a config error is found before anything starts
+        assert "starting a new run" not in proc.stdout
+
+
+@pytest.mark.parametrize("line", [line for line in (CONFIG_DIR / "train.yaml").read_text().splitlines()
+                                  if line.startswith("#   ") and "timemoe" in line])
+def test_the_examples_in_train_yaml_compose_and_validate(line, tmp_path):
+    """The commands train.yaml shows, with their process count, pass every check that needs no data."""
+    words = line[1:].split()
+    nproc = int(words[words.index("--nproc_per_node") + 1]) if "--nproc_per_node" in words else 1
+    overrides = [w for w in words if "=" in w and not w.startswith("-")]
+    (tmp_path / "data" / "prepared").mkdir(parents=True)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # data.path=data/prepared is relative
+    try:
+        run_config(composed(*overrides, data=None)).validate(world_size=nproc)
+    finally:
+        os.chdir(cwd)
 
 
 @pytest.mark.parametrize("size", ["tiny", "base", "large", "ultra"])
@@ -101,11 +140,11 @@ def test_paper_recipe_experiment():
     assert large.model.hidden_size == 768  # the model group can still be chosen on the command line
 
 
-def test_demo_experiment_is_tiny_ep2_on_two_processes():
-    run = run_config(composed("experiment=demo", "data.path=/tmp/demo-corpus", data=None))
+def test_demo_experiment_is_tiny_ep2_on_two_processes(tmp_path):
+    run = run_config(composed("experiment=demo", f"data.path={tmp_path}", data=None))
     run.validate(world_size=2)
     assert run.parallel.expert_parallel_size == 2 and run.model.hidden_size == 32
-    assert run.data.max_length == 512 and run.data.path == "/tmp/demo-corpus"
+    assert run.data.max_length == 512 and run.data.path == str(tmp_path)
 
 
 def test_synthetic_stream_is_the_same_for_every_data_parallel_layout():

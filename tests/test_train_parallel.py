@@ -129,7 +129,7 @@ def test_checkpoint_layout_and_no_secrets(ep2):
     assert (meta["ep_size"], meta["world_size"], meta["step"]) == (2, 2, 6)
     # W&B ran offline next to metrics.jsonl; the API key from the environment is nowhere in what the run wrote.
     assert list((ep2 / "wandb").glob("offline-run-*"))
-    assert list((ep2 / "expert_load").glob("step00000006_synthetic*.png"))
+    assert list((ep2 / "expert_load_by_domain").glob("step00000006.png"))  # all domains in one figure
     for path in [*ep2.rglob("*")]:
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path

@@ -7,7 +7,7 @@
 - *wide*: a timestamp column and one column per series (all other columns, unless value columns are given).
 
 Defaults when not given: timestamp column ``timestamp``, ``date``, ``ds``, ``time`` or ``datetime`` (the first
-present); long value column ``value``, ``target`` or ``y``. Rows are ordered by timestamp within each series
+present); long value column ``value``, ``target`` or ``y``, else the only column besides ids and timestamp. Rows are ordered by timestamp within each series
 (stable, so equal keys keep file order) and a repeated timestamp within a series is an error. The frequency is the
 given one, else the one pandas infers when the first few series agree, else null. Blank cells and the usual NA
 spellings are missing points (cleaning interpolates or splits them); any other non-numeric cell is an error naming
@@ -187,7 +187,7 @@ def _first_present(columns: list[str], names: tuple[str, ...]) -> str | None:
     return next((c for c in names if c in columns), None)
 
 
-def _numeric(column: pd.Series, path: Path, name: str) -> np.ndarray:
+def _numeric(column: pd.Series, path: Path, name: str, hint: str = "") -> np.ndarray:
     if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
         return column.to_numpy(dtype=np.float64, na_value=np.nan)
     text = column.astype("string").str.strip()
@@ -195,7 +195,7 @@ def _numeric(column: pd.Series, path: Path, name: str) -> np.ndarray:
     bad = number.isna() & text.notna() & (text != "")
     if bad.any():
         row = int(np.argmax(bad.to_numpy()))
-        raise PrepError(path, f"column {name!r}, row {row + 1}", text.iloc[row], "not a number")
+        raise PrepError(path, f"column {name!r}, row {row + 1}", text.iloc[row], "not a number" + hint)
     return number.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
@@ -255,7 +255,8 @@ def frame_series(
     if layout.value_columns:
         values = list(layout.value_columns)
     elif ids:
-        found = _first_present(columns, VALUE_NAMES)
+        rest = [c for c in columns if c != ts and c not in ids]
+        found = _first_present(columns, VALUE_NAMES) or (rest[0] if len(rest) == 1 else None)
         if found is None:
             raise PrepError(path, "column", "value", f"missing (pass --value-columns); the columns are {columns}")
         values = [found]
@@ -268,7 +269,9 @@ def frame_series(
     data = {f"id{i}": frame[c].astype("string") for i, c in enumerate(ids)}
     key_cols = list(data)
     data["time"] = _time_key(frame[ts], path, ts)
-    data.update({f"v{i}": _numeric(frame[c], path, c) for i, c in enumerate(values)})
+    # Wide layout: a text column is more often the series id of a long table than a broken value column.
+    hint = "" if ids else "; if it names the series (one row per observation), pass --id-columns {}"
+    data.update({f"v{i}": _numeric(frame[c], path, c, hint.format(c)) for i, c in enumerate(values)})
     table = pd.DataFrame(data).sort_values([*key_cols, "time"], kind="stable")
     dup = table.duplicated([*key_cols, "time"])
     if dup.any():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,11 @@ from .config import DataConfig
 from .errors import DataError
 from .shards import ShardStore
 from .stream import SampleStream
+
+# The signals that ask a run to stop. The trainer handles them; its loader workers must not, because launchers signal
+# whole process groups (torchrun each worker's group, SLURM every process of the step, a terminal's Ctrl-C the
+# foreground group) and a worker killed by one makes the trainer fail before it can save.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 # DataConfig fields that decide the stream; a resumed run must agree on all of them.
 _STREAM_FIELDS = ("max_length", "window_mode", "window_stride", "packing", "normalization", "mixture_by",
@@ -88,14 +94,22 @@ class TrainLoader:
         return self.layout.accum_steps
 
     def __iter__(self):
+        """Micro-batches from `self.step` on. Closing the generator (`close()`, or dropping it) shuts the worker
+        processes down at once: they ignore stop signals and leave only when the trainer says so."""
         pin = torch.cuda.is_available() if self.cfg.pin_memory is None else self.cfg.pin_memory
         workers = self.cfg.num_workers
         loader = DataLoader(MicroBatches(self.stream, self.layout), batch_size=None,
                             sampler=itertools.count(self.step), num_workers=workers, pin_memory=pin,
-                            prefetch_factor=self.cfg.prefetch_factor if workers else None)
-        for batch in loader:
-            self.step += 1
-            yield batch
+                            prefetch_factor=self.cfg.prefetch_factor if workers else None,
+                            worker_init_fn=ignore_stop_signals if workers else None)
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                self.step += 1
+                yield batch
+        finally:
+            if workers:  # DataLoader's own shutdown (it otherwise runs when the iterator is garbage-collected)
+                batches._shutdown_workers()
 
     def _stream_settings(self) -> dict:
         settings = {f: getattr(self.cfg, f) for f in _STREAM_FIELDS}
@@ -122,6 +136,11 @@ class TrainLoader:
             raise DataError("data loader state", "micro_step", state["micro_step"],
                             "saved inside a global batch; resume with the same dp_size and micro_batch_size")
         self.step = state["global_batch"] * self.layout.accum_steps + state["micro_step"]
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def build_train_loader(cfg: DataConfig, dp_rank: int = 0, dp_size: int = 1, global_batch_size: int = 1,

@@ -1,18 +1,27 @@
 """`timemoe-train`: the Hydra app (also `torchrun … -m timemoe_train.train key=value …`).
 
     torchrun --nproc_per_node 2 -m timemoe_train.train experiment=demo data.path=data/prepared
+
+A run lives in `run.dir` (default `runs/<run.name>`, the name made of the command's overrides): the same command
+again continues from that directory's newest checkpoint. Exit status: 0 when the run finished or was stopped by
+SIGTERM / SIGUSR1 / SIGINT after saving, 2 for a user error (one line on stderr, before any engine start-up),
+130 for a second Ctrl-C (no save), 1 for anything else (a traceback).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import hydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ..data.errors import DataError
 from ..checkpoint import CheckpointError
@@ -22,21 +31,25 @@ from .monitor import scrub
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 USER_ERRORS = (TrainConfigError, ConfigError, DataError, CheckpointError, FileNotFoundError)
+_MAX_NAME = 100
 
 
-def launch_stamp() -> str:
-    """`YYYY-MM-DD/HH-MM-SS` of this launch, the same on every local rank: torchrun's agent (our parent) start."""
-    if stamp := os.environ.get("TIMEMOE_LAUNCH_STAMP"):
-        return stamp
-    started = time.time()
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        try:
-            ticks = int(Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
-            boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
-            started = boot + ticks / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError, StopIteration):
-            pass
-    return time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(started))
+def run_name() -> str:
+    """A directory name from the command's overrides (Hydra's `job.override_dirname`, which leaves out the keys
+    listed in train.yaml that do not change what is trained): the same command always gets the same name.
+    "default" without overrides, and for a config composed outside a Hydra app (`hydra.compose`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    override_dirname = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
+    if not override_dirname:
+        return "default"
+    name = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", override_dirname).strip("_")
+    if len(name) > _MAX_NAME:  # file systems limit names to 255 bytes; the hash keeps long ones distinct
+        name = f"{name[:_MAX_NAME - 11]}-{hashlib.sha1(override_dirname.encode()).hexdigest()[:10]}"
+    return name
+
+
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 
 
 def run_config(cfg: DictConfig) -> RunConfig:
@@ -48,33 +61,93 @@ def run_config(cfg: DictConfig) -> RunConfig:
         except hydra.errors.InstantiationException as e:
             cause = e.__cause__ or e
             raise TrainConfigError(f"{name}: {cause}") from None
+        except OmegaConfBaseException as e:  # e.g. data.path=??? (mandatory and not given)
+            raise TrainConfigError(_omegaconf_message(e, name)) from None
     return RunConfig(**groups)
+
+
+def start_message(checkpoint) -> str:
+    """What this launch will do, said before anything else: from the checkpoint pointer `latest` (the loader
+    checks it again)."""
+    root = Path(checkpoint.dir).resolve()
+    latest = root / "latest"
+    if checkpoint.resume and latest.is_file():
+        tag = latest.read_text().strip()
+        try:
+            step = json.loads((root / tag / "meta.json").read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            step = "?"
+        return f"timemoe-train: resuming from step {step} ({root / tag})"
+    return f"timemoe-train: starting a new run ({root})"
 
 
 def make_trainer(cfg: DictConfig, run_dir: str | Path):
     """Validate the composed config (before any process-group work), then build the trainer."""
+    try:
+        container = scrub(OmegaConf.to_container(cfg, resolve=True))
+    except OmegaConfBaseException as e:
+        raise TrainConfigError(_omegaconf_message(e, "config")) from None
     run = run_config(cfg)
     run.validate(int(os.environ.get("WORLD_SIZE", "1")))
-    container = scrub(OmegaConf.to_container(cfg, resolve=True))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(start_message(run.checkpoint), flush=True)
     from .trainer import Trainer  # torch.distributed, DeepSpeed and megatron load only for a valid config
 
     return Trainer(run, run_dir, OmegaConf.to_yaml(OmegaConf.create(container)), container)
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> None:
+def train(cfg: DictConfig, run_dir: str | Path) -> bool:
+    """One run; True when a stop signal ended it (after saving). Whatever happens, the process-wide state it set
+    up is torn down, so that the next job of a multirun can start."""
     trainer = make_trainer(cfg, run_dir)
-    trainer.fit()
-    trainer.close()  # a barrier: only after a run every rank finished (an error exits without it)
+    finished = False
+    try:
+        trainer.fit()
+        finished = True
+    finally:
+        trainer.close(finished)  # a barrier only after a run every rank finished
+    return trainer.stopped
+
+
+def _submitit_distributed_env() -> None:
+    """Under hydra-submitit-launcher (+cluster=slurm) every task of a job runs this app itself, without torchrun:
+    torch.distributed's env:// variables (RANK, WORLD_SIZE, MASTER_ADDR, ...) come from submitit's view of it."""
+    if os.environ.get("SUBMITIT_EXECUTOR") and "RANK" not in os.environ:
+        from submitit import JobEnvironment
+        from submitit.helpers import TorchDistributedEnvironment
+
+        if JobEnvironment().num_tasks > 1:
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def _app(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    _submitit_distributed_env()
     try:
-        train(cfg, HydraConfig.get().runtime.output_dir)
+        stopped = train(cfg, HydraConfig.get().runtime.output_dir)
     except USER_ERRORS as e:
-        print(f"timemoe-train: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(2)
+        _user_error(f"{type(e).__name__}: {e}")
+    if stopped:  # also the end of a multirun: the signal asked this process to stop
+        sys.exit(0)
+
+
+def _one_line(e: BaseException) -> str:
+    """OmegaConf and Hydra messages run over several lines (the key, the object type, a hint): the ones that say
+    something, joined."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return " ".join(line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type=")))
+
+
+def _omegaconf_message(e: OmegaConfBaseException, where: str) -> str:
+    if isinstance(e, MissingMandatoryValue):
+        return f"{e.full_key}: no value given; add {e.full_key}=... to the command"
+    return f"{e.full_key or where}: {_one_line(e)}"
+
+
+def _user_error(message: str) -> None:
+    print(f"timemoe-train: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 # Notices from the libraries about their own internals, printed once per process; nothing a user can act on.
@@ -89,10 +162,16 @@ _LIBRARY_NOTICES = (
 def main() -> None:
     for message in _LIBRARY_NOTICES:
         warnings.filterwarnings("ignore", message=message)
-    OmegaConf.register_new_resolver("launch_stamp", launch_stamp, use_cache=True, replace=True)
     if int(os.environ.get("RANK", "0")) != 0:  # one copy of Hydra's own files, written by rank 0
         sys.argv.append("hydra.output_subdir=null")
-    hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")(_app)()
+    # Hydra then raises its errors (a bad override, an unknown config group) instead of printing them over
+    # several lines with exit status 1: they are user errors like the others.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")(_app)()
+    except (HydraException, OmegaConfBaseException) as e:
+        cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else None
+        _user_error(_one_line(e) + (f" ({_one_line(cause)})" if cause else ""))
 
 
 if __name__ == "__main__":

@@ -6,14 +6,18 @@ bad combination with one message naming the key and its value.
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..model.config import TimeMoeConfig
 
 PRECISIONS = ("fp32", "bf16")
 ZERO_STAGES = (0, 1, 2, 3)
-WANDB_MODES = ("online", "offline", "disabled")
+WANDB_MODES = (None, "online", "offline", "disabled")
 
 
 class TrainConfigError(ValueError):
@@ -63,7 +67,7 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: str = "checkpoints"
+    dir: str = "checkpoints"  # train.yaml: ${run.dir}/checkpoints
     interval: int = 500  # steps between checkpoints (0: only at the end and on preemption)
     keep_last: int = 3
     resume: bool = True  # continue from `dir/latest` when it exists
@@ -72,8 +76,11 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # "online", "offline" or "disabled"
-    project: str = "timemoe-train"
+    """Each key set here overrides W&B's environment (WANDB_MODE, WANDB_PROJECT, ...); None leaves it to that
+    environment, and where that is silent too: offline, project timemoe-train."""
+
+    mode: str | None = None  # "online", "offline", "disabled" or None
+    project: str | None = None
     entity: str | None = None
     name: str | None = None
     group: str | None = None
@@ -92,6 +99,31 @@ class LoggerConfig:
     progress: bool = True
 
 
+_SCALARS = (bool, int, float, str)
+
+
+def check_types(obj, prefix: str) -> None:
+    """Hydra fills a dataclass without looking at its annotations: `trainer.max_steps=abc` arrives as a str.
+    Reject values that are not of a field's scalar type (an int is a float too; a bool is not an int)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}.{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_types(value, key)
+            continue
+        hint = hints[f.name]
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        scalars = tuple(a for a in allowed if a in _SCALARS)
+        if len(scalars) != len(allowed) - (type(None) in allowed) or not scalars:
+            continue  # containers and Any: not checked here
+        if value is None and type(None) in allowed:
+            continue
+        ok = any(type(value) is a or (a is float and type(value) is int) for a in scalars)
+        if not ok:
+            names = " or ".join(a.__name__ for a in scalars) + (" or null" if type(None) in allowed else "")
+            raise TrainConfigError(f"{key}={value!r}: must be {names}")
+
+
 @dataclass
 class RunConfig:
     model: TimeMoeConfig
@@ -107,6 +139,8 @@ class RunConfig:
         from ..parallel import ParallelLayoutError, validate_layout
 
         p, t, o, c, lg, m = self.parallel, self.trainer, self.optim, self.checkpoint, self.logger, self.model
+        for name in ("parallel", "optim", "trainer", "checkpoint", "logger"):
+            check_types(getattr(self, name), name)
         try:
             validate_layout(world_size, p.expert_parallel_size, p.tensor_parallel_size,
                             None if m.use_dense else m.num_experts)
@@ -116,6 +150,7 @@ class RunConfig:
         dp_size = world_size // p.tensor_parallel_size
         per_step = max(1, t.micro_batch_size) * dp_size
         window = getattr(self.data, "max_length", None)
+        data_path = getattr(self.data, "path", None)
         rules = [  # (broken, key, value, why), checked in order
             (ep > 1 and (m.moe_impl != "megatron" or m.use_dense), "parallel.expert_parallel_size", ep,
              "expert parallelism runs megatron's MoE layer: use parallel=expert (model.moe_impl=megatron, "
@@ -135,6 +170,8 @@ class RunConfig:
              f"({dp_size}) = {per_step}"),
             (t.precision not in PRECISIONS, "trainer.precision", t.precision, f"choose one of {PRECISIONS}"),
             (t.device not in ("auto", "cpu", "cuda"), "trainer.device", t.device, "choose auto, cpu or cuda"),
+            (data_path is not None and not Path(data_path).is_dir(), "data.path", data_path,
+             "no such directory (give the folder timemoe-prep wrote, the one holding manifest.json)"),
             (window is not None and window > m.max_position_embeddings, "data.max_length", window,
              f"exceeds model.max_position_embeddings={m.max_position_embeddings}"),
             (not o.lr > 0, "optim.lr", o.lr, "must be > 0"),

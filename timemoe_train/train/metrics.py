@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -113,32 +114,50 @@ def reduce_domain_load(domain_load_DLE: torch.Tensor) -> torch.Tensor:
     return domain_load_DLE.cpu()
 
 
+# An expert counts as idle below this fraction of the uniform share 1/E (a collapsed router sends it ~nothing).
+IDLE_FRACTION = 0.1
+
+
 def expert_load_metrics(load_LE: torch.Tensor) -> dict:
-    """Per layer: each expert's share of the routed token copies, and max/min share (None when one is idle)."""
+    """Per layer: each expert's share of the routed token copies; the imbalance max load / mean load (1 when
+    balanced, E when one expert takes everything, finite also when experts are idle); the number of experts below
+    IDLE_FRACTION of the uniform share."""
     record = {}
+    E = load_LE.shape[-1]
     frac_LE = load_LE / load_LE.sum(-1, keepdim=True).clamp_min(1)
     for layer, frac_E in enumerate(frac_LE):
         record[f"expert_load/layer{layer}"] = [round(v, 5) for v in frac_E.tolist()]
-        lo, hi = float(frac_E.min()), float(frac_E.max())
-        record[f"expert_imbalance/layer{layer}"] = hi / lo if lo > 0 else None
+        routed = bool(frac_E.sum() > 0)
+        record[f"expert_imbalance/layer{layer}"] = float(frac_E.max() * E) if routed else None
+        record[f"experts_idle/layer{layer}"] = int((frac_E < IDLE_FRACTION / E).sum()) if routed else None
     return record
 
 
-def domain_heatmap(load_LE: torch.Tensor, title: str):
-    """A layers × experts image of one domain's routing shares (matplotlib figure)."""
+def domain_heatmaps(load_DLE: torch.Tensor, domain_names: list[str], title: str):
+    """One figure: a layers × experts panel per domain, side by side on one colour scale, each cell labelled
+    with its share of that layer's routed tokens (%)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    frac_LE = (load_LE / load_LE.sum(-1, keepdim=True).clamp_min(1)).numpy()
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * frac_LE.shape[1], 1.0 + 0.35 * frac_LE.shape[0]))
-    im = ax.imshow(frac_LE, aspect="auto", cmap="viridis", vmin=0)
-    ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.05)
-    fig.tight_layout()
+    frac_DLE = (load_DLE / load_DLE.sum(-1, keepdim=True).clamp_min(1)).numpy()
+    D, L, E = frac_DLE.shape
+    fig, axes = plt.subplots(1, D, figsize=(1.5 + D * (0.8 + 0.5 * E), 1.6 + 0.45 * L), squeeze=False,
+                             sharey=True, constrained_layout=True)
+    vmax = max(float(frac_DLE.max()), 1e-9)
+    for ax, frac_LE, name in zip(axes[0], frac_DLE, domain_names):
+        im = ax.imshow(frac_LE, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+        for (layer, expert), value in np.ndenumerate(frac_LE):
+            ax.text(expert, layer, f"{100 * value:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if value < 0.6 * vmax else "black")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_xticks(range(E))
+        ax.set_yticks(range(L))
+    axes[0][0].set_ylabel("layer")
+    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.03, label="share of the layer's tokens")
+    fig.suptitle(title, fontsize=10)
     return fig
 
 

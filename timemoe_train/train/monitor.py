@@ -1,10 +1,15 @@
-"""Where step records go (rank 0 only): `metrics.jsonl` in the run directory, Weights & Biases (offline unless
-configured), a progress bar, and heatmap images. Nothing secret is written: configs pass through `scrub`."""
+"""Where step records go (rank 0 only): `metrics.jsonl` in the run directory, Weights & Biases, a progress bar, and
+heatmap images. Nothing secret is written: configs pass through `scrub`.
+
+W&B settings: a `logger.wandb.*` key set in the config wins; a key left null leaves it to W&B's own environment
+(WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY, WANDB_DIR, ...), and where that says nothing either: offline, project
+`timemoe-train`, files in the run directory."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -22,12 +27,38 @@ def scrub(obj):
     return obj
 
 
+# Where neither the config nor W&B's environment variable says anything.
+_WANDB_FALLBACKS = {"mode": ("WANDB_MODE", "offline"), "project": ("WANDB_PROJECT", "timemoe-train")}
+
+
+def wandb_settings(cfg, run_dir: Path, env=os.environ) -> dict:
+    """Keyword arguments for `wandb.init`: the config's explicit values; None (W&B reads its environment) for the
+    rest, or our fallback when that environment is silent too."""
+    settings = {k: getattr(cfg, k) for k in ("mode", "project", "entity", "name", "group")}
+    for key, (variable, fallback) in _WANDB_FALLBACKS.items():
+        if settings[key] is None and not env.get(variable):
+            settings[key] = fallback
+    settings["dir"] = None if env.get("WANDB_DIR") else str(run_dir)
+    return settings
+
+
 def _json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN/Inf; the `skipped` field says what happened
     if isinstance(value, list):
         return [_json_safe(v) for v in value]
     return value
+
+
+def _wandb_value(value):
+    """A list (one layer's expert loads) becomes a W&B histogram with one bin per expert, its height the
+    expert's share: W&B draws it as bars and shows how it moves over the steps."""
+    if not isinstance(value, list):
+        return value
+    import numpy as np
+    import wandb
+
+    return wandb.Histogram(np_histogram=(np.asarray(value, dtype=float), np.arange(len(value) + 1)))
 
 
 class Monitor:
@@ -42,13 +73,12 @@ class Monitor:
         self.metrics = open(self.run_dir / "metrics.jsonl", "a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         disable=not cfg.progress)
-        if cfg.wandb.mode != "disabled":
+        settings = wandb_settings(cfg.wandb, self.run_dir)
+        if settings["mode"] != "disabled":
             import wandb
 
-            w = cfg.wandb
-            self.wandb = wandb.init(mode=w.mode, project=w.project, entity=w.entity, name=w.name, group=w.group,
-                                    tags=list(w.tags), dir=str(self.run_dir), config=scrub(config), id=wandb_id,
-                                    resume="allow")
+            self.wandb = wandb.init(**settings, tags=list(cfg.wandb.tags) or None, config=scrub(config),
+                                    id=wandb_id, resume="allow")
             self.wandb_id = self.wandb.id
 
     def log(self, record: dict) -> None:
@@ -58,8 +88,7 @@ class Monitor:
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if not isinstance(v, list) and v is not None},
-                           step=record["step"])
+            self.wandb.log({k: _wandb_value(v) for k, v in record.items() if v is not None}, step=record["step"])
         self.bar.update(record["step"] - self.bar.n)
         parts = [f"loss {record['loss']:.4f}" if record["loss"] is not None else "loss nan",
                  f"aux {record['aux_loss']:.3f}" if record.get("aux_loss") is not None else None,
@@ -69,25 +98,21 @@ class Monitor:
                  f"mfu {100 * record['mfu']:.1f}%" if record.get("mfu") is not None else None]
         self.bar.set_postfix_str(" | ".join(p for p in parts if p), refresh=False)
 
-    def log_images(self, step: int, figures: dict) -> None:
-        """Save each matplotlib figure as PNG under the run directory and send it to W&B."""
+    def log_figure(self, step: int, name: str, fig) -> None:
+        """Save a matplotlib figure as `<run dir>/<name>/step<step>.png` and send it to W&B under `name`."""
         if not self.enabled:
             return
         import matplotlib.pyplot as plt
 
-        folder = self.run_dir / "expert_load"
+        folder = self.run_dir / name
         folder.mkdir(exist_ok=True)
-        images = {}
-        for name, fig in figures.items():
-            path = folder / f"step{step:08d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
-            fig.savefig(path, dpi=80)
-            plt.close(fig)
-            if self.wandb is not None:
-                import wandb
+        path = folder / f"step{step:08d}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        if self.wandb is not None:
+            import wandb
 
-                images[f"expert_load_by_domain/{name}"] = wandb.Image(str(path))
-        if images:
-            self.wandb.log(images, step=step)
+            self.wandb.log({name: wandb.Image(str(path))}, step=step)
 
     def message(self, text: str) -> None:
         if self.enabled:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..data.loader import STOP_SIGNALS
 from ..model.hf_layout import load_hf_state
 from ..model import TimeMoeForPrediction
 from ..parallel import init_parallel
@@ -18,7 +19,7 @@ from .checkpoint import Checkpointer
 from .config import RunConfig
 from .engine import build_engine, global_grad_norm, learning_rate, set_learning_rate
 from .guard import NonFiniteGuard
-from .metrics import (StepStats, domain_heatmap, expert_load_metrics, peak_flops, reduce_domain_load,
+from .metrics import (StepStats, domain_heatmaps, expert_load_metrics, peak_flops, reduce_domain_load,
                       train_flops)
 from .module import TrainModule, initial_hf_state
 from .monitor import Monitor
@@ -37,25 +38,46 @@ def build_loader(data_cfg, dp_rank: int, dp_size: int, global_batch_size: int, m
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM preemption) only raise a flag; the loop saves and exits at the next step end."""
+    """SIGTERM, SIGUSR1 (SLURM's warning) and SIGINT (Ctrl-C) only raise a flag; every rank learns of it in the
+    step's all-reduce, so all of them finish that step, save it, shut their loader workers down and exit 0.
+
+    A second Ctrl-C exits at once without saving (status 130). Launchers may deliver one signal twice (torchrun
+    forwards what SLURM also sends to every process), so a repeat within a second is the same request."""
 
     def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.signum: int | None = None
+        self._at = 0.0
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def _handle(self, signum, frame):
-        self.requested = True
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self._at = signum, now
+        elif signum == signal.SIGINT and now - self._at > 1.0:
+            os.write(2, b"timemoe-train: second interrupt: exiting without saving\n")
+            os._exit(128 + signal.SIGINT)
+
+    def restore(self) -> None:
+        """The handlers from before (the next job of a multirun installs its own)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 class Trainer:
     def __init__(self, run: RunConfig, run_dir: str | Path, config_yaml: str, config_dict: dict):
         self.run, self.run_dir, self.config_yaml = run, Path(run_dir), config_yaml
+        self.stop = StopRequest()  # from the start: a signal during set-up stops after the first step, saved
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists, also in a plain one-process run
         p, t = run.parallel, run.trainer
         self.layout = init_parallel(p.expert_parallel_size, p.tensor_parallel_size,
                                     num_experts=run.model.num_experts)
         lay = self.layout
+        # Before the model and engine: a bad data.path is reported without waiting for their start-up.
+        self.loader = build_loader(run.data, lay.dp_rank, lay.dp_size, t.global_batch_size, t.micro_batch_size)
         self.device = torch.device("cuda", lay.local_rank) if (
             t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else torch.device("cpu")
         self.gas = run.gradient_accumulation_steps(lay.world_size)
@@ -73,7 +95,6 @@ class Trainer:
 
             set_aux_loss_scale(self.gas)
 
-        self.loader = build_loader(run.data, lay.dp_rank, lay.dp_size, t.global_batch_size, t.micro_batch_size)
         self.domain_names = list(getattr(self.loader, "domain_names", None) or [])
         self.checkpointer = Checkpointer(run.checkpoint, self.engine, self.module, lay.rank, lay.world_size)
         self.step = 0
@@ -82,7 +103,7 @@ class Trainer:
         self.monitor = Monitor(self.run_dir, run.logger, lay.is_main, config_dict, t.max_steps, self.step,
                                self.wandb_id)
         self.peak = peak_flops(t.peak_flops_per_device)
-        self.stop = StopRequest()
+        self.stopped = False  # fit() ended on a stop signal, after saving
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def _layout_meta(self) -> dict:
@@ -135,11 +156,13 @@ class Trainer:
                     self.save()
                     saved_at = self.step
                 if summary["stop"]:
+                    self.stopped = True
                     self.monitor.message(f"stop requested by signal: saved step {self.step}, exiting")
                     return
             if c.save_at_end and saved_at != self.step:
                 self.save()
         finally:
+            getattr(batches, "close", lambda: None)()  # the loader's workers leave now, not at garbage collection
             self.monitor.close()
 
     def _train_step(self, batches, num_domains: int):
@@ -191,13 +214,34 @@ class Trainer:
     def _log_heatmaps(self, domain_load) -> None:
         load_DLE = reduce_domain_load(domain_load)
         if self.layout.is_main:
-            figures = {name: domain_heatmap(load_DLE[d], f"{name}: expert share per layer, steps to {self.step}")
-                       for d, name in enumerate(self.domain_names) if load_DLE[d].sum() > 0}
-            self.monitor.log_images(self.step, figures)
+            seen = [d for d in range(len(self.domain_names)) if load_DLE[d].sum() > 0]
+            if seen:
+                figure = domain_heatmaps(load_DLE[seen], [self.domain_names[d] for d in seen],
+                                         f"expert share per layer and domain (%), steps to {self.step}")
+                self.monitor.log_figure(self.step, "expert_load_by_domain", figure)
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Tear down everything process-wide this run set up (signal handlers, megatron's and DeepSpeed's groups,
+        the default process group), so that the next job of a multirun starts clean. `finished`: every rank got
+        here after a complete run (a barrier first); after an error it only tears down."""
         from ..parallel import destroy_parallel
 
-        if dist.is_initialized():
+        if finished and dist.is_initialized():
             dist.barrier()
+        self.stop.restore()
+        _reset_deepspeed_groups()
         destroy_parallel()
+
+
+def _reset_deepspeed_groups() -> None:
+    """DeepSpeed keeps the expert and data-parallel groups it created in module globals and has no reset of its
+    own; left in place they name groups of a destroyed process group ("Group ... is not registered")."""
+    from deepspeed.utils import groups
+
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        getattr(groups, name).clear()
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
+                 "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP", "_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE",
+                 "_MPU_TENSOR_MODEL_PARALLEL_RANK"):
+        setattr(groups, name, None)

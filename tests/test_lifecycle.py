@@ -1,0 +1,190 @@
+"""The run lifecycle as a user meets it, with the real commands: `torchrun -m timemoe_train.train` on 2 processes
+with loader workers (data.num_workers=2) on a corpus written by `timemoe-prep`, stopped by SIGTERM to torchrun,
+SIGTERM to every process (SLURM's step signal) and SIGINT (Ctrl-C); each time the identical command continues from
+the saved step, and the pieces together equal one uninterrupted run. Hydra multirun of the real trainer in one
+process equals the same runs done separately.
+
+Shared launches: one uninterrupted reference, then one chain (start, TERM, re-run, TERM to all, re-run, INT,
+re-run to the end)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from train_launch import REPO, worker_env  # noqa: E402
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+MAX_STEPS = 60
+# Every key here is part of the run's name except trainer.max_steps, checkpoint.interval and the logger keys.
+OVERRIDES = ["model=tiny", "data.max_length=48", "data.num_workers=2", "trainer.global_batch_size=8",
+             "trainer.micro_batch_size=2", "optim.warmup_steps=5", "logger=none", "logger.progress=false",
+             f"trainer.max_steps={MAX_STEPS}", "checkpoint.interval=0"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus") / "etth1"
+    proc = subprocess.run([str(BIN / "timemoe-prep"), "--source", "csv", "--input",
+                           str(REPO / "examples" / "data" / "ETTh1.csv"), "--output", str(out), "--domain", "energy",
+                           "--workers", "1", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def command(corpus: Path) -> list[str]:
+    return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "timemoe_train.train",
+            f"data.path={corpus}", *OVERRIDES]
+
+
+def run_dir(cwd: Path) -> Path:
+    (found,) = (cwd / "runs").iterdir()
+    return found
+
+
+def records(cwd: Path) -> list[dict]:
+    path = cwd / "runs"
+    files = list(path.glob("*/metrics.jsonl")) if path.is_dir() else []
+    return [json.loads(line) for line in files[0].read_text().splitlines()] if files else []
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("reference")
+    proc = subprocess.run(command(corpus), cwd=cwd, env=worker_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert proc.stdout.startswith(f"timemoe-train: starting a new run ({run_dir(cwd) / 'checkpoints'})")
+    assert [r["step"] for r in records(cwd)] == list(range(1, MAX_STEPS + 1))
+    return records(cwd)
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def send_term_to_torchrun(proc):
+    proc.send_signal(signal.SIGTERM)
+
+
+def send_term_to_every_process(proc):
+    """As SLURM stops a job step: every process at once — torchrun, the trainers and their loader workers."""
+    trainers = children(proc.pid)
+    workers = [w for t in trainers for w in children(t)]
+    assert len(trainers) == 2 and len(workers) == 4, (trainers, workers)
+    for pid in [proc.pid, *trainers, *workers]:
+        os.kill(pid, signal.SIGTERM)
+
+
+def send_ctrl_c(proc):
+    """A terminal's Ctrl-C: SIGINT to the foreground process group, torchrun's (its workers have their own)."""
+    os.killpg(proc.pid, signal.SIGINT)
+
+
+def interrupted_segment(corpus: Path, cwd: Path, stop) -> tuple[subprocess.CompletedProcess, int]:
+    """Run the command in `cwd` until it has logged two new steps, then `stop` it; the step it started from."""
+    start = len(records(cwd))
+    proc = subprocess.Popen(command(corpus), cwd=cwd, env=worker_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 400
+    try:
+        while len(records(cwd)) < start + 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-4000:]
+            time.sleep(0.05)
+        stop(proc)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), start
+
+
+@pytest.mark.parametrize("stops", [(send_term_to_torchrun, send_term_to_every_process, send_ctrl_c)],
+                         ids=["term-torchrun,term-all,ctrl-c"])
+def test_stopped_runs_save_the_current_step_and_the_same_command_continues(corpus, reference, tmp_path, stops):
+    for stop in stops:
+        proc, start = interrupted_segment(corpus, tmp_path, stop)
+        done = records(tmp_path)
+        last = done[-1]["step"]
+        assert start + 2 <= last < MAX_STEPS, (stop.__name__, start, last)
+        ckpt = run_dir(tmp_path) / "checkpoints"
+        first = proc.stdout.splitlines()[0]
+        if start:
+            assert first == f"timemoe-train: resuming from step {start} ({ckpt / f'step{start:08d}'})", stop
+        else:
+            assert first == f"timemoe-train: starting a new run ({ckpt})"
+        assert f"stop requested by signal: saved step {last}, exiting" in proc.stdout, (stop, proc.stderr[-4000:])
+        assert (ckpt / "latest").read_text() == f"step{last:08d}", stop.__name__  # the step it stopped at
+        # The loader workers ignored the signal and were shut down by the trainer; no trainer traceback.
+        assert "DataLoader worker" not in proc.stderr and "Traceback" not in proc.stderr.replace(
+            torchrun_traceback(proc.stderr), ""), (stop.__name__, proc.stderr[-4000:])
+        # Each trainer exited 0; torchrun, itself signalled, re-raises the signal (its own one traceback, status 1).
+        assert proc.returncode == 1 and "got signal:" in proc.stderr, (stop.__name__, proc.returncode)
+        assert "failed" not in proc.stderr.lower(), proc.stderr[-4000:]
+    final = subprocess.run(command(corpus), cwd=tmp_path, env=worker_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert final.returncode == 0, final.stderr[-4000:]
+    assert final.stdout.startswith(f"timemoe-train: resuming from step {last} ")
+    resumed = records(tmp_path)
+    assert [r["step"] for r in resumed] == list(range(1, MAX_STEPS + 1))
+    for a, b in zip(reference, resumed):
+        assert (a["loss"], a["grad_norm"], a["lr"]) == (b["loss"], b["grad_norm"], b["lr"]), a["step"]
+
+
+def torchrun_traceback(stderr: str) -> str:
+    """The one traceback torchrun prints when it was signalled itself (its SignalException), if any."""
+    start = stderr.rfind("Traceback (most recent call last)")
+    return stderr[start:] if start >= 0 and "SignalException" in stderr[start:] else ""
+
+
+# --- Hydra multirun of the real trainer in one process ------------------------------------------------------------
+MULTIRUN = ["data=synthetic", "data.max_length=48", "model=tiny", "parallel=expert", "parallel.expert_parallel_size=1",
+            "trainer.max_steps=3", "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "logger=none",
+            "logger.progress=false"]
+
+
+def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "timemoe_train.train", *args], cwd=cwd, env=worker_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return proc
+
+
+def losses(folder: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_multirun_of_the_trainer_equals_the_runs_done_separately(tmp_path):
+    """Two jobs in one process (megatron's MoE layer, so megatron's parallel state, DeepSpeed's expert groups and
+    the process group are all set up and torn down per job), and the same sweep through hydra-submitit-launcher's
+    local launcher with 2 tasks per job (as on SLURM: no torchrun, each task finds its rank from submitit) and the
+    experts split over them, against the same two runs as separate one-process commands."""
+    ep1 = MULTIRUN
+    ep2 = [o.replace("expert_parallel_size=1", "expert_parallel_size=2") for o in MULTIRUN]
+    sweeps = {"basic": ep1, "submitit": ["hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *ep2]}
+    jobs = {}
+    for name, overrides in sweeps.items():
+        (tmp_path / name).mkdir()
+        cli(tmp_path / name, "-m", *overrides, "optim.lr=0.001,0.003")
+        jobs[name] = sorted(p for p in (tmp_path / name / "runs").iterdir() if p.is_dir() and p.name[0] != ".")
+        assert len(jobs[name]) == 2 and "optim.lr=0.001" in jobs[name][0].name, jobs[name]
+    for i, lr in enumerate(("0.001", "0.003")):
+        (tmp_path / lr).mkdir()
+        cli(tmp_path / lr, *ep1, f"optim.lr={lr}")
+        (alone,) = (tmp_path / lr / "runs").iterdir()
+        assert len(losses(alone)) == 3
+        assert jobs["basic"][i].name == alone.name  # a job of a sweep is the run of its overrides: resumable alone
+        assert losses(jobs["basic"][i]) == losses(alone), lr
+        meta = json.loads((jobs["submitit"][i] / "checkpoints" / "step00000003" / "meta.json").read_text())
+        assert (meta["world_size"], meta["ep_size"]) == (2, 2)
+        assert losses(jobs["submitit"][i]) == pytest.approx(losses(alone), abs=1e-6), lr
+    assert losses(jobs["basic"][0]) != losses(jobs["basic"][1])
