@@ -81,7 +81,7 @@ def phase(name: str, size: str, steps: int, workdir: Path) -> dict:
         times["step"] = statistics.median(r["step_time_s"] for r in records[1:] or records)
         writer.close()
         return times
-    with timed(Checkpointer, "resumable_tag", times, "verify"), timed(Checkpointer, "load", times, "load"):
+    with timed(train_checkpoint, "resume_point", times, "verify"), timed(Checkpointer, "load", times, "load"):
         reader = trainer_for(size, steps, workdir / name.replace(" ", "_"),
                              *(("parallel.zero_stage=2",) if name == "elastic" else ()))
     assert reader.step == steps, reader.step

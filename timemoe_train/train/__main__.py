@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ..data.errors import DataError
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, read_meta
 from ..model.config import ConfigError
 from .config import RunConfig, TrainConfigError
 from .monitor import scrub
@@ -66,19 +66,12 @@ def run_config(cfg: DictConfig) -> RunConfig:
     return RunConfig(**groups)
 
 
-def start_message(checkpoint) -> str:
-    """What this launch will do, said before anything else: from the checkpoint pointer `latest` (the loader
-    checks it again)."""
+def start_message(checkpoint, tag: str | None) -> str:
+    """What this launch will do, said before anything else."""
     root = Path(checkpoint.dir).resolve()
-    latest = root / "latest"
-    if checkpoint.resume and latest.is_file():
-        tag = latest.read_text().strip()
-        try:
-            step = json.loads((root / tag / "meta.json").read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            step = "?"
-        return f"timemoe-train: resuming from step {step} ({root / tag})"
-    return f"timemoe-train: starting a new run ({root})"
+    if tag is None:
+        return f"timemoe-train: starting a new run ({root})"
+    return f"timemoe-train: resuming from step {read_meta(root / tag)['step']} ({root / tag})"
 
 
 def make_trainer(cfg: DictConfig, run_dir: str | Path):
@@ -89,11 +82,14 @@ def make_trainer(cfg: DictConfig, run_dir: str | Path):
         raise TrainConfigError(_omegaconf_message(e, "config")) from None
     run = run_config(cfg)
     run.validate(int(os.environ.get("WORLD_SIZE", "1")))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(start_message(run.checkpoint), flush=True)
+    from .checkpoint import resume_point
     from .trainer import Trainer  # torch.distributed, DeepSpeed and megatron load only for a valid config
 
-    return Trainer(run, run_dir, OmegaConf.to_yaml(OmegaConf.create(container)), container)
+    tag = None
+    if int(os.environ.get("RANK", "0")) == 0:  # verified once, before any engine start-up; broadcast later
+        tag = resume_point(run.checkpoint)
+        print(start_message(run.checkpoint, tag), flush=True)
+    return Trainer(run, run_dir, OmegaConf.to_yaml(OmegaConf.create(container)), container, tag)
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> bool:

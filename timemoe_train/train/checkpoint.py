@@ -77,9 +77,15 @@ def set_rng_state(state: dict) -> None:
 
 def newest_verified(root: Path) -> str | None:
     """The newest checkpoint of `root` that matches its manifest (None: there are none); each one that does not
-    gives a CheckpointWarning naming the file. Raises CheckpointError when checkpoints exist but none verifies."""
+    gives a CheckpointWarning naming the file, and so does a `latest` that names no checkpoint (deleted by hand).
+    Raises CheckpointError when checkpoints exist, or were pointed at, but none verifies."""
     bad = []
-    for tag in step_tags(root):
+    tags = step_tags(root)
+    pointed = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    if pointed is not None and pointed not in tags:
+        bad.append(f"{root / LATEST} names {pointed!r}, which is not a directory of {root}")
+        warnings.warn(bad[-1], CheckpointWarning, stacklevel=2)
+    for tag in tags:
         try:
             verify(root / tag)
             return tag
@@ -91,6 +97,16 @@ def newest_verified(root: Path) -> str | None:
         raise CheckpointError(f"no checkpoint in {root} verifies, so none was loaded and nothing was written "
                               f"(move the damaged ones away, or set checkpoint.resume=false): " + "; ".join(bad))
     return None
+
+
+def resume_point(checkpoint_cfg) -> str | None:
+    """The tag a run with this `checkpoint` config resumes from: the newest verified one, every rejected one
+    warned about (always, also when the same warning was given before in this process); None: a new run."""
+    if not checkpoint_cfg.resume:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", CheckpointWarning)
+        return newest_verified(Path(checkpoint_cfg.dir).resolve())
 
 
 class Checkpointer:
@@ -105,21 +121,11 @@ class Checkpointer:
         engine.checkpoint_engine = run_dir_checkpoint_engine(self.root, self.records)
 
     # --- reading -------------------------------------------------------------------------------------------
-    def resumable_tag(self) -> str | None:
-        """Rank 0 verifies, every rank gets its answer: the newest verified tag, None, or the same error."""
-        answer = [None]
-        if self.rank == 0:
-            with warnings.catch_warnings():
-                warnings.simplefilter("always", CheckpointWarning)
-                try:
-                    answer = [("tag", newest_verified(self.root))]
-                except CheckpointError as e:
-                    answer = [("error", str(e))]
+    def resumable_tag(self, verified: str | None) -> str | None:
+        """Rank 0's `resume_point` (verified before the engine started), for every rank."""
+        answer = [verified]
         dist.broadcast_object_list(answer, src=0)
-        kind, value = answer[0]
-        if kind == "error":
-            raise CheckpointError(value)
-        return value
+        return answer[0]
 
     def load(self, tag: str, layout: dict, seed: int) -> dict:
         """Restore engine (weights, optimizer) and RNG from `tag`; returns the trainer state. `layout` is this

@@ -68,7 +68,10 @@ class StopRequest:
 
 
 class Trainer:
-    def __init__(self, run: RunConfig, run_dir: str | Path, config_yaml: str, config_dict: dict):
+    def __init__(self, run: RunConfig, run_dir: str | Path, config_yaml: str, config_dict: dict,
+                 resume_tag: str | None = None):
+        """`resume_tag`: on rank 0, the checkpoint to resume from (`checkpoint.resume_point`, verified before any
+        engine start-up); the other ranks receive rank 0's."""
         self.run, self.run_dir, self.config_yaml = run, Path(run_dir), config_yaml
         self.stop = StopRequest()  # from the start: a signal during set-up stops after the first step, saved
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists, also in a plain one-process run
@@ -99,7 +102,7 @@ class Trainer:
         self.checkpointer = Checkpointer(run.checkpoint, self.engine, self.module, lay.rank, lay.world_size)
         self.step = 0
         self.wandb_id = None
-        self._resume()
+        self._resume(resume_tag)
         self.monitor = Monitor(self.run_dir, run.logger, lay.is_main, config_dict, t.max_steps, self.step,
                                self.wandb_id)
         self.peak = peak_flops(t.peak_flops_per_device)
@@ -113,9 +116,9 @@ class Trainer:
                 "precision": self.run.trainer.precision, "moe_impl": self.run.model.moe_impl,
                 "offload_optimizer": p.offload_optimizer}
 
-    def _resume(self) -> None:
+    def _resume(self, verified: str | None) -> None:
         self.checkpointer.remove_incomplete()
-        tag = self.checkpointer.resumable_tag() if self.run.checkpoint.resume else None
+        tag = self.checkpointer.resumable_tag(verified)
         if tag is None:
             return
         state = self.checkpointer.load(tag, self._layout_meta(), self.run.trainer.seed)
