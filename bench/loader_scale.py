@@ -120,9 +120,12 @@ def write_corpus(out: Path, sequences: int, scale: int, rng: np.random.Generator
 
 
 def memory() -> dict[str, float]:
+    """Peak RSS, its private (anonymous) part, and PSS: the shared pages divided among the processes mapping them."""
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    gb = lambda key: int(status[key].split()[0]) / 2**20  # noqa: E731 - kB -> GB
-    return {"peak_rss_gb": gb("VmHWM"), "anon_gb": gb("RssAnon"), "file_gb": gb("RssFile")}
+    rollup = dict(line.split(":", 1) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
+    gb = lambda table, key: int(table[key].split()[0]) / 2**20  # noqa: E731 - kB -> GB
+    return {"peak_rss_gb": gb(status, "VmHWM"), "anon_gb": gb(status, "RssAnon"), "file_gb": gb(status, "RssFile"),
+            "pss_gb": gb(rollup, "Pss")}
 
 
 def child(mode: str, corpus: str, plans: str, scale: int, rank: int, ranks: int, go: str, seconds: float) -> None:

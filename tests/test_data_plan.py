@@ -97,6 +97,19 @@ def test_cached_and_uncached_plans_give_identical_batches(golden_dirs, tmp_path)
             np.testing.assert_array_equal(v, uncached.batch(rows)[k])
 
 
+def test_a_process_keeps_few_shards_open(golden_dirs, tmp_path, monkeypatch):
+    import timemoe_train.data.shards as shards
+
+    cfg = config(golden_dirs["prep statistics"], tmp_path)
+    expected = build_train_loader(cfg).stream.batch(np.arange(64))
+    monkeypatch.setattr(shards, "_OPEN_SHARDS", 1)
+    monkeypatch.setattr(shards, "_OPEN_CHUNKS", 2)
+    stream = build_train_loader(cfg).stream
+    for k, v in stream.batch(np.arange(64)).items():
+        np.testing.assert_array_equal(v, expected[k])
+    assert len(stream.store._readers) == 1 and len(stream.store._chunks) == 2
+
+
 def test_workers_stream_equals_in_process_stream(golden_dirs, tmp_path):
     cfg = config(golden_dirs["prep statistics"], tmp_path)
     inline = take(build_train_loader(cfg, 0, 1, 8, 4), 6)

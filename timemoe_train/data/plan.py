@@ -23,7 +23,7 @@ from data_prep.shards import read_stats
 from .config import DataConfig
 from .errors import DataError
 from .manifest import Manifest
-from .plan_file import read_plan_file
+from .plan_file import PlanFileError, read_plan_file
 from .shards import chunk_values, open_shard, scan_shards
 from .windows import GROUP_ARRAYS, cut_group
 
@@ -72,7 +72,10 @@ class Plan:
     def __setstate__(self, state):
         self.__dict__.update(state)
         if self.arrays is None:
-            self.meta, self.arrays = read_plan_file(self.path, self.key)
+            try:
+                self.meta, self.arrays = read_plan_file(self.path, self.key)
+            except PlanFileError as e:
+                raise DataError(self.path, "plan file", self.key[:16], f"{e} (replaced while training?)") from None
 
 
 def _prep_statistics(manifest: Manifest) -> np.ndarray:

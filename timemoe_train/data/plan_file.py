@@ -85,6 +85,9 @@ def read_plan_file(path: Path, key: str, verify: bool = False) -> tuple[dict, di
                 raise PlanFileError(f"built for another corpus or configuration (key {header['key'][:16]}…, "
                                     f"this run's is {key[:16]}…)")
             buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            # Batches read a few entries at random places: without this, each one also maps (and reads) the
+            # pages around it, and a rank's resident set fills with plan pages it never uses.
+            buffer.madvise(mmap.MADV_RANDOM)
     except OSError as e:
         raise PlanFileError(f"unreadable ({e})") from None
     if buffer[size - len(END):] != END:

@@ -8,6 +8,7 @@ opened on first use, so a rank's start-up does not grow with the corpus.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,10 @@ from data_prep.shards import SCHEMA
 
 from .errors import DataError
 from .manifest import Manifest
+
+# Open shards and mapped record batches a process keeps (least recently used go): bounded file descriptors and
+# Python objects however many shards a corpus has.
+_OPEN_SHARDS, _OPEN_CHUNKS = 64, 1024
 
 # The per-sequence (_S) and per-chunk (_C; a chunk is one record batch of a shard) arrays of the index.
 INDEX_ARRAYS = ("chunk_S", "start_S", "length_S", "domain_S", "dataset_S", "chunk_shard_C", "chunk_batch_C")
@@ -96,8 +101,8 @@ class ShardStore:
         self.dataset_names = sorted(manifest.datasets)
         for name in INDEX_ARRAYS:
             setattr(self, name, index[name])
-        self._readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
-        self._chunks: dict[int, np.ndarray] = {}
+        self._readers: OrderedDict[int, pa.ipc.RecordBatchFileReader] = OrderedDict()
+        self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
 
     @classmethod
     def scan(cls, manifest: Manifest) -> ShardStore:
@@ -108,13 +113,20 @@ class ShardStore:
         return len(self.length_S)
 
     def _chunk(self, c: int) -> np.ndarray:
-        values = self._chunks.get(c)
-        if values is None:
-            k = int(self.chunk_shard_C[c])
-            if k not in self._readers:
-                shard = self.manifest.shards[k]
-                self._readers[k] = open_shard(shard.path, shard.bytes)
-            values = self._chunks[c] = chunk_values(self._readers[k], int(self.chunk_batch_C[c]))[0]
+        if c in self._chunks:
+            self._chunks.move_to_end(c)
+            return self._chunks[c]
+        k = int(self.chunk_shard_C[c])
+        if k in self._readers:
+            self._readers.move_to_end(k)
+        else:
+            shard = self.manifest.shards[k]
+            self._readers[k] = open_shard(shard.path, shard.bytes)
+            if len(self._readers) > _OPEN_SHARDS:
+                self._readers.popitem(last=False)
+        values = self._chunks[c] = chunk_values(self._readers[k], int(self.chunk_batch_C[c]))[0]
+        if len(self._chunks) > _OPEN_CHUNKS:
+            self._chunks.popitem(last=False)
         return values
 
     def sequence(self, s: int) -> np.ndarray:
@@ -124,4 +136,4 @@ class ShardStore:
 
     def __getstate__(self):
         # Spawned workers re-map the shards instead of receiving a pickled copy of every point.
-        return {**self.__dict__, "_readers": {}, "_chunks": {}}
+        return {**self.__dict__, "_readers": OrderedDict(), "_chunks": OrderedDict()}
