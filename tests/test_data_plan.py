@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 from test_data_loader import take
-from test_data_plan_corpus import GOLDEN_CONFIGS, GOLDEN_ROWS, golden_corpus
 from test_data_shards import write_corpus
 from test_data_windows import global_rows, labelled_transitions
 from test_prep_time300b import QUIET, make_corpus
@@ -37,7 +36,33 @@ from timemoe_train.data.stream import SampleStream
 from timemoe_train.data.windows import pack
 
 REPO = Path(__file__).resolve().parents[1]
+# Main's SampleStream (commit 99ae16a, before the plan existed) on golden_corpus: GOLDEN_ROWS of every
+# configuration, as "<configuration>.<array>".
 GOLDEN = REPO / "tests" / "data" / "stream_golden.npz"
+GOLDEN_ROWS = np.concatenate([np.arange(48), np.arange(5000, 5016), np.arange(70_000, 70_016)])
+GOLDEN_CONFIGS = {
+    "default": dict(max_length=24),
+    "random": dict(max_length=24, window_mode="random"),
+    "unpacked": dict(max_length=24, packing=False),
+    "window_norm": dict(max_length=24, normalization="window"),
+    "no_norm": dict(max_length=24, normalization="none", stride=10),
+    "datasets": dict(max_length=16, mixture_by="dataset", mixture_block=7, mixture_temperature=2.0,
+                     mixture_weights={"energy/e1": 1.0, "energy/e2": 2.0, "web/w1": 3.0}),
+    "seed": dict(max_length=32, seed=5, window_mode="random", stride=8),
+}
+
+
+def golden_corpus(directory: Path) -> Path:
+    """Short, long and constant series in three domains and four datasets over three shards."""
+    rng = np.random.default_rng(12)
+    series = []
+    for domain, dataset, n, high in (("energy", "e1", 40, 60), ("energy", "e2", 15, 400), ("nature", "n1", 10, 1500),
+                                     ("web", "w1", 30, 30)):
+        for length in rng.integers(2, high, n):
+            values = rng.gamma(2.0, 3.0, length) * rng.choice([1.0, 0.0, 1e3], p=[0.8, 0.1, 0.1])
+            series.append((domain, dataset, values.astype(np.float32)))
+    order = rng.permutation(len(series))
+    return write_corpus(directory, [series[i] for i in order], num_shards=3)
 
 
 def config(path, plan_dir, **overrides) -> DataConfig:
@@ -68,7 +93,6 @@ def golden_dirs(tmp_path_factory):
 
 @pytest.mark.parametrize("stats", ["prep statistics", "no statistics"])
 def test_stream_is_bit_identical_to_the_one_before_the_plan_cache(golden_dirs, stats, tmp_path):
-    """stream_golden.npz: main's SampleStream (commit 99ae16a, before the plan existed) on golden_corpus."""
     golden = np.load(GOLDEN)
     for name, overrides in GOLDEN_CONFIGS.items():
         cfg = DataConfig(path=str(golden_dirs[stats]), num_workers=0, plan_dir=str(tmp_path), **overrides)

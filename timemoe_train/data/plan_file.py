@@ -88,6 +88,9 @@ def read_plan_file(path: Path, key: str, verify: bool = False) -> tuple[dict, di
             # Batches read a few entries at random places: without this, each one also maps (and reads) the
             # pages around it, and a rank's resident set fills with plan pages it never uses.
             buffer.madvise(mmap.MADV_RANDOM)
+            # ... but do bring the file into the page cache, in the background: random reads of a cold plan would
+            # each wait for the disk. (The page cache is shared by every process mapping the file.)
+            buffer.madvise(mmap.MADV_WILLNEED)
     except OSError as e:
         raise PlanFileError(f"unreadable ({e})") from None
     if buffer[size - len(END):] != END:

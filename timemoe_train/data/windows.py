@@ -136,7 +136,7 @@ class GroupUnits:
         return permute(derive_key(self.cfg.seed, EPOCH_TAG, self.group, epoch), draws_N, self.num_units)
 
     def pieces(self, epoch: int, units_N: np.ndarray, rows_N: np.ndarray) -> Pieces:
-        """The pieces of each unit, for rows rows_N."""
+        """The pieces of units units_N of one epoch, which fill batch rows rows_N."""
         units_N = np.asarray(units_N, dtype=np.int64)
         is_window_N = units_N < self.num_windows
         windows_N = units_N[is_window_N]
