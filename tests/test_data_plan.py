@@ -220,8 +220,8 @@ BUILDER = textwrap.dedent("""
     import timemoe_train.data.plan_cache as plan_cache
     from timemoe_train.data import DataConfig, build_train_loader
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    compute = plan_cache.compute_plan
-    plan_cache.compute_plan = lambda *a: (time.sleep(1.5), compute(*a))[1]  # widen the window for a race
+    compute = plan_cache.plan_parts
+    plan_cache.plan_parts = lambda *a: (time.sleep(1.5), compute(*a))[1]  # widen the window for a race
     if os.environ.get("WORLD_SIZE"):
         dist.init_process_group("gloo")
     go = sys.argv[3]

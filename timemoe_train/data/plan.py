@@ -118,29 +118,37 @@ def sequence_statistics(manifest: Manifest, index: dict[str, np.ndarray], holdou
     return stats_S2
 
 
-def compute_plan(manifest: Manifest, cfg: DataConfig) -> Plan:
-    """The plan, built in memory (the cache writes it to its file)."""
+def plan_parts(manifest: Manifest, cfg: DataConfig) -> tuple[str, dict, dict[str, np.ndarray | list[np.ndarray]]]:
+    """(key, meta, arrays) of the plan, arrays possibly in parts (as the plan file writes them)."""
     domain_names, dataset_names = sorted(manifest.domains), sorted(manifest.datasets)
     index = scan_shards(manifest, domain_names, dataset_names)
     by_domain = cfg.mixture_by == "domain"
     group_names = domain_names if by_domain else dataset_names
-    group_S = index["domain_S"] if by_domain else index["dataset_S"]
-    order_S = np.argsort(group_S, kind="stable")
-    bounds = np.searchsorted(group_S[order_S], np.arange(len(group_names) + 1))
+    group = "domain_S" if by_domain else "dataset_S"
+    for name in (group, "length_S", "chunk_S", "chunk_shard_C", "chunk_batch_C"):  # needed whole below
+        index[name] = np.concatenate(index[name])
+    order_S = np.argsort(index[group], kind="stable")
+    bounds = np.searchsorted(index[group][order_S], np.arange(len(group_names) + 1))
     trained_S = index["length_S"] - cfg.holdout_points
-    parts = {name: [] for name in GROUP_ARRAYS}
+    parts = {name: [np.zeros(0, np.int64)] for name in GROUP_ARRAYS}
     sizes = {name: 0 for name in GROUP_ARRAYS}
     groups = []
     for g in range(len(group_names)):
         seqs_S = order_S[bounds[g]:bounds[g + 1]]
-        arrays = cut_group(g, seqs_S, trained_S[seqs_S], cfg)
         slices = {}
-        for name, a in arrays.items():
+        for name, a in cut_group(g, seqs_S, trained_S[seqs_S], cfg).items():
             parts[name].append(a)
             slices[name] = [sizes[name], sizes[name] + len(a)]
             sizes[name] += len(a)
         groups.append(slices)
-    arrays = {**index, **{name: np.concatenate(p) if p else np.zeros(0, np.int64) for name, p in parts.items()}}
+    del order_S, trained_S
+    arrays = {**index, **parts}
     if needs_statistics(cfg):
         arrays["stats_S2"] = sequence_statistics(manifest, index, cfg.holdout_points)
-    return Plan(plan_key(plan_identity(manifest, cfg)), {"group_names": group_names, "groups": groups}, arrays)
+    return plan_key(plan_identity(manifest, cfg)), {"group_names": group_names, "groups": groups}, arrays
+
+
+def compute_plan(manifest: Manifest, cfg: DataConfig) -> Plan:
+    """The plan, built in memory (the cache writes plan_parts to its file instead)."""
+    key, meta, arrays = plan_parts(manifest, cfg)
+    return Plan(key, meta, {name: np.concatenate(a) if isinstance(a, list) else a for name, a in arrays.items()})

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from .config import DataConfig
 from .errors import DataError
 from .manifest import Manifest
-from .plan import Plan, compute_plan, plan_identity, plan_key
+from .plan import Plan, plan_identity, plan_key, plan_parts
 from .plan_file import PlanFileError, read_plan_file, write_plan_file
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,9 @@ def _open(path: Path, key: str, verify: bool) -> tuple[Plan | None, str | None]:
 def _build(manifest: Manifest, cfg: DataConfig, path: Path, key: str) -> Plan:
     start = time.perf_counter()
     log.info("building the sample plan of %s (%d shards) into %s", manifest.path.parent, len(manifest.shards), path)
-    plan = compute_plan(manifest, cfg)
-    assert plan.key == key
-    write_plan_file(path, key, plan.meta, plan.arrays)
+    built_key, meta, arrays = plan_parts(manifest, cfg)
+    assert built_key == key
+    write_plan_file(path, key, meta, arrays)
     log.info("sample plan built in %.1f s: %s", time.perf_counter() - start, path)
     return Plan(key, *read_plan_file(path, key), path)
 

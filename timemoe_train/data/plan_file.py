@@ -31,12 +31,16 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-def write_plan_file(path: Path, key: str, meta: dict, arrays: dict[str, np.ndarray]) -> None:
-    """Write to a temporary file beside `path`, then rename it into place: a reader never sees half a file."""
+def write_plan_file(path: Path, key: str, meta: dict, arrays: dict[str, np.ndarray | list[np.ndarray]]) -> None:
+    """Write to a temporary file beside `path`, then rename it into place: a reader never sees half a file.
+
+    An array may come as a list of parts (same dtype, joined along the first axis), written one after another."""
+    arrays = {name: a if isinstance(a, list) else [a] for name, a in arrays.items()}
     layout, offset = {}, 0
-    for name, a in arrays.items():
-        layout[name] = [a.dtype.str, list(a.shape), offset]
-        offset = _aligned(offset + a.nbytes)
+    for name, parts in arrays.items():
+        shape = [sum(len(a) for a in parts), *parts[0].shape[1:]]
+        layout[name] = [parts[0].dtype.str, shape, offset]
+        offset = _aligned(offset + sum(a.nbytes for a in parts))
     header = json.dumps({"key": key, "meta": meta, "arrays": layout, "data_bytes": offset}).encode()
     data_start = _aligned(16 + len(header))
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
@@ -45,14 +49,16 @@ def write_plan_file(path: Path, key: str, meta: dict, arrays: dict[str, np.ndarr
         with open(tmp, "wb") as f:
             f.write(MAGIC + struct.pack("<Q", len(header)) + header)
             f.write(b"\0" * (data_start - f.tell()))
-            for name, a in arrays.items():
+            for name, parts in arrays.items():
                 at = f.tell() - data_start
                 f.write(b"\0" * (layout[name][2] - at))
                 digest.update(b"\0" * (layout[name][2] - at))
-                raw = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
-                for lo in range(0, len(raw), _HASH_CHUNK):
-                    f.write(raw[lo:lo + _HASH_CHUNK])
-                    digest.update(raw[lo:lo + _HASH_CHUNK])
+                for a in parts:
+                    assert a.dtype.str == layout[name][0], name
+                    raw = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+                    for lo in range(0, len(raw), _HASH_CHUNK):
+                        f.write(raw[lo:lo + _HASH_CHUNK])
+                        digest.update(raw[lo:lo + _HASH_CHUNK])
             tail = data_start + offset - f.tell()
             f.write(b"\0" * tail)
             digest.update(b"\0" * tail)

@@ -56,14 +56,34 @@ def _codes(path: Path, column: pa.Array, names: list[str], field: str) -> np.nda
     return codes.to_numpy(zero_copy_only=False).astype(np.int32)
 
 
+def _constant(column: pa.Array) -> str | None:
+    """The column's only value, if it has one (timemoe-prep writes one dataset per record batch)."""
+    if not len(column) or column.null_count:
+        return None
+    bounds = pc.min_max(column)
+    return bounds["min"].as_py() if bounds["min"] == bounds["max"] else None
+
+
+def _group_codes(path: Path, batch: pa.RecordBatch, domain_names: list[str], dataset_names: list[str]):
+    """(domain_R, dataset_R) codes of a record batch's rows."""
+    domain, dataset = _constant(batch.column("domain")), _constant(batch.column("dataset"))
+    if domain in domain_names and f"{domain}/{dataset}" in dataset_names:  # no per-row lookup
+        return (np.full(batch.num_rows, domain_names.index(domain), dtype=np.int32),
+                np.full(batch.num_rows, dataset_names.index(f"{domain}/{dataset}"), dtype=np.int32))
+    keys = pc.binary_join_element_wise(batch.column("domain"), batch.column("dataset"), "/")
+    return (_codes(path, batch.column("domain"), domain_names, "domain"),
+            _codes(path, keys, dataset_names, "domain/dataset"))
+
+
 def chunk_values(reader: pa.ipc.RecordBatchFileReader, batch: int) -> tuple[np.ndarray, np.ndarray]:
     """(points, offsets) of one record batch: a float32 view into the shard and the rows' int64 offsets."""
     target = reader.get_batch(batch).column("target")
     return target.values.to_numpy(zero_copy_only=True), target.offsets.to_numpy().astype(np.int64)
 
 
-def scan_shards(manifest: Manifest, domain_names: list[str], dataset_names: list[str]) -> dict[str, np.ndarray]:
-    """The index (INDEX_ARRAYS) of every sequence; domain_S and dataset_S index the sorted names."""
+def scan_shards(manifest: Manifest, domain_names: list[str], dataset_names: list[str]) -> dict[str, list[np.ndarray]]:
+    """The index (INDEX_ARRAYS) of every sequence, each array in parts (one per record batch); domain_S and
+    dataset_S index the sorted names."""
     parts = {name: [] for name in INDEX_ARRAYS}
     shards, chunk = manifest.shards, 0
     for k, shard in enumerate(tqdm(shards, desc="indexing shards", unit="shard",
@@ -76,9 +96,9 @@ def scan_shards(manifest: Manifest, domain_names: list[str], dataset_names: list
             parts["chunk_S"].append(np.full(batch.num_rows, chunk, dtype=np.int32))
             parts["start_S"].append(offsets_R[:-1])
             parts["length_S"].append(np.diff(offsets_R))
-            parts["domain_S"].append(_codes(shard.path, batch.column("domain"), domain_names, "domain"))
-            keys = pc.binary_join_element_wise(batch.column("domain"), batch.column("dataset"), "/")
-            parts["dataset_S"].append(_codes(shard.path, keys, dataset_names, "domain/dataset"))
+            domain_R, dataset_R = _group_codes(shard.path, batch, domain_names, dataset_names)
+            parts["domain_S"].append(domain_R)
+            parts["dataset_S"].append(dataset_R)
             parts["chunk_shard_C"].append(np.array([k], dtype=np.int32))
             parts["chunk_batch_C"].append(np.array([i], dtype=np.int32))
             chunk += 1
@@ -88,8 +108,8 @@ def scan_shards(manifest: Manifest, domain_names: list[str], dataset_names: list
             raise DataError(shard.path, "rows/points", (rows, points),
                             f"the manifest lists ({shard.rows}, {shard.points}); the shard is truncated or stale")
     dtypes = {"start_S": np.int64, "length_S": np.int64}
-    return {name: np.concatenate(p).astype(dtypes.get(name, np.int32), copy=False) if p
-            else np.zeros(0, dtypes.get(name, np.int32)) for name, p in parts.items()}
+    # Left in parts: the plan file writes them one after another, without a joined copy in memory.
+    return {name: [np.zeros(0, dtypes.get(name, np.int32))] + p for name, p in parts.items()}
 
 
 class ShardStore:
@@ -107,7 +127,8 @@ class ShardStore:
     @classmethod
     def scan(cls, manifest: Manifest) -> ShardStore:
         """The store with an index made now (what the plan file holds, without one)."""
-        return cls(manifest, scan_shards(manifest, sorted(manifest.domains), sorted(manifest.datasets)))
+        parts = scan_shards(manifest, sorted(manifest.domains), sorted(manifest.datasets))
+        return cls(manifest, {name: np.concatenate(p) for name, p in parts.items()})
 
     def __len__(self) -> int:
         return len(self.length_S)
