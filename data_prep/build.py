@@ -106,7 +106,8 @@ def finished_shard(out_dir: Path, work: Path, index: int, shard_count: int) -> d
         return None
     if shard.stat().st_size != result["bytes"] or sha256_file(shard) != result["sha256"]:
         return None
-    stats = out_dir / result.get("stats", {}).get("file", "")
-    if "stats" not in result or not stats.is_file() or sha256_file(stats) != result["stats"]["sha256"]:
+    stats = result.get("stats")
+    stats_file = out_dir / stats["file"] if stats else None
+    if stats_file is None or not stats_file.is_file() or sha256_file(stats_file) != stats["sha256"]:
         return None  # written by an older timemoe-prep, or lost
     return result

@@ -77,7 +77,8 @@ def build_manifest(
             d = by_domain.setdefault(entry["domain"], {"sequences": 0, "points": 0})
             d["sequences"] += stats["sequences"]
             d["points"] += stats["points"]
-        shard_entries.append({k: shard[k] for k in ("file", "rows", "points", "bytes", "sha256", "stats") if k in shard} | {
+        keys = ("file", "rows", "points", "bytes", "sha256", "stats")
+        shard_entries.append({k: shard[k] for k in keys if k in shard} | {
             "domains": dict(sorted(by_domain.items())),
             "datasets": {key: {k: s[k] for k in ("sequences", "points")} for key, s in shard["datasets"].items()},
         })

@@ -107,7 +107,8 @@ def read_plan_file(path: Path, key: str, verify: bool = False) -> tuple[dict, di
             digest.update(buffer[lo:min(lo + _HASH_CHUNK, data_start + header["data_bytes"])])
         stored = buffer[size - len(END) - _DIGEST:size - len(END)].decode()
         if digest.hexdigest() != stored:
-            raise PlanFileError(f"damaged: sha256 {digest.hexdigest()[:16]}… differs from the recorded {stored[:16]}…")
+            raise PlanFileError(f"damaged: sha256 {digest.hexdigest()[:16]}… differs from the recorded "
+                                f"{stored[:16]}…")
     arrays = {}
     for name, (dtype, shape, offset) in header["arrays"].items():
         dt = np.dtype(dtype)
