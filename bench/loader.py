@@ -6,6 +6,10 @@ Measured in one run on the same machine:
 - released: the released code's access pattern over the same raw `.bin` files: per window, open the file(s),
             seek, read the whole sequence, de-normalise, z-normalise, cut the window, pad (same workers, batch)
 - training: one fwd+bwd+AdamW step of `TimeMoeConfig.preset("base")` on a loader micro-batch of 1 x 4096
+- GPU:      what one H100 consumes at 40% MFU (989 TFLOP/s dense bf16, an assumption, not a measurement) for the
+            base and large presets: points/s = 0.4 x 989e12 / FLOPs per point, the FLOPs of
+            timemoe_train.train.metrics.train_flops on the loader's own rows (6 x active weights per point plus
+            attention over each packed sequence); headroom per loader worker = a worker's points/s over that
 Goal: loader >= 20x what training consumes. The last line is `headroom: <loader / training>x`.
 
     python bench/loader.py [--points 6000000] [--workers 2] [--batch 8] [--batches 150] [--train-steps 2]
@@ -28,8 +32,10 @@ from data_prep.sources.time300b import Time300BSource
 from timemoe_train.data import DataConfig, build_train_loader
 from timemoe_train.model.config import TimeMoeConfig
 from timemoe_train.model.modeling import TimeMoeForPrediction
+from timemoe_train.train.metrics import segment_square_sum, train_flops
 
 MAX_LENGTH = 4096
+H100_BF16_DENSE, MFU = 989e12, 0.40
 DOMAINS = {  # domain -> median series length: short, medium and long series, as in Time-300B
     "energy": 600, "nature": 20_000, "web": 3_000}
 
@@ -98,8 +104,9 @@ class ReleasedStyleWindows(Dataset):
         return {"input_ids": seq[:-1], "labels": seq[1:], "loss_masks": mask}
 
 
-def rate(batches, n_batches: int, warmup: int = 5) -> tuple[float, float]:
-    """(windows/s, labelled points/s) once the workers are running."""
+def rate(batches, n_batches: int, warmup: int = 5, shape: dict | None = None) -> tuple[float, float]:
+    """(windows/s, labelled points/s) once the workers are running; `shape` collects the points and Σ length² of
+    the rows (what the FLOP count needs)."""
     it = iter(batches)
     for _ in range(warmup):
         next(it)
@@ -110,6 +117,9 @@ def rate(batches, n_batches: int, warmup: int = 5) -> tuple[float, float]:
         mask = batch["loss_mask"] if "loss_mask" in batch else batch["loss_masks"]
         windows += mask.shape[0]
         points += int(mask.sum())
+        if shape is not None:
+            shape["points"] = shape.get("points", 0) + int((batch["sequence_ids"] >= 0).sum())
+            shape["square_sum"] = shape.get("square_sum", 0.0) + float(segment_square_sum(batch["sequence_ids"]))
     seconds = time.perf_counter() - start
     return windows / seconds, points / seconds
 
@@ -150,7 +160,8 @@ def main():
         cfg = DataConfig(path=str(prepared), max_length=MAX_LENGTH, num_workers=args.workers)
         loader = build_train_loader(cfg, global_batch_size=args.batch, micro_batch_size=args.batch)
         setup = time.perf_counter() - start
-        ours, ours_points = rate(loader, args.batches)
+        shape = {}
+        ours, ours_points = rate(loader, args.batches, shape=shape)
 
         released = DataLoader(ReleasedStyleWindows(raw), batch_size=args.batch, shuffle=True,
                               num_workers=args.workers, prefetch_factor=cfg.prefetch_factor,
@@ -167,6 +178,18 @@ def main():
     print(f"released: {theirs:10.1f} windows/s  {theirs_points / 1e6:8.2f} M labelled points/s  "
           f"(loader is {ours / theirs:.1f}x in windows, {ours_points / theirs_points:.1f}x in points)")
     print(f"training: {trained:10.4f} windows/s  (base preset, fwd+bwd+AdamW, 1 x {MAX_LENGTH})")
+    # The loader's points: every real point of a row (what the trainer counts for MFU), per worker.
+    worker_points = shape["points"] / args.batches / args.batch * ours / max(args.workers, 1)
+    print(f"GPU assumption: one H100 at {MFU:.0%} MFU of {H100_BF16_DENSE / 1e12:.0f} TFLOP/s dense bf16 "
+          f"(not measured); FLOPs from train_flops on the loader's rows")
+    for preset in ("base", "large"):
+        c = TimeMoeConfig.preset(preset)
+        per_point = train_flops(c, shape["points"], shape["square_sum"]) / shape["points"]
+        gpu_points = MFU * H100_BF16_DENSE / per_point
+        print(f"H100 {preset:>5}: {per_point / 1e6:8.1f} MFLOP/point -> {gpu_points / 1e6:6.2f} M points/s; one loader "
+              f"worker {worker_points / 1e6:.2f} M points/s = {worker_points / gpu_points:.2f}x, "
+              f"{args.workers} workers {args.workers * worker_points / gpu_points:.2f}x "
+              f"(workers needed per GPU: {gpu_points / worker_points:.1f})")
     print(f"headroom: {ours / trained:.0f}x")
 
 

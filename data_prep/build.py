@@ -16,8 +16,9 @@ import numpy as np
 from data_prep.clean import CleanOptions, add_counts, clean_batch, new_counts
 from data_prep.errors import PrepError
 from data_prep.index import DatasetReader, IndexedDataset
+from data_prep.moments import sequence_moments
 from data_prep.plan import ShardPlan
-from data_prep.shards import ShardWriter, make_batch, sha256_file, shard_name
+from data_prep.shards import ShardWriter, make_batch, sha256_file, shard_name, stats_name, write_stats
 
 MAX_LIST_POINTS = 2**31 - 1  # list<float32> offsets are int32
 
@@ -54,6 +55,7 @@ def build_shard(
     writer = ShardWriter(out_dir / name)
     per_dataset: dict[str, dict[str, Any]] = {}
     rows = points = 0
+    means, stds = [], []
     try:
         for sl in plan.slices:
             ds = datasets[sl.dataset]
@@ -68,7 +70,11 @@ def build_shard(
                 values, length, ids, counts = clean_batch(values, length, reader.item_ids(a, b), clean)
                 add_counts(stats["cleaning"], counts)
                 if length.size:
+                    values = np.asarray(values, dtype=np.float32)  # the statistics are of the points as stored
                     writer.write(make_batch(ids, ds.domain, ds.dataset, ds.freq, values, length))
+                    mean, std = sequence_moments(values, np.concatenate([[0], np.cumsum(length)]))
+                    means.append(mean)
+                    stds.append(std)
                 stats["sequences"] += int(length.size)
                 stats["points"] += int(length.sum())
                 rows += int(length.size)
@@ -77,7 +83,10 @@ def build_shard(
     except BaseException:
         writer.abort()
         raise
-    result = {"file": name, "rows": rows, "points": points, "bytes": size, "sha256": digest, "datasets": per_dataset}
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0)  # noqa: E731
+    stats_size, stats_digest = write_stats(out_dir / stats_name(name), cat(means), cat(stds))
+    result = {"file": name, "rows": rows, "points": points, "bytes": size, "sha256": digest, "datasets": per_dataset,
+              "stats": {"file": stats_name(name), "bytes": stats_size, "sha256": stats_digest}}
     sidecar = sidecar_path(work, plan.index)
     tmp = sidecar.with_name(sidecar.name + ".tmp")
     tmp.write_text(json.dumps(result))
@@ -97,4 +106,8 @@ def finished_shard(out_dir: Path, work: Path, index: int, shard_count: int) -> d
         return None
     if shard.stat().st_size != result["bytes"] or sha256_file(shard) != result["sha256"]:
         return None
+    stats = result.get("stats")
+    stats_file = out_dir / stats["file"] if stats else None
+    if stats_file is None or not stats_file.is_file() or sha256_file(stats_file) != stats["sha256"]:
+        return None  # written by an older timemoe-prep, or lost
     return result

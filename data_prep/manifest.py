@@ -9,8 +9,9 @@ Structure (``SCHEMA_VERSION`` 1; all counts are integers, "points" are float32 v
     options         {shard_bytes, batch_points, on_error, clean: {max_gap, min_length, drop_constant}}
     format          {container: "arrow-ipc-file", compression: null, columns: {name: arrow type}}
     totals          {shards, sequences, points, bytes}
-    shards          [{file, rows, points, bytes, sha256, domains: {domain: {sequences, points}},
-                      datasets: {"<domain>/<dataset>": {sequences, points}}}], in corpus order
+    shards          [{file, rows, points, bytes, sha256, stats: {file, bytes, sha256},
+                      domains: {domain: {sequences, points}}, datasets: {"<domain>/<dataset>": {sequences, points}}}],
+                    in corpus order; ``stats`` is the shard's per-row (mean, std) file (absent in older corpora)
     domains         {domain: {datasets, sequences, points}}
     datasets        {"<domain>/<dataset>": {domain, dataset, freq, sequences, points,
                                             input: {sequences, points}, cleaning: {rule: {count, points}}}}
@@ -76,7 +77,8 @@ def build_manifest(
             d = by_domain.setdefault(entry["domain"], {"sequences": 0, "points": 0})
             d["sequences"] += stats["sequences"]
             d["points"] += stats["points"]
-        shard_entries.append({k: shard[k] for k in ("file", "rows", "points", "bytes", "sha256")} | {
+        keys = ("file", "rows", "points", "bytes", "sha256", "stats")
+        shard_entries.append({k: shard[k] for k in keys if k in shard} | {
             "domains": dict(sorted(by_domain.items())),
             "datasets": {key: {k: s[k] for k in ("sequences", "points")} for key, s in shard["datasets"].items()},
         })
@@ -143,13 +145,18 @@ def shard_paths(out_dir: str | Path, manifest: dict[str, Any] | None = None) -> 
 
 
 def verify_shards(out_dir: str | Path, manifest: dict[str, Any] | None = None) -> None:
-    """Check every shard's size and sha256 against the manifest; raises PrepError on the first mismatch."""
+    """Check every shard's (and statistics file's) size and sha256 against the manifest; raises PrepError on the
+    first mismatch."""
     manifest = manifest or load_manifest(out_dir)
-    for shard, path in zip(manifest["shards"], shard_paths(out_dir, manifest)):
-        if not path.exists():
-            raise PrepError(path, "file", shard["file"], "listed in the manifest but missing")
-        if path.stat().st_size != shard["bytes"]:
-            raise PrepError(path, "bytes", path.stat().st_size, f"the manifest says {shard['bytes']}")
-        digest = sha256_file(path)
-        if digest != shard["sha256"]:
-            raise PrepError(path, "sha256", digest, f"the manifest says {shard['sha256']}")
+    for shard in manifest["shards"]:
+        for entry in (shard, shard.get("stats")):
+            if entry is None:
+                continue
+            path = Path(out_dir) / entry["file"]
+            if not path.exists():
+                raise PrepError(path, "file", entry["file"], "listed in the manifest but missing")
+            if path.stat().st_size != entry["bytes"]:
+                raise PrepError(path, "bytes", path.stat().st_size, f"the manifest says {entry['bytes']}")
+            digest = sha256_file(path)
+            if digest != entry["sha256"]:
+                raise PrepError(path, "sha256", digest, f"the manifest says {entry['sha256']}")

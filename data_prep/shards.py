@@ -5,6 +5,9 @@ Shards are Arrow IPC **file** format (random access to record batches through th
 data_files=...)`` loads them as they are. Columns (see ``SCHEMA``): ``item_id``, ``domain``, ``dataset`` (strings),
 ``freq`` (string, null when unknown) and ``target`` (``list<float32>``). A shard holds several record batches of at
 most ``batch_points`` points each (one sequence longer than that gets a batch of its own).
+
+Beside each shard, ``<shard>.stats.npy`` holds every row's float64 (mean, std) (``data_prep.moments``), so that the
+loader never re-reads a series for its statistics; the manifest lists its size and sha256 with the shard's.
 """
 
 from __future__ import annotations
@@ -50,6 +53,24 @@ def make_batch(
         ],
         schema=SCHEMA,
     )
+
+
+def stats_name(shard: str) -> str:
+    return shard + ".stats.npy"
+
+
+def write_stats(path: Path, mean_S: np.ndarray, std_S: np.ndarray) -> tuple[int, str]:
+    """``[rows, 2]`` float64 (mean, std) written atomically; returns its size and sha256."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as f:
+        np.save(f, np.stack([mean_S, std_S], axis=1).astype("<f8"))
+    os.replace(tmp, path)
+    return path.stat().st_size, sha256_file(path)
+
+
+def read_stats(path: str | Path) -> np.ndarray:
+    """The ``[rows, 2]`` (mean, std) of a shard, memory-mapped."""
+    return np.load(path, mmap_mode="r")
 
 
 def sha256_file(path: Path) -> str:

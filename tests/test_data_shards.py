@@ -12,17 +12,20 @@ import pytest
 from data_prep.clean import new_counts
 from data_prep.index import IndexedDataset
 from data_prep.manifest import SCHEMA_VERSION, build_manifest, write_manifest
-from data_prep.shards import ShardWriter, make_batch, shard_name
+from data_prep.moments import sequence_moments
+from data_prep.shards import ShardWriter, make_batch, shard_name, stats_name, write_stats
 
 from timemoe_train.data import DataError
+from timemoe_train.data.manifest import read_manifest
 from timemoe_train.data.shards import ShardStore
 
 
-
-def write_corpus(directory: Path, series: list[tuple[str, str, np.ndarray]], num_shards: int = 2) -> Path:
+def write_corpus(directory: Path, series: list[tuple[str, str, np.ndarray]], num_shards: int = 2,
+                 stats: bool = True) -> Path:
     """A prepared corpus through timemoe-prep's shard writer and manifest builder; series = [(domain, dataset,
     values)]. Written directly rather than by `prepare` so that tests control every point (prep's cleaning drops
-    the very short series packing is about)."""
+    the very short series packing is about). stats=False: no per-sequence statistics files, as an older
+    timemoe-prep wrote."""
     directory.mkdir(parents=True, exist_ok=True)
     shards, sizes = [], {}
     for k, idx in enumerate(np.array_split(np.arange(len(series)), num_shards)):
@@ -40,6 +43,12 @@ def write_corpus(directory: Path, series: list[tuple[str, str, np.ndarray]], num
         size, digest = writer.commit()
         shards.append({"file": path.name, "rows": len(idx), "points": sum(len(series[i][2]) for i in idx),
                        "bytes": size, "sha256": digest, "datasets": per_dataset})
+        if stats:
+            values = [np.asarray(series[i][2], np.float32) for i in idx]
+            mean, std = sequence_moments(np.concatenate(values) if values else np.zeros(0, np.float32),
+                                         np.concatenate([[0], np.cumsum([len(v) for v in values])]))
+            stats_size, stats_digest = write_stats(directory / stats_name(path.name), mean, std)
+            shards[-1]["stats"] = {"file": stats_name(path.name), "bytes": stats_size, "sha256": stats_digest}
     datasets = [IndexedDataset(domain, dataset, None, (), "", int(n), int(p), False, False)
                 for (domain, dataset), (n, p) in sizes.items()]
     write_manifest(directory, build_manifest({}, datasets, shards, [], []))
@@ -48,6 +57,13 @@ def write_corpus(directory: Path, series: list[tuple[str, str, np.ndarray]], num
 
 def random_series(rng: np.random.Generator, lengths: list[int], domain: str = "energy", dataset: str = "d0"):
     return [(domain, dataset, rng.normal(3.0, 2.0, n).astype(np.float32)) for n in lengths]
+
+
+def open_store(path: Path, verify: bool = False) -> ShardStore:
+    manifest = read_manifest(path)
+    if verify:
+        manifest.verify()
+    return ShardStore.scan(manifest)
 
 
 @pytest.fixture
@@ -59,7 +75,7 @@ def corpus(tmp_path):
 
 def test_values_and_labels_round_trip(corpus):
     path, series = corpus
-    store = ShardStore(path, verify=True)
+    store = open_store(path, verify=True)
     assert len(store) == len(series)
     assert store.domain_names == ["energy", "web"] and store.dataset_names == ["energy/e1", "web/w1"]
     for s, (domain, dataset, values) in enumerate(series):
@@ -75,7 +91,7 @@ def test_checksum_mismatch_names_the_shard(corpus):
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError, match="shard-00001-of-00002.arrow: sha256 = .*the manifest says .*corrupt"):
-        ShardStore(path, verify=True)
+        open_store(path, verify=True)
 
 
 def test_truncated_shard_names_the_shard(corpus):
@@ -83,7 +99,7 @@ def test_truncated_shard_names_the_shard(corpus):
     shard = path / "shard-00000-of-00002.arrow"
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(DataError, match="shard-00000-of-00002.arrow: file = .*truncated or corrupt"):
-        ShardStore(path)
+        open_store(path)
 
 
 def test_schema_version_mismatch(corpus):
@@ -92,7 +108,7 @@ def test_schema_version_mismatch(corpus):
     manifest["schema_version"] = SCHEMA_VERSION + 1
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=f"manifest.json: schema_version = {SCHEMA_VERSION + 1}"):
-        ShardStore(path)
+        open_store(path)
 
 
 def test_shard_that_disagrees_with_the_manifest(corpus):
@@ -101,7 +117,7 @@ def test_shard_that_disagrees_with_the_manifest(corpus):
     manifest["shards"][1]["points"] += 1
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="shard-00001-of-00002.arrow: rows/points .* truncated or stale"):
-        ShardStore(path)
+        open_store(path)
 
 
 def test_shard_with_another_schema(corpus):
@@ -111,4 +127,4 @@ def test_shard_with_another_schema(corpus):
     with pa.ipc.new_file(shard, table.schema) as writer:
         writer.write_table(table)
     with pytest.raises(DataError, match="shard-00000-of-00002.arrow: schema = 'item_id: string; target: list"):
-        ShardStore(path)
+        open_store(path)

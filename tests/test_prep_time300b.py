@@ -155,7 +155,8 @@ def test_manifest_counts_and_checksums_match_the_shards(corpus, packed):
         assert shard["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         assert shard["bytes"] == path.stat().st_size
     verify_shards(packed)
-    assert sorted(p.name for p in packed.iterdir()) == sorted([s["file"] for s in manifest["shards"]] + ["manifest.json"])
+    files = [s["file"] for s in manifest["shards"]] + [s["stats"]["file"] for s in manifest["shards"]]
+    assert sorted(p.name for p in packed.iterdir()) == sorted(files + ["manifest.json"])
     assert manifest["ignored"] == [{"file": str(corpus[0] / "README.md"), "reason": "not under a <domain>/ folder"}]
     assert manifest["source"]["name"] == "time300b" and manifest["schema_version"] == 1
 

@@ -39,6 +39,13 @@ class DataConfig:
     # Rows per mixture block: every block holds each group's share of rows exactly (to 1/block).
     mixture_block: int = 65536
     seed: int = 0
+    # The last N points of every series are never trained on (held out for evaluation); a series of fewer than
+    # N + 2 points contributes nothing. With "sequence" normalisation the statistics are of the trained part.
+    holdout_points: int = 0
+    # Where the sample plan (windows, packing bins, groups, statistics) is cached, built by one process and
+    # memory-mapped by every rank and worker. None: `<path>/plans`, or ~/.cache/timemoe-train/plans when the
+    # corpus is read-only.
+    plan_dir: str | None = None
     # DataLoader worker processes (0: build batches in the training process) and batches each one prefetches.
     num_workers: int = 2
     prefetch_factor: int = 4
@@ -85,6 +92,9 @@ class DataConfig:
                 bad(f"mixture_weights.{name}", w, "must be a non-negative number")
         if self.mixture_weights is not None and not any(w > 0 for w in self.mixture_weights.values()):
             bad("mixture_weights", self.mixture_weights, "at least one weight must be positive")
+        if isinstance(self.holdout_points, bool) or not isinstance(self.holdout_points, int) \
+                or self.holdout_points < 0:
+            bad("holdout_points", self.holdout_points, "must be an integer >= 0")
         if self.num_workers < 0:
             bad("num_workers", self.num_workers, "must be >= 0")
         if self.prefetch_factor < 1:

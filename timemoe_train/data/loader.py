@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import DataConfig
 from .errors import DataError
-from .shards import ShardStore
+from .manifest import read_manifest
+from .plan_cache import load_plan
 from .stream import SampleStream
 
 # The signals that ask a run to stop. The trainer handles them; its loader workers must not, because launchers signal
@@ -28,7 +29,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 # DataConfig fields that decide the stream; a resumed run must agree on all of them.
 _STREAM_FIELDS = ("max_length", "window_mode", "window_stride", "packing", "normalization", "mixture_by",
-                  "mixture_weights", "mixture_temperature", "mixture_block", "seed")
+                  "mixture_weights", "mixture_temperature", "mixture_block", "seed", "holdout_points")
+# Fields added after checkpoints were written without them: the value those checkpoints had.
+_ADDED_FIELDS = {"holdout_points": 0}
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,7 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         for field, value in self._stream_settings().items():
-            saved = state["stream"].get(field)
+            saved = state["stream"].get(field, _ADDED_FIELDS.get(field))
             if saved != value:
                 raise DataError("data loader state", field, saved,
                                 f"this run has {value!r}; the resumed stream would differ")
@@ -146,5 +149,7 @@ def ignore_stop_signals(worker_id: int) -> None:
 def build_train_loader(cfg: DataConfig, dp_rank: int = 0, dp_size: int = 1, global_batch_size: int = 1,
                        micro_batch_size: int = 1) -> TrainLoader:
     layout = BatchLayout(dp_rank, dp_size, global_batch_size, micro_batch_size)
-    stream = SampleStream(ShardStore(cfg.path, verify=cfg.verify_checksums), cfg)
-    return TrainLoader(cfg, stream, layout)
+    manifest = read_manifest(cfg.path)
+    if cfg.verify_checksums:
+        manifest.verify()
+    return TrainLoader(cfg, SampleStream(manifest, cfg, load_plan(manifest, cfg)), layout)

@@ -18,7 +18,9 @@ class ShardInfo:
     path: Path
     rows: int
     points: int
+    bytes: int
     sha256: str
+    stats: dict | None  # {file, bytes, sha256} of the per-row (mean, std) file; None in older corpora
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class Manifest:
         return self.raw["datasets"]
 
     def verify(self) -> None:
-        """Size and SHA-256 of every shard against the manifest."""
+        """Size and SHA-256 of every shard (and its statistics file) against the manifest."""
         try:
             for shard in tqdm(self.raw["shards"], desc="verifying shards", unit="shard"):
                 verify_shards(self.path.parent, {**self.raw, "shards": [shard]})
@@ -52,5 +54,6 @@ def read_manifest(directory: str | Path) -> Manifest:
     except PrepError as e:
         raise DataError(e.file, e.field, e.value, e.problem) from None
     path = Path(directory) / MANIFEST_NAME
-    shards = [ShardInfo(path.parent / s["file"], s["rows"], s["points"], s["sha256"]) for s in raw["shards"]]
+    shards = [ShardInfo(path.parent / s["file"], s["rows"], s["points"], s["bytes"], s["sha256"], s.get("stats"))
+              for s in raw["shards"]]
     return Manifest(path, raw, shards)

@@ -1,93 +1,84 @@
 """The global sample stream: global row index -> the pieces of that row -> batch arrays.
 
 Everything here is a pure function of (seed, corpus, config, row index), so any process can build any row: ranks
-split global batches by rows, workers split them by micro-batch, and resuming is setting an index.
+split global batches by rows, workers split them by micro-batch, and resuming is setting an index. The stream
+reads the plan (`plan.py`) and holds nothing per sequence itself.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from data_prep.moments import sequence_moments
+
 from .config import DataConfig
 from .errors import DataError
+from .manifest import Manifest
 from .mixture import Mixture, mixture_probabilities
+from .plan import Plan
 from .shards import ShardStore
-from .windows import GroupUnits, Piece
-
-_STATS_CACHE = 4096
-
-
-def moments(x: np.ndarray) -> tuple[float, float]:
-    """Mean and standard deviation in float64, as the released code computes them; a std of 0 counts as 1."""
-    std = x.std(dtype=np.float64)
-    return x.mean(dtype=np.float64), (std if std > 0 else 1.0)
+from .windows import GroupUnits, Pieces
 
 
 class SampleStream:
-    def __init__(self, store: ShardStore, cfg: DataConfig):
-        self.store, self.cfg = store, cfg
-        by_domain = cfg.mixture_by == "domain"
-        self.group_names = store.domain_names if by_domain else store.dataset_names
-        group_S = store.domain_S if by_domain else store.dataset_S
-        counts = store.manifest.domains if by_domain else store.manifest.datasets
-        order_S = np.argsort(group_S, kind="stable")
-        bounds = np.searchsorted(group_S[order_S], np.arange(len(self.group_names) + 1))
-        self.groups = []
-        for g in range(len(self.group_names)):
-            seqs_S = order_S[bounds[g]:bounds[g + 1]]
-            self.groups.append(GroupUnits(g, seqs_S, store.length_S[seqs_S], cfg))
+    def __init__(self, manifest: Manifest, cfg: DataConfig, plan: Plan):
+        self.cfg, self.plan = cfg, plan
+        self.store = store = ShardStore(manifest, plan.arrays)
+        self.group_names = plan.meta["group_names"]
+        self.groups = [GroupUnits(g, plan.group(g), store.length_S, cfg) for g in range(len(self.group_names))]
+        counts = manifest.domains if cfg.mixture_by == "domain" else manifest.datasets
         p_G = mixture_probabilities(self.group_names, [counts[n]["points"] for n in self.group_names],
-                                    [u.num_units for u in self.groups], cfg, str(store.manifest.path))
+                                    [u.num_units for u in self.groups], cfg, str(manifest.path))
         if (p_G > 0).sum() > cfg.mixture_block:
             raise DataError("DataConfig", "mixture_block", cfg.mixture_block,
                             f"smaller than the {(p_G > 0).sum()} groups sampled")
         self.probabilities = p_G
         self.mixture = Mixture(p_G, cfg.mixture_block, cfg.seed)
-        self._stats: dict[int, tuple[float, float]] = {}
 
-    def row_pieces(self, rows_N: np.ndarray) -> list[list[Piece]]:
+    def __reduce__(self):
+        # Workers rebuild the stream from the plan (which maps its file again) instead of copying arrays.
+        return SampleStream, (self.store.manifest, self.cfg, self.plan)
+
+    def pieces(self, rows_N: np.ndarray) -> Pieces:
         group_N, draw_N = self.mixture.locate(rows_N)
-        out: list[list[Piece]] = [[] for _ in rows_N]
+        parts = []
         for g in np.unique(group_N):
             units = self.groups[g]
             here = np.flatnonzero(group_N == g)
             epoch_N = draw_N[here] // units.num_units
             for e in np.unique(epoch_N):
                 sel = here[epoch_N == e]
-                rows = units.rows(int(e), units.epoch_units(int(e), draw_N[sel] % units.num_units))
-                for i, pieces in zip(sel, rows):
-                    out[i] = pieces
-        return out
+                parts.append(units.pieces(int(e), units.epoch_units(int(e), draw_N[sel] % units.num_units), sel))
+        return Pieces.concat(parts)
 
-    def _normalise(self, seq: int, start: int, length: int) -> np.ndarray:
-        values = self.store.sequence(seq)
-        piece = values[start:start + length]
+    def _normalise(self, values_X: np.ndarray, p: Pieces, offsets_P1: np.ndarray) -> np.ndarray:
         if self.cfg.normalization == "none":
-            return piece
-        if self.cfg.normalization == "window" or length == len(values):
-            mean, std = moments(piece)
-        else:  # long series yield many windows: keep their statistics rather than re-read the series every time
-            stats = self._stats.get(seq)
-            if stats is None:
-                if len(self._stats) >= _STATS_CACHE:
-                    self._stats.clear()
-                stats = self._stats[seq] = moments(values)
-            mean, std = stats
-        return ((piece - mean) / std).astype(np.float32)
+            return values_X
+        if self.cfg.normalization == "window":
+            mean_P, std_P = sequence_moments(values_X, offsets_P1)
+        else:  # the plan's statistics of the (trained part of the) whole series
+            stats_P2 = self.plan.arrays["stats_S2"][p.seq_P]
+            mean_P, std_P = stats_P2[:, 0], stats_P2[:, 1]
+        return ((values_X - np.repeat(mean_P, p.length_P)) / np.repeat(std_P, p.length_P)).astype(np.float32)
 
     def batch(self, rows_N: np.ndarray) -> dict[str, np.ndarray]:
         """Rows as model inputs: inputs/labels [N, T] float32, loss_mask bool, sequence_ids/domain_ids int64."""
-        W = self.cfg.window_points
-        values_NW = np.zeros((len(rows_N), W), dtype=np.float32)
-        seq_NW = np.full((len(rows_N), W), -1, dtype=np.int64)
-        domain_NW = np.full((len(rows_N), W), -1, dtype=np.int64)
-        for r, pieces in enumerate(self.row_pieces(rows_N)):
-            at = 0
-            for i, (seq, start, length) in enumerate(pieces):
-                values_NW[r, at:at + length] = self._normalise(seq, start, length)
-                seq_NW[r, at:at + length] = i
-                domain_NW[r, at:at + length] = self.store.domain_S[seq]
-                at += length
+        W, N = self.cfg.window_points, len(rows_N)
+        p = self.pieces(np.asarray(rows_N, dtype=np.int64))
+        offsets_P1 = np.concatenate([[0], np.cumsum(p.length_P)])
+        values_X = np.empty(offsets_P1[-1], dtype=np.float32)  # X: the points of all pieces, laid end to end
+        for seq, start, lo, hi in zip(p.seq_P.tolist(), p.start_P.tolist(), offsets_P1[:-1].tolist(),
+                                      offsets_P1[1:].tolist()):
+            values_X[lo:hi] = self.store.sequence(seq)[start:start + hi - lo]
+        first_P = np.searchsorted(p.row_P, p.row_P)  # the first piece of each piece's row
+        at_P = offsets_P1[:-1] - offsets_P1[first_P]  # where the piece starts in its row
+        flat_X = np.repeat(p.row_P * W + at_P - offsets_P1[:-1], p.length_P) + np.arange(len(values_X))
+        values_NW = np.zeros((N, W), dtype=np.float32)
+        seq_NW = np.full((N, W), -1, dtype=np.int64)
+        domain_NW = np.full((N, W), -1, dtype=np.int64)
+        values_NW.flat[flat_X] = self._normalise(values_X, p, offsets_P1)
+        seq_NW.flat[flat_X] = np.repeat(np.arange(len(first_P)) - first_P, p.length_P)
+        domain_NW.flat[flat_X] = np.repeat(self.store.domain_S[p.seq_P], p.length_P)
         same_NT = (seq_NW[:, :-1] == seq_NW[:, 1:]) & (seq_NW[:, 1:] >= 0)
         return {
             "inputs": values_NW[:, :-1],
