@@ -26,9 +26,13 @@ class DataConfig:
     # Pack pieces shorter than a window (short series, tails of long ones) into shared rows; attention, positions
     # and the loss never cross a piece boundary. Off: one piece per row, padded.
     packing: bool = True
-    # "sequence": z-score with the mean/std of the whole series (the released code); "window": of each piece as it
-    # appears in the row; "none": values as stored.
-    normalization: str = "sequence"
+    # "window": z-score each piece with its own mean/std, as `forecast()` scales a context at inference, so the
+    # model trains on the inputs it will be given; "sequence": with the mean/std of the whole series (the released
+    # code: each window then carries a level and scale it cannot see at inference); "none": values as stored.
+    normalization: str = "window"
+    # The last N points of every sequence are never in a training window (nor in its normalisation statistics):
+    # held out for evaluation on data the run never saw. Shorter sequences are left out whole.
+    holdout_points: int = 0
     # Groups the mixture weights refer to: "domain", or "dataset" (named "<domain>/<dataset>" as in the manifest).
     mixture_by: str = "domain"
     # Group name -> weight (the share of rows); groups left out are not sampled. None: proportional to the
@@ -72,6 +76,9 @@ class DataConfig:
             bad("window_mode", self.window_mode, f"choose one of {WINDOW_MODES}")
         if self.stride is not None and self.stride < 1:
             bad("stride", self.stride, "must be a positive integer (or null for max_length)")
+        if isinstance(self.holdout_points, bool) or not isinstance(self.holdout_points, int) \
+                or self.holdout_points < 0:
+            bad("holdout_points", self.holdout_points, "must be an integer >= 0")
         if self.normalization not in NORMALIZATIONS:
             bad("normalization", self.normalization, f"choose one of {NORMALIZATIONS}")
         if self.mixture_by not in MIXTURE_BY:

@@ -21,8 +21,8 @@ from .shards import ShardStore
 from .stream import SampleStream
 
 # DataConfig fields that decide the stream; a resumed run must agree on all of them.
-_STREAM_FIELDS = ("max_length", "window_mode", "window_stride", "packing", "normalization", "mixture_by",
-                  "mixture_weights", "mixture_temperature", "mixture_block", "seed")
+_STREAM_FIELDS = ("max_length", "window_mode", "window_stride", "packing", "normalization", "holdout_points",
+                  "mixture_by", "mixture_weights", "mixture_temperature", "mixture_block", "seed")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ class SampleStream:
         self.groups = []
         for g in range(len(self.group_names)):
             seqs_S = order_S[bounds[g]:bounds[g + 1]]
-            self.groups.append(GroupUnits(g, seqs_S, store.length_S[seqs_S], cfg))
+            trainable_S = np.maximum(store.length_S[seqs_S] - cfg.holdout_points, 0)
+            self.groups.append(GroupUnits(g, seqs_S, trainable_S, cfg))
         p_G = mixture_probabilities(self.group_names, [counts[n]["points"] for n in self.group_names],
                                     [u.num_units for u in self.groups], cfg, str(store.manifest.path))
         if (p_G > 0).sum() > cfg.mixture_block:
@@ -61,6 +62,7 @@ class SampleStream:
 
     def _normalise(self, seq: int, start: int, length: int) -> np.ndarray:
         values = self.store.sequence(seq)
+        values = values[:len(values) - self.cfg.holdout_points]
         piece = values[start:start + length]
         if self.cfg.normalization == "none":
             return piece
