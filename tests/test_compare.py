@@ -41,3 +41,19 @@ def test_refuses_unfinished_or_foreign_jobs(tmp_path):
         find_jobs(tmp_path)
     with pytest.raises(EvalError, match="no job directories"):
         find_jobs(tmp_path / "0")
+
+
+@pytest.mark.parametrize("arm", ["moe", "dense"])
+def test_the_preset_arms_activate_the_same_number_of_parameters(arm):
+    from test_train import composed
+
+    from timemoe_train.train.__main__ import run_config
+    from timemoe_train.train.metrics import active_params_per_token
+
+    def activated(a):
+        run = run_config(composed("experiment=moe_vs_dense", "data.path=x", f"arm={a}", data=None))
+        return run.model.use_dense, active_params_per_token(run.model), run.data.holdout_points
+
+    dense, count, holdout = activated(arm)
+    assert dense == (arm == "dense") and holdout == 48
+    assert count == activated("moe" if arm == "dense" else "dense")[1]

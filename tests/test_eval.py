@@ -198,8 +198,8 @@ def test_several_models_and_csvs_in_one_call_equal_the_separate_runs(tmp_path, m
     toy = tmp_path / "toy.csv"
     t = np.arange(600)
     pd.DataFrame({"date": pd.date_range("2021-01-01", periods=600, freq="h").astype(str),
-                  "x": np.sin(2 * np.pi * t / 24) + 0.1 * np.cos(t / 7.0)}).to_csv(toy, index=False)
-    options = dict(horizons=[24, 48], context_lengths=[96], max_windows=3, progress=False)
+                  "OT": np.sin(2 * np.pi * t / 24) + 0.1 * np.cos(t / 7.0)}).to_csv(toy, index=False)
+    options = dict(horizons=[24, 48], context_lengths=[96], columns=["OT"], max_windows=3, progress=False)
     out = tmp_path / "combined"
     assert eval_main([str(model_dir), str(other), "--csv", str(ETTH1), str(toy), "--columns", "OT",
                       "--horizons", "24,48", "--context-lengths", "96", "--max-windows", "3", "--out", str(out),
@@ -212,13 +212,12 @@ def test_several_models_and_csvs_in_one_call_equal_the_separate_runs(tmp_path, m
     expected_rows = []
     for d, csv in zip(combined["datasets"], (ETTH1, toy)):
         for label, path in zip(labels, (model_dir, other)):
-            alone = evaluate_long_horizon(path, csv, columns=["OT"] if csv == ETTH1 else None, **options)
+            alone = evaluate_long_horizon(path, csv, **options)
             for row, mine in zip(alone["rows"], d["rows"]):
                 assert mine["metrics"][label] == row["metrics"]["model"]
                 for baseline in ("seasonal_naive", "last_value"):
                     assert mine["metrics"][baseline] == row["metrics"][baseline]
-        both = evaluate_many({label: p for label, p in zip(labels, (model_dir, other))}, csv,
-                             columns=["OT"] if csv == ETTH1 else None, **options)
+        both = evaluate_many({label: p for label, p in zip(labels, (model_dir, other))}, csv, **options)
         expected_rows += dataset_rows(both["datasets"][0])
     assert md_rows == expected_rows
     assert all((out / f"forecasts_{name}.png").is_file() for name in ("ETTh1", "toy"))

@@ -104,7 +104,7 @@ def test_paper_recipe_experiment():
 def test_demo_experiment_is_tiny_ep2_on_two_processes():
     run = run_config(composed("experiment=demo", "data.path=/tmp/demo-corpus", data=None))
     run.validate(world_size=2)
-    assert run.parallel.expert_parallel_size == 2 and run.model.hidden_size == 32
+    assert run.parallel.expert_parallel_size == 2 and run.model.hidden_size == 64
     assert run.data.max_length == 512 and run.data.path == "/tmp/demo-corpus"
 
 

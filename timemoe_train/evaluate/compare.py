@@ -3,7 +3,7 @@
 RUNS_DIR is the multirun directory: one sub-directory per job (Hydra's `.hydra/config.yaml` says its `arm` and
 seed, `checkpoints/` holds its final checkpoint). Each job is exported to the HF layout, then scored
 
-- zero-shot on each CSV (the long-horizon protocol of `timemoe-eval`, horizon 96, context 512), and
+- zero-shot on each CSV (the long-horizon protocol of `timemoe-eval`, horizon 96, context `--csv-context`), and
 - on the held-out tails of its own corpus: the last `data.holdout_points` points of every sequence, which its
   training never saw, forecast from the `--context` points before them; errors on values z-scored by that context
   (as `forecast()` scales it), averaged per domain, then over domains so that no domain outweighs the others.
@@ -85,7 +85,8 @@ def final_loss(job_dir: Path) -> float | None:
     return float(np.mean(losses[-20:])) if losses else None  # the last 20 steps: one step's loss is noisy
 
 
-def score_jobs(jobs: list[dict], csvs: list[str], max_windows: int, context: int, progress: bool) -> list[dict]:
+def score_jobs(jobs: list[dict], csvs: list[str], max_windows: int, context: int, csv_context: int,
+               progress: bool) -> list[dict]:
     held = held_out_windows(jobs[0]["data"], jobs[0]["holdout"], context)
     for job in tqdm(jobs, desc="jobs", unit="job", disable=not progress):
         hf = export(job["dir"] / "checkpoints", job["dir"] / "hf")
@@ -93,11 +94,13 @@ def score_jobs(jobs: list[dict], csvs: list[str], max_windows: int, context: int
         job["activated_params"] = active_params_per_token(model.config)
         job["total_params"] = sum(p.numel() for p in model.parameters())
         job["train_loss"] = final_loss(job["dir"])
+        job["protocol"] = {"horizon": 96, "csv_context": csv_context, "max_windows": max_windows,
+                           "held_out_context": context}
         with torch.no_grad():
             job["held_out"] = held_out_scores(model, *held)
             job["zero_shot"] = {}
             for csv in csvs:
-                r = evaluate_long_horizon({"model": model}, csv, horizons=(96,), context_lengths=(512,),
+                r = evaluate_long_horizon({"model": model}, csv, horizons=(96,), context_lengths=(csv_context,),
                                           max_windows=max_windows, progress=False)
                 job["zero_shot"][r["dataset"]] = r["rows"][0]["metrics"]["model"]
                 job.setdefault("baselines", {})[r["dataset"]] = {k: r["rows"][0]["metrics"][k]
@@ -137,6 +140,10 @@ def markdown(jobs: list[dict], arms: dict, command: str) -> str:
         lines.append(f"| {arm} | {','.join(map(str, a['seeds']))} | {a['activated_params']:,} | "
                      f"{a['total_params']:,} | " + " | ".join(cells) + " |")
     j = jobs[0]
+    if "protocol" in j:
+        p = j["protocol"]
+        lines += ["", f"Zero-shot: horizon {p['horizon']}, context {p['csv_context']}, {p['max_windows']} evenly "
+                      f"spread test windows per channel; held-out context {p['held_out_context']}."]
     for name, b in j["baselines"].items():
         lines += ["", f"{name} baselines on the same windows: seasonal naive MSE {b['seasonal_naive']['mse']:.4f} / "
                       f"MAE {b['seasonal_naive']['mae']:.4f}, last value MSE {b['last_value']['mse']:.4f} / "
@@ -171,12 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv", nargs="*", default=[], help="zero-shot benchmark CSVs (e.g. examples/data/ETTh1.csv)")
     p.add_argument("--max-windows", type=int, default=100, help="evenly spread test windows per channel")
     p.add_argument("--context", type=int, default=256, help="context of the held-out forecasts")
+    p.add_argument("--csv-context", type=int, default=512, help="context of the zero-shot CSV forecasts (horizon 96)")
     p.add_argument("--out", type=Path, default=None, help="report directory (default RUNS_DIR/report)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     out = args.out or args.runs_dir / "report"
     try:
-        jobs = score_jobs(find_jobs(args.runs_dir), args.csv, args.max_windows, args.context, not args.no_progress)
+        jobs = score_jobs(find_jobs(args.runs_dir), args.csv, args.max_windows, args.context, args.csv_context,
+                          not args.no_progress)
     except EvalError as e:
         print(f"compare: error: {e}", file=sys.stderr)
         return 2
