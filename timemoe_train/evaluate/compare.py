@@ -5,8 +5,8 @@ seed, `checkpoints/` holds its final checkpoint). Each job is exported to the HF
 
 - zero-shot on each CSV (the long-horizon protocol of `timemoe-eval`, horizon 96, context `--csv-context`), and
 - on the held-out tails of its own corpus: the last `data.holdout_points` points of every sequence, which its
-  training never saw, forecast from the `--context` points before them; errors on values z-scored by that context
-  (as `forecast()` scales it), averaged per domain, then over domains so that no domain outweighs the others.
+  training never saw, forecast from the `--context` points before them; errors in units of each window's std,
+  averaged per domain, then over domains so that no domain outweighs the others.
 
 Writes report.md (mean ± std over seeds per arm, with activated and total parameter counts), report.json (every
 job's figures) and report.png.
@@ -29,6 +29,7 @@ from ..data.shards import ShardStore
 from ..export.cli import export
 from ..model import TimeMoeForPrediction
 from ..train.metrics import active_params_per_token
+from .baselines import last_value
 from .data import EvalError
 from .long_horizon import evaluate_long_horizon
 
@@ -54,17 +55,21 @@ def find_jobs(runs_dir: Path) -> list[dict]:
 
 
 def held_out_windows(data: str, holdout: int, context: int):
-    """Contexts [N, context] and truths [N, holdout] of every sequence long enough, z-scored by the context,
-    with each one's domain."""
+    """Contexts [N, context] and truths [N, holdout] of every sequence long enough, with each one's domain.
+
+    Each window is z-scored by its own mean/std, held-out points included: forecasts are affine-equivariant
+    (`forecast()` rescales its context), so this only sets the unit of the errors, and one that a flat context
+    cannot blow up (the prescriptions of a new drug: years of zeros, then sales)."""
     store = ShardStore(data)
     chosen = np.flatnonzero(store.length_S >= context + holdout)
     if holdout < 1 or not len(chosen):
         raise EvalError(f"{data}: no sequence holds context {context} + held-out {holdout} points "
                         f"(data.holdout_points must be > 0)")
     windows = np.stack([store.sequence(int(s))[-(context + holdout):] for s in chosen]).astype(np.float64)
-    mean, std = windows[:, :context].mean(axis=1, keepdims=True), windows[:, :context].std(axis=1, keepdims=True)
-    z = (windows - mean) / np.where(std > 0, std, 1.0)
-    domains = np.asarray(store.domain_names)[store.domain_S[chosen]]
+    std = windows.std(axis=1, keepdims=True)
+    keep = std[:, 0] > 0
+    z = (windows[keep] - windows[keep].mean(axis=1, keepdims=True)) / std[keep]
+    domains = np.asarray(store.domain_names)[store.domain_S[chosen[keep]]]
     return torch.from_numpy(z[:, :context]).float(), torch.from_numpy(z[:, context:]), domains
 
 
@@ -79,15 +84,27 @@ def held_out_scores(model, context_NT, truth_NH, domains, batch_size: int = 256)
                                                                                       "series": len(truth_NH)}
 
 
+class LastValue:
+    """The last-value baseline behind the model's interface, for the held-out windows."""
+
+    def forecast(self, context_BT: torch.Tensor, horizon: int) -> torch.Tensor:
+        return last_value(context_BT, horizon)
+
+
 def final_loss(job_dir: Path) -> float | None:
-    lines = (job_dir / "metrics.jsonl").read_text().splitlines() if (job_dir / "metrics.jsonl").exists() else []
-    losses = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
-    return float(np.mean(losses[-20:])) if losses else None  # the last 20 steps: one step's loss is noisy
+    """The forecasting loss (mean over the horizon heads, without the MoE's balance term) of the last 20 steps:
+    one step's loss is noisy."""
+    path = job_dir / "metrics.jsonl"
+    steps = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    losses = [np.mean([v for k, v in m.items() if k.startswith("head_loss/")]) for m in steps
+              if any(k.startswith("head_loss/") for k in m)]
+    return float(np.mean(losses[-20:])) if losses else None
 
 
 def score_jobs(jobs: list[dict], csvs: list[str], max_windows: int, context: int, csv_context: int,
                progress: bool) -> list[dict]:
     held = held_out_windows(jobs[0]["data"], jobs[0]["holdout"], context)
+    held_last_value = held_out_scores(LastValue(), *held)
     for job in tqdm(jobs, desc="jobs", unit="job", disable=not progress):
         hf = export(job["dir"] / "checkpoints", job["dir"] / "hf")
         model = TimeMoeForPrediction.from_pretrained(hf).eval()
@@ -98,6 +115,7 @@ def score_jobs(jobs: list[dict], csvs: list[str], max_windows: int, context: int
                            "held_out_context": context}
         with torch.no_grad():
             job["held_out"] = held_out_scores(model, *held)
+            job["held_out_last_value"] = held_last_value
             job["zero_shot"] = {}
             for csv in csvs:
                 r = evaluate_long_horizon({"model": model}, csv, horizons=(96,), context_lengths=(csv_context,),
@@ -111,7 +129,7 @@ def score_jobs(jobs: list[dict], csvs: list[str], max_windows: int, context: int
 
 def columns(jobs: list[dict]) -> list[tuple[str, callable]]:
     """(header, job -> value) of every compared figure."""
-    out = [("train loss (last 20 steps)", lambda j: j["train_loss"])]
+    out = [("train forecast loss (last 20 steps)", lambda j: j["train_loss"])]
     for name in jobs[0]["zero_shot"]:
         out += [(f"{name} h96 {m.upper()}", lambda j, n=name, m=m: j["zero_shot"][n][m]) for m in METRICS]
     out += [(f"held-out {m.upper()}", lambda j, m=m: j["held_out"][m]) for m in METRICS]
@@ -148,8 +166,11 @@ def markdown(jobs: list[dict], arms: dict, command: str) -> str:
         lines += ["", f"{name} baselines on the same windows: seasonal naive MSE {b['seasonal_naive']['mse']:.4f} / "
                       f"MAE {b['seasonal_naive']['mae']:.4f}, last value MSE {b['last_value']['mse']:.4f} / "
                       f"MAE {b['last_value']['mae']:.4f}."]
+    if "held_out_last_value" in j:
+        b = j["held_out_last_value"]
+        lines += ["", f"Held-out last-value baseline: MSE {b['mse']:.4f} / MAE {b['mae']:.4f}."]
     lines += ["", f"Held-out: the last {j['holdout']} points of each of {j['held_out']['series']} corpus sequences "
-                  f"(never trained on: data.holdout_points), z-scored by their context; mean over domains "
+                  f"(never trained on: data.holdout_points), in units of each window's std; mean over domains "
                   f"({', '.join(j['held_out']['per_domain'])})."]
     return "\n".join(lines) + "\n"
 
