@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import PrepError
+from data_prep.leakage import LeakageGuard
 
 COMPLETE_MARKER = "dataset.json"
 STAGED_DTYPE = "<f8"  # text input is staged in float64 so interpolation sees the values the user wrote
@@ -45,6 +46,8 @@ class IndexedDataset:
     points: int
     has_scales: bool
     has_ids: bool
+    # Series the leakage guard left out: [{"item_id", "reason"}] (see ``data_prep.leakage``).
+    excluded: tuple[dict[str, str], ...] = ()
 
     @property
     def key(self) -> str:
@@ -86,6 +89,7 @@ def write_index(
     mean: np.ndarray | None = None,
     std: np.ndarray | None = None,
     item_id: list[str] | None = None,
+    excluded: tuple[dict[str, str], ...] = (),
 ) -> IndexedDataset:
     """Write the index arrays, then the completion marker; returns the dataset's description."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -106,6 +110,7 @@ def write_index(
         points=int(np.sum(length, dtype=np.int64)),
         has_scales=mean is not None,
         has_ids=item_id is not None,
+        excluded=tuple(excluded),
     )
     ds.save()
     return ds
@@ -114,19 +119,25 @@ def write_index(
 class Stager:
     """Collects series parsed from text input into ``values.bin`` plus an index; ``finish`` makes them a dataset."""
 
-    def __init__(self, folder: Path, domain: str, dataset: str) -> None:
-        self.folder, self.domain, self.dataset = folder, domain, dataset
+    def __init__(self, folder: Path, domain: str, dataset: str, guard: LeakageGuard | None = None) -> None:
+        self.folder, self.domain, self.dataset, self.guard = folder, domain, dataset, guard
         folder.mkdir(parents=True, exist_ok=True)
         self._path = folder / "values.bin"
         self._file = open(self._path, "wb")
         self._lengths: list[int] = []
         self._ids: list[str] = []
+        self._excluded: list[dict[str, str]] = []
 
     def add(self, item_id: str, values: np.ndarray) -> None:
         """Append one series; its id is prefixed with ``domain/dataset/`` so ids are unique across the corpus."""
+        full_id = f"{self.domain}/{self.dataset}/{item_id}"
+        reason = self.guard.check(full_id, values) if self.guard is not None else None
+        if reason is not None:
+            self._excluded.append({"item_id": full_id, "reason": reason})
+            return
         self._file.write(np.ascontiguousarray(values, dtype=STAGED_DTYPE).tobytes())
         self._lengths.append(int(values.size))
-        self._ids.append(f"{self.domain}/{self.dataset}/{item_id}")
+        self._ids.append(full_id)
 
     def add_all(self, series: Iterable[tuple[str, np.ndarray]]) -> None:
         for item_id, values in series:
@@ -135,7 +146,8 @@ class Stager:
     def finish(self, freq: str | None) -> IndexedDataset:
         self._file.close()
         if not self._lengths:
-            raise PrepError(self.folder, "sequences", 0, "the dataset holds no series")
+            why = f"; the leakage guard excluded all {len(self._excluded)}" if self._excluded else ""
+            raise PrepError(self.folder, "sequences", 0, f"the dataset holds no series{why}")
         length = np.array(self._lengths, dtype=np.int64)
         stream = Stream(str(self._path), 0, STAGED_DTYPE, int(length.sum()))
         return write_index(
@@ -147,6 +159,7 @@ class Stager:
             offset=np.cumsum(length) - length,
             length=length,
             item_id=self._ids,
+            excluded=tuple(self._excluded),
         )
 
     def abort(self) -> None:

@@ -19,6 +19,8 @@ Structure (``SCHEMA_VERSION`` 1; all counts are integers, "points" are float32 v
                     (rules and the meaning of count/points: ``data_prep.clean``)
     skipped         [{domain, dataset, file, field, value, problem}]  datasets left out by --on-error skip
     ignored         [{file, reason}]  input files that are not data (unknown type, outside a domain folder)
+    excluded        [{item_id, reason}]  series the leakage guard left out (``data_prep.leakage``); each dataset's
+                    entry lists its own under ``excluded`` too
 
 ``sequences``/``points`` are what the shards hold, after cleaning; ``input`` is what was read. The manifest holds no
 timestamps or machine details, so the same input and options give the same manifest, byte for byte.
@@ -66,6 +68,8 @@ def build_manifest(
             "input": {"sequences": ds.sequences, "points": ds.points},
             "cleaning": new_counts(),
         }
+        if ds.excluded:
+            entries[ds.key]["excluded"] = list(ds.excluded)
     shard_entries = []
     for shard in shards:
         by_domain: dict[str, dict[str, int]] = {}
@@ -118,6 +122,7 @@ def build_manifest(
         },
         "skipped": skipped,
         "ignored": ignored,
+        "excluded": [e for ds in datasets for e in ds.excluded],
     }
 
 

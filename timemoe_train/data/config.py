@@ -26,9 +26,14 @@ class DataConfig:
     # Pack pieces shorter than a window (short series, tails of long ones) into shared rows; attention, positions
     # and the loss never cross a piece boundary. Off: one piece per row, padded.
     packing: bool = True
-    # "sequence": z-score with the mean/std of the whole series (the released code); "window": of each piece as it
-    # appears in the row; "none": values as stored.
-    normalization: str = "sequence"
+    # "window": z-score each piece with its own mean/std, as `forecast()` scales a context at inference, so the
+    # model trains on the inputs it will be given; "sequence": with the mean/std of the whole series (the released
+    # code: each window then carries a level and scale it cannot see at inference); "none": values as stored.
+    normalization: str = "window"
+    # The last N points of every sequence are never in a training window (nor in its normalisation statistics):
+    # held out for evaluation on data the run never saw. A sequence of fewer than N + 2 points contributes nothing;
+    # with "sequence" normalisation the statistics are those of the trained part.
+    holdout_points: int = 0
     # Groups the mixture weights refer to: "domain", or "dataset" (named "<domain>/<dataset>" as in the manifest).
     mixture_by: str = "domain"
     # Group name -> weight (the share of rows); groups left out are not sampled. None: proportional to the
@@ -39,9 +44,6 @@ class DataConfig:
     # Rows per mixture block: every block holds each group's share of rows exactly (to 1/block).
     mixture_block: int = 65536
     seed: int = 0
-    # The last N points of every series are never trained on (held out for evaluation); a series of fewer than
-    # N + 2 points contributes nothing. With "sequence" normalisation the statistics are of the trained part.
-    holdout_points: int = 0
     # Where the sample plan (windows, packing bins, groups, statistics) is cached, built by one process and
     # memory-mapped by every rank and worker. None: `<path>/plans`, or ~/.cache/timemoe-train/plans when the
     # corpus is read-only.
@@ -79,6 +81,9 @@ class DataConfig:
             bad("window_mode", self.window_mode, f"choose one of {WINDOW_MODES}")
         if self.stride is not None and self.stride < 1:
             bad("stride", self.stride, "must be a positive integer (or null for max_length)")
+        if isinstance(self.holdout_points, bool) or not isinstance(self.holdout_points, int) \
+                or self.holdout_points < 0:
+            bad("holdout_points", self.holdout_points, "must be an integer >= 0")
         if self.normalization not in NORMALIZATIONS:
             bad("normalization", self.normalization, f"choose one of {NORMALIZATIONS}")
         if self.mixture_by not in MIXTURE_BY:
@@ -92,9 +97,6 @@ class DataConfig:
                 bad(f"mixture_weights.{name}", w, "must be a non-negative number")
         if self.mixture_weights is not None and not any(w > 0 for w in self.mixture_weights.values()):
             bad("mixture_weights", self.mixture_weights, "at least one weight must be positive")
-        if isinstance(self.holdout_points, bool) or not isinstance(self.holdout_points, int) \
-                or self.holdout_points < 0:
-            bad("holdout_points", self.holdout_points, "must be an integer >= 0")
         if self.num_workers < 0:
             bad("num_workers", self.num_workers, "must be >= 0")
         if self.prefetch_factor < 1:

@@ -1,4 +1,6 @@
-"""`timemoe-eval MODEL_DIR --csv ETTh1.csv`: the long-horizon benchmark, written as JSON, Markdown and PNG."""
+"""`timemoe-eval MODEL_DIR [MODEL_DIR ...] --csv ETTh1.csv [ETTm1.csv ...]`: the long-horizon benchmark of every
+model on every CSV, next to seasonal-naive and last-value baselines: one combined JSON and Markdown table (MSE,
+MAE, MASE), one PNG per dataset with every model."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .data import DEFAULT_RATIOS, EvalError
-from .long_horizon import BACKENDS, DTYPES, evaluate_long_horizon
+from .long_horizon import BACKENDS, DTYPES, evaluate_many
 
 
 def int_list(text: str) -> list[int]:
@@ -26,14 +28,19 @@ def float_list(text: str) -> list[float]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="timemoe-eval", description=__doc__)
-    p.add_argument("model_dir", help="HF-layout directory (config.json + model.safetensors), ours or released")
-    p.add_argument("--csv", required=True, help="benchmark CSV; ETTh1/ETTh2/ETTm1/ETTm2 stems get their month splits")
+    p.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
+                   help="HF-layout directories (config.json + model.safetensors), ours or released; several are "
+                        "compared on the same windows, labelled by directory name")
+    p.add_argument("--csv", required=True, nargs="+",
+                   help="benchmark CSVs; ETTh1/ETTh2/ETTm1/ETTm2 stems get their month splits")
     p.add_argument("--columns", type=lambda s: s.split(","), default=None,
                    help="comma-separated channels (default: every column except the date column)")
     p.add_argument("--date-column", default="date")
-    p.add_argument("--horizons", type=int_list, default=[96, 192, 336, 720])
-    p.add_argument("--context-lengths", type=int_list, default=[512, 1024, 2048, 3072],
-                   help="one per horizon, or a single one for all")
+    p.add_argument("--horizons", type=int_list, default=[96, 192, 336, 720],
+                   help="comma-separated (default: all four of the paper); narrow with e.g. --horizons 96")
+    p.add_argument("--context-lengths", type=int_list, default=None,
+                   help="one per horizon, or a single one for all (default: the paper's, 512/1024/2048/3072 for "
+                        "horizons 96/192/336/720, 512 for any other)")
     p.add_argument("--max-windows", type=int, default=None,
                    help="quick run: N evenly spaced test windows per horizon and channel, first and last included")
     p.add_argument("--batch-size", type=int, default=64)
@@ -50,12 +57,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+PAPER_CONTEXTS = {96: 512, 192: 1024, 336: 2048, 720: 3072}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    out = args.out or Path("outputs") / "eval" / Path(args.csv).stem
+    contexts = args.context_lengths or [PAPER_CONTEXTS.get(h, 512) for h in args.horizons]
+    out = args.out or Path("outputs") / "eval" / "_".join(Path(c).stem for c in args.csv)
+    models = args.model_dirs[0] if len(args.model_dirs) == 1 else args.model_dirs
     try:
-        results = evaluate_long_horizon(
-            args.model_dir, args.csv, horizons=args.horizons, context_lengths=args.context_lengths,
+        results = evaluate_many(
+            models, args.csv, horizons=args.horizons, context_lengths=contexts,
             columns=args.columns, date_column=args.date_column, max_windows=args.max_windows,
             batch_size=args.batch_size, season_length=args.season_length, split_ratios=args.split_ratios,
             device=args.device, dtype=args.dtype, backend=args.backend, out_dir=out, progress=not args.no_progress)

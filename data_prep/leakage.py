@@ -1,0 +1,94 @@
+"""Leakage guard: series of the benchmarks a model is evaluated on never enter its training corpus.
+
+Two rules. By name: a series whose id names a benchmark of the ETT family (ETTh1, ETTh2, ETTm1, ETTm2) is excluded
+whether or not its content is at hand. By content: every stride-1 window of ``block`` points of every channel of
+each benchmark CSV is z-normalised (which makes the match blind to units and offsets), rounded to 1/100 of a
+standard deviation and hashed; a training series is excluded when any of its non-overlapping ``block``-point
+blocks hashes to one of those. A copy of at least 2·``block`` consecutive benchmark points, rescaled or not,
+contains an aligned block, so it is caught wherever it starts. Windows with fewer than ``block // 4`` distinct
+rounded values (flat stretches, rare counts) are not hashed on either side: they say nothing about origin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ETT_NAMES = r"(?i)\bett[hm][12]\b"
+_MULTIPLIERS = np.random.default_rng(0x1EA4).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
+
+
+def _window_hashes(values: np.ndarray, block: int, stride: int) -> np.ndarray:
+    """Hashes of the informative windows values[i:i + block] for i = 0, stride, 2·stride, ..."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)] if not np.isfinite(values).all() else values
+    if len(values) < block:
+        return np.empty(0, dtype=np.uint64)
+    windows_NB = np.lib.stride_tricks.sliding_window_view(values, block)[::stride]
+    std_N = windows_NB.std(axis=1)
+    keep_N = std_N > 1e-12 * np.maximum(np.abs(windows_NB).max(axis=1), 1e-300)
+    z_NB = (windows_NB[keep_N] - windows_NB[keep_N].mean(axis=1, keepdims=True)) / std_N[keep_N, None]
+    q_NB = np.rint(z_NB * 100).astype(np.int64)
+    q_sorted = np.sort(q_NB, axis=1)
+    distinct_N = 1 + (np.diff(q_sorted, axis=1) != 0).sum(axis=1)
+    q_NB = q_NB[distinct_N >= block // 4]
+    # A polynomial hash in uint64 arithmetic (wrapping), vectorised over windows.
+    return q_NB.astype(np.uint64) @ _MULTIPLIERS[:block]
+
+
+@dataclass(frozen=True)
+class LeakageGuard:
+    """The benchmarks (CSV files, one series per numeric column) that a corpus must not contain."""
+
+    benchmarks: tuple[str, ...] = ()
+    block: int = 64
+    name_pattern: str = ETT_NAMES
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def describe(self) -> dict:
+        return {
+            "rule": f"excluded: ids matching {self.name_pattern!r}, and series sharing a z-normalised "
+                    f"{self.block}-point window with a benchmark channel",
+            "block": self.block,
+            "benchmarks": [self._benchmark_record(Path(p)) for p in self.benchmarks],
+        }
+
+    def _benchmark_record(self, path: Path) -> dict:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        return {"file": path.name, "sha256": digest, "channels": list(self._channels(path))}
+
+    def _channels(self, path: Path) -> dict[str, np.ndarray]:
+        key = ("channels", str(path))
+        if key not in self._cache:
+            frame = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+            numeric = frame.select_dtypes("number")
+            self._cache[key] = {str(c): numeric[c].to_numpy(np.float64) for c in numeric.columns}
+        return self._cache[key]
+
+    @cached_property
+    def _hashes(self) -> dict[int, str]:
+        """Window hash -> the benchmark channel it came from."""
+        out: dict[int, str] = {}
+        for p in self.benchmarks:
+            for column, values in self._channels(Path(p)).items():
+                for h in _window_hashes(values, self.block, 1).tolist():
+                    out.setdefault(h, f"{Path(p).name}:{column}")
+        return out
+
+    def check(self, item_id: str, values: np.ndarray) -> str | None:
+        """Why `values` (named `item_id`) must be left out, or None when it may be trained on."""
+        if re.search(self.name_pattern, item_id.replace("_", " ").replace("/", " ")):
+            return f"named like an evaluation benchmark ({self.name_pattern})"
+        if not self.benchmarks:
+            return None
+        hashes = self._hashes
+        for h in _window_hashes(values, self.block, self.block).tolist():
+            if h in hashes:
+                return f"shares a normalised {self.block}-point window with {hashes[h]}"
+        return None

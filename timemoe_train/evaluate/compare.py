@@ -1,0 +1,225 @@
+"""`python -m timemoe_train.evaluate.compare RUNS_DIR --csv ETTh1.csv`: the report of `experiment=moe_vs_dense`.
+
+RUNS_DIR is the multirun directory: one sub-directory per job (Hydra's `.hydra/config.yaml` says its `arm` and
+seed, `checkpoints/` holds its final checkpoint). Each job is exported to the HF layout, then scored
+
+- zero-shot on each CSV (the long-horizon protocol of `timemoe-eval`, horizon 96, context `--csv-context`), and
+- on the held-out tails of its own corpus: the last `data.holdout_points` points of every sequence, which its
+  training never saw, forecast from the `--context` points before them; errors in units of each window's std,
+  averaged per domain, then over domains so that no domain outweighs the others.
+
+Writes report.md (mean ± std over seeds per arm, with activated and total parameter counts), report.json (every
+job's figures) and report.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from ..data.shards import ShardStore
+from ..export.cli import export
+from ..model import TimeMoeForPrediction
+from ..train.metrics import active_params_per_token
+from .baselines import last_value
+from .data import EvalError
+from .long_horizon import evaluate_long_horizon
+
+METRICS = ("mse", "mae")
+
+
+def find_jobs(runs_dir: Path) -> list[dict]:
+    jobs = []
+    for cfg_path in sorted(runs_dir.glob("*/.hydra/config.yaml")):
+        job_dir = cfg_path.parents[1]
+        cfg = OmegaConf.load(cfg_path)
+        if "arm" not in cfg:
+            raise EvalError(f"{cfg_path}: no `arm` key: not a job of experiment=moe_vs_dense")
+        if not (job_dir / "checkpoints" / "latest").exists():
+            raise EvalError(f"{job_dir}: no finished checkpoint (checkpoints/latest); did the job complete?")
+        jobs.append({"dir": job_dir, "arm": str(cfg.arm), "seed": int(cfg.trainer.seed),
+                     "data": str(cfg.data.path), "holdout": int(cfg.data.holdout_points)})
+    if not jobs:
+        raise EvalError(f"{runs_dir}: no job directories (*/.hydra/config.yaml)")
+    if len({(j["data"], j["holdout"]) for j in jobs}) != 1:
+        raise EvalError(f"{runs_dir}: the jobs were trained on different data or hold-outs; they cannot be compared")
+    return jobs
+
+
+def held_out_windows(data: str, holdout: int, context: int):
+    """Contexts [N, context] and truths [N, holdout] of every sequence long enough, with each one's domain.
+
+    Each window is z-scored by its own mean/std, held-out points included: forecasts are affine-equivariant
+    (`forecast()` rescales its context), so this only sets the unit of the errors, and one that a flat context
+    cannot blow up (the prescriptions of a new drug: years of zeros, then sales)."""
+    store = ShardStore(data)
+    chosen = np.flatnonzero(store.length_S >= context + holdout)
+    if holdout < 1 or not len(chosen):
+        raise EvalError(f"{data}: no sequence holds context {context} + held-out {holdout} points "
+                        f"(data.holdout_points must be > 0)")
+    windows = np.stack([store.sequence(int(s))[-(context + holdout):] for s in chosen]).astype(np.float64)
+    std = windows.std(axis=1, keepdims=True)
+    keep = std[:, 0] > 0
+    z = (windows[keep] - windows[keep].mean(axis=1, keepdims=True)) / std[keep]
+    domains = np.asarray(store.domain_names)[store.domain_S[chosen[keep]]]
+    return torch.from_numpy(z[:, :context]).float(), torch.from_numpy(z[:, context:]), domains
+
+
+def held_out_scores(model, context_NT, truth_NH, domains, batch_size: int = 256) -> dict:
+    horizon = truth_NH.shape[1]
+    forecasts = [model.forecast(context_NT[b:b + batch_size], horizon).double()
+                 for b in range(0, len(context_NT), batch_size)]
+    err_NH = torch.cat(forecasts) - truth_NH
+    per_domain = {d: {"mse": float(err_NH[domains == d].pow(2).mean()), "mae": float(err_NH[domains == d].abs().mean())}
+                  for d in sorted(set(domains))}
+    return {m: float(np.mean([v[m] for v in per_domain.values()])) for m in METRICS} | {"per_domain": per_domain,
+                                                                                      "series": len(truth_NH)}
+
+
+class LastValue:
+    """The last-value baseline behind the model's interface, for the held-out windows."""
+
+    def forecast(self, context_BT: torch.Tensor, horizon: int) -> torch.Tensor:
+        return last_value(context_BT, horizon)
+
+
+def final_loss(job_dir: Path) -> float | None:
+    """The forecasting loss (mean over the horizon heads, without the MoE's balance term) of the last 20 steps:
+    one step's loss is noisy."""
+    path = job_dir / "metrics.jsonl"
+    steps = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    losses = [np.mean([v for k, v in m.items() if k.startswith("head_loss/")]) for m in steps
+              if any(k.startswith("head_loss/") for k in m)]
+    return float(np.mean(losses[-20:])) if losses else None
+
+
+def score_jobs(jobs: list[dict], csvs: list[str], max_windows: int, context: int, csv_context: int,
+               progress: bool) -> list[dict]:
+    held = held_out_windows(jobs[0]["data"], jobs[0]["holdout"], context)
+    held_last_value = held_out_scores(LastValue(), *held)
+    for job in tqdm(jobs, desc="jobs", unit="job", disable=not progress):
+        hf = export(job["dir"] / "checkpoints", job["dir"] / "hf")
+        model = TimeMoeForPrediction.from_pretrained(hf).eval()
+        job["activated_params"] = active_params_per_token(model.config)
+        job["total_params"] = sum(p.numel() for p in model.parameters())
+        job["train_loss"] = final_loss(job["dir"])
+        job["protocol"] = {"horizon": 96, "csv_context": csv_context, "max_windows": max_windows,
+                           "held_out_context": context}
+        with torch.no_grad():
+            job["held_out"] = held_out_scores(model, *held)
+            job["held_out_last_value"] = held_last_value
+            job["zero_shot"] = {}
+            for csv in csvs:
+                r = evaluate_long_horizon({"model": model}, csv, horizons=(96,), context_lengths=(csv_context,),
+                                          max_windows=max_windows, progress=False)
+                job["zero_shot"][r["dataset"]] = r["rows"][0]["metrics"]["model"]
+                job.setdefault("baselines", {})[r["dataset"]] = {k: r["rows"][0]["metrics"][k]
+                                                                for k in ("seasonal_naive", "last_value")}
+        job["dir"] = str(job["dir"])
+    return jobs
+
+
+def columns(jobs: list[dict]) -> list[tuple[str, callable]]:
+    """(header, job -> value) of every compared figure."""
+    out = [("train forecast loss (last 20 steps)", lambda j: j["train_loss"])]
+    for name in jobs[0]["zero_shot"]:
+        out += [(f"{name} h96 {m.upper()}", lambda j, n=name, m=m: j["zero_shot"][n][m]) for m in METRICS]
+    out += [(f"held-out {m.upper()}", lambda j, m=m: j["held_out"][m]) for m in METRICS]
+    return out
+
+
+def summarise(jobs: list[dict]) -> dict:
+    arms = {}
+    for arm in dict.fromkeys(j["arm"] for j in jobs):
+        mine = [j for j in jobs if j["arm"] == arm]
+        arms[arm] = {"seeds": sorted(j["seed"] for j in mine), "activated_params": mine[0]["activated_params"],
+                     "total_params": mine[0]["total_params"],
+                     "figures": {h: (float(np.mean([f(j) for j in mine])), float(np.std([f(j) for j in mine], ddof=1))
+                                     if len(mine) > 1 else 0.0) for h, f in columns(jobs)}}
+    return arms
+
+
+def markdown(jobs: list[dict], arms: dict, command: str) -> str:
+    heads = [h for h, _ in columns(jobs)]
+    lines = ["# MoE vs dense at equal activated parameters", "",
+             f"`{command}`; mean ± sample std over seeds. Lower is better everywhere.", "",
+             "| arm | seeds | activated params / point | total params | " + " | ".join(heads) + " |",
+             "|---|---|---|---|" + "---|" * len(heads)]
+    for arm, a in arms.items():
+        cells = [f"{a['figures'][h][0]:.4f} ± {a['figures'][h][1]:.4f}" for h in heads]
+        lines.append(f"| {arm} | {','.join(map(str, a['seeds']))} | {a['activated_params']:,} | "
+                     f"{a['total_params']:,} | " + " | ".join(cells) + " |")
+    j = jobs[0]
+    if "protocol" in j:
+        p = j["protocol"]
+        lines += ["", f"Zero-shot: horizon {p['horizon']}, context {p['csv_context']}, {p['max_windows']} evenly "
+                      f"spread test windows per channel; held-out context {p['held_out_context']}."]
+    for name, b in j["baselines"].items():
+        lines += ["", f"{name} baselines on the same windows: seasonal naive MSE {b['seasonal_naive']['mse']:.4f} / "
+                      f"MAE {b['seasonal_naive']['mae']:.4f}, last value MSE {b['last_value']['mse']:.4f} / "
+                      f"MAE {b['last_value']['mae']:.4f}."]
+    if "held_out_last_value" in j:
+        b = j["held_out_last_value"]
+        lines += ["", f"Held-out last-value baseline: MSE {b['mse']:.4f} / MAE {b['mae']:.4f}."]
+    lines += ["", f"Held-out: the last {j['holdout']} points of each of {j['held_out']['series']} corpus sequences "
+                  f"(never trained on: data.holdout_points), in units of each window's std; mean over domains "
+                  f"({', '.join(j['held_out']['per_domain'])})."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(jobs: list[dict], arms: dict, path: Path) -> None:
+    heads = [h for h, _ in columns(jobs)]
+    fig = Figure(figsize=(3 * len(heads), 3.2), layout="constrained")
+    for ax, (head, f) in zip(fig.subplots(1, len(heads), squeeze=False)[0], columns(jobs)):
+        for i, arm in enumerate(arms):
+            mean, std = arms[arm]["figures"][head]
+            ax.bar(i, mean, yerr=std, color=f"C{i}", alpha=0.6, capsize=4)
+            ax.scatter([i] * sum(j["arm"] == arm for j in jobs), [f(j) for j in jobs if j["arm"] == arm],
+                       color="black", s=10, zorder=3)
+        values = [f(j) for j in jobs]
+        pad = (max(values) - min(values)) or abs(max(values)) * 0.1 or 1.0
+        ax.set_ylim(min(values) - pad, max(values) + pad)
+        ax.set_xticks(range(len(arms)), list(arms))
+        ax.set_title(head, fontsize=9)
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m timemoe_train.evaluate.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs_dir", type=Path, help="the multirun directory of experiment=moe_vs_dense")
+    p.add_argument("--csv", nargs="*", default=[], help="zero-shot benchmark CSVs (e.g. examples/data/ETTh1.csv)")
+    p.add_argument("--max-windows", type=int, default=100, help="evenly spread test windows per channel")
+    p.add_argument("--context", type=int, default=256, help="context of the held-out forecasts")
+    p.add_argument("--csv-context", type=int, default=512, help="context of the zero-shot CSV forecasts (horizon 96)")
+    p.add_argument("--out", type=Path, default=None, help="report directory (default RUNS_DIR/report)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    out = args.out or args.runs_dir / "report"
+    try:
+        jobs = score_jobs(find_jobs(args.runs_dir), args.csv, args.max_windows, args.context, args.csv_context,
+                          not args.no_progress)
+    except EvalError as e:
+        print(f"compare: error: {e}", file=sys.stderr)
+        return 2
+    arms = summarise(jobs)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m timemoe_train.evaluate.compare " + " ".join(sys.argv[1:] if argv is None else argv)
+    (out / "report.md").write_text(markdown(jobs, arms, command))
+    (out / "report.json").write_text(json.dumps({"arms": arms, "jobs": jobs}, indent=2) + "\n")
+    plot(jobs, arms, out / "report.png")
+    print((out / "report.md").read_text())
+    print(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'report.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
