@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
-from timemoe_train.model.attention import VarlenBuckets, block_causal_mask, packed_positions
+from timemoe_train.model.attention import AttentionLayout, block_causal_mask, packed_positions
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -124,13 +124,20 @@ def test_kv_cached_forecast_is_the_same_on_every_path():
 def test_varlen_buckets_cover_every_position_once():
     gen = torch.Generator().manual_seed(7)
     ids = random_packing(5, 300, gen, max_pieces=40)
-    buckets = VarlenBuckets.build(ids)
-    real = torch.cat([index[valid] for index, valid in zip(buckets.index_RL, buckets.valid_RL)])
-    assert torch.equal(torch.sort(real).values, torch.arange(ids.numel()))
+    layout = AttentionLayout.build("varlen", ids, 300, 0, torch.device("cpu"))
+    buckets = layout.buckets
+    # Every position is read back from a slot that gathered that very position.
+    assert torch.equal(buckets.index_P[buckets.source_N], torch.arange(ids.numel()))
+    assert len(set(buckets.source_N.tolist())) == ids.numel()
     # Bucketed cost stays within the ladder's 1.56x of Σ len² (plus nothing quadratic in T).
     exact = sum(float((torch.unique_consecutive(row, return_counts=True)[1].float() ** 2).sum()) for row in ids)
-    padded = sum(index.shape[0] * index.shape[1] ** 2 for index in buckets.index_RL)
-    assert padded <= 1.5625 * exact + 1
+    padded = sum(R * L**2 for R, L in buckets.shapes)
+    assert exact <= padded <= 1.5625 * exact
+
+
+def test_varlen_on_one_run_per_row_is_plain_causal():
+    ids = torch.tensor([[4] * 16, [-1] * 16])
+    assert AttentionLayout.build("varlen", ids, 16, 0, torch.device("cpu")).impl == "causal"
 
 
 def test_positions_restart_and_mask_stays_inside_runs():

@@ -67,35 +67,36 @@ def _bucket_length(n: int) -> int:
 
 @dataclass
 class VarlenBuckets:
-    """The runs of a flattened [B*T] batch grouped by padded length. `index_RL[i]` are the flat positions of the
-    runs of bucket i (one per row, clamped past a run's end: those keys come after every real query, so causal
-    attention never reads them); `valid_RL[i]` marks the real ones; `inverse_N` puts the concatenated real outputs
-    of all buckets back in batch order."""
+    """The runs of a flattened [B*T] batch, one per row, grouped into buckets of equal padded length and laid end
+    to end: `index_P` holds the flat position of every padded slot (a slot past its run's end repeats the run's
+    last position: causal attention lets no real query see it), `shapes` the (runs, length) of each bucket, and
+    `source_N` the slot of every flat position, where its output is read back. One gather in, one gather out."""
 
-    index_RL: list[torch.Tensor]
-    valid_RL: list[torch.Tensor]
-    inverse_N: torch.Tensor
+    index_P: torch.Tensor
+    shapes: list[tuple[int, int]]
+    source_N: torch.Tensor
 
     @classmethod
-    def build(cls, sequence_ids_BT: torch.Tensor) -> "VarlenBuckets":
-        device, N = sequence_ids_BT.device, sequence_ids_BT.numel()
-        start_S = segment_starts(sequence_ids_BT).flatten().nonzero().squeeze(1)
+    def build(cls, start_S: torch.Tensor, N: int) -> "VarlenBuckets":
+        device = start_S.device
         length_S = torch.diff(start_S, append=torch.tensor([N], device=device))
         # The one host sync of this path, once per forward: the bucket shapes.
         bucket_S = torch.tensor([_bucket_length(n) for n in length_S.tolist()], device=device)
-        index_RL, valid_RL, order = [], [], []
+        index, shapes = [], []
+        source_N = torch.empty(N, dtype=torch.long, device=device)
+        slots = 0
         for L in torch.unique(bucket_S).tolist():
             runs = (bucket_S == L).nonzero().squeeze(1)
             offset_RL = torch.arange(L, device=device).unsqueeze(0)
-            valid = offset_RL < length_S[runs].unsqueeze(1)
-            index = (start_S[runs].unsqueeze(1) + offset_RL).clamp_max(N - 1)
-            index_RL.append(index)
-            valid_RL.append(valid)
-            order.append(index[valid])
-        order_N = torch.cat(order)
-        inverse_N = torch.empty_like(order_N)
-        inverse_N[order_N] = torch.arange(N, device=device)
-        return cls(index_RL, valid_RL, inverse_N)
+            last_R1 = (start_S[runs] + length_S[runs] - 1).unsqueeze(1)
+            index_RL = torch.minimum(start_S[runs].unsqueeze(1) + offset_RL, last_R1)
+            slot_RL = slots + torch.arange(len(runs) * L, device=device).view(len(runs), L)
+            valid_RL = offset_RL < length_S[runs].unsqueeze(1)
+            source_N[index_RL[valid_RL]] = slot_RL[valid_RL]
+            index.append(index_RL.flatten())
+            shapes.append((len(runs), L))
+            slots += len(runs) * L
+        return cls(torch.cat(index), shapes, source_N)
 
 
 def _flex_block_mask(sequence_ids_BT: torch.Tensor):
@@ -143,7 +144,10 @@ class AttentionLayout:
         if impl == "dense_mask":
             return cls(impl, mask_B1TS=block_causal_mask(sequence_ids_BT).unsqueeze(1))
         if impl == "varlen":
-            return cls(impl, buckets=VarlenBuckets.build(sequence_ids_BT))
+            start_S = segment_starts(sequence_ids_BT).flatten().nonzero().squeeze(1)
+            if len(start_S) == sequence_ids_BT.shape[0]:  # every row one run: nothing to regroup
+                return cls("causal")
+            return cls(impl, buckets=VarlenBuckets.build(start_S, sequence_ids_BT.numel()))
         if impl == "flex":
             return cls(impl, block_mask=_flex_block_mask(sequence_ids_BT))
         return cls("causal")
@@ -169,13 +173,14 @@ def attend(q_BThd: torch.Tensor, k_BShd: torch.Tensor, v_BShd: torch.Tensor, lay
     return out.transpose(1, 2)
 
 
+@torch.compiler.disable  # bucket shapes change with every batch: eager, between the compiled parts of a block
 def _varlen(q_BThd, k_BThd, v_BThd, buckets: VarlenBuckets, dropout_p: float, gqa: bool):
     B, T, h, d = q_BThd.shape
-    q_N, k_N, v_N = (x.reshape(B * T, x.shape[2], d) for x in (q_BThd, k_BThd, v_BThd))
+    sizes = [R * L for R, L in buckets.shapes]
+    q_P, k_P, v_P = (x.reshape(B * T, x.shape[2], d)[buckets.index_P].split(sizes) for x in (q_BThd, k_BThd, v_BThd))
     outs = []
-    for index_RL, valid_RL in zip(buckets.index_RL, buckets.valid_RL):
-        q, k, v = (x[index_RL].transpose(1, 2) for x in (q_N, k_N, v_N))  # [R, heads, L, d]
-        out_RLhd = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
-                                                  enable_gqa=gqa).transpose(1, 2)
-        outs.append(out_RLhd[valid_RL])
-    return torch.cat(outs)[buckets.inverse_N].view(B, T, h, d)
+    for (R, L), q, k, v in zip(buckets.shapes, q_P, k_P, v_P):
+        q, k, v = (x.view(R, L, x.shape[1], d).transpose(1, 2) for x in (q, k, v))  # [R, heads, L, d]
+        out_RhLd = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+        outs.append(out_RhLd.transpose(1, 2).reshape(R * L, h, d))
+    return torch.cat(outs)[buckets.source_N].view(B, T, h, d)

@@ -62,7 +62,7 @@ class TimeMoeConfig:
     compile: bool = False  # torch.compile each decoder block
     # Native MoE experts: auto = torch._grouped_mm where it has a fast kernel (bf16 on SM90+, CPU), else a loop.
     expert_gemm: str = "auto"
-    # megatron MoE layer only: TransformerEngine's grouped experts (CUDA + TE installed). Changes the expert
+    # moe_impl=megatron only: TransformerEngine's grouped experts (CUDA + TE installed). Changes the expert
     # parameters' layout, so it is a choice, never inferred from what is installed.
     megatron_use_te: bool = False
 
@@ -118,8 +118,6 @@ class TimeMoeConfig:
                 f"{self.attention_dropout}); use varlen or dense_mask")
         if self.expert_gemm not in EXPERT_GEMMS:
             bad("expert_gemm", self.expert_gemm, f"choose one of {EXPERT_GEMMS}")
-        if self.megatron_use_te and self.moe_impl != "megatron":
-            bad("megatron_use_te", True, "TransformerEngine experts belong to moe_impl='megatron'")
         if self.aux_loss_type not in AUX_LOSS_TYPES:
             bad("aux_loss_type", self.aux_loss_type, f"choose one of {AUX_LOSS_TYPES}")
         if self.aux_loss_type == "megatron" and self.moe_impl != "megatron":

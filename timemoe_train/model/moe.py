@@ -83,12 +83,9 @@ class GroupedExperts(nn.Module):
         row_M = torch.arange(m, device=x_MD.device) + shift_E[expert_M]
         rows = -(-(m + E * (align - 1)) // align) * align
         x_PD = x_MD.new_zeros(rows, x_MD.shape[1]).index_copy(0, row_M, x_MD)
-
-        def gmm(a, w_EOI):
-            return torch._grouped_mm(a, w_EOI.transpose(-2, -1).to(a.dtype), offs=offs_E)
-
-        h_PI = F.silu(gmm(x_PD, self.gate_proj_EIH)) * gmm(x_PD, self.up_proj_EIH)
-        return gmm(h_PI, self.down_proj_EHI)[row_M]
+        # torch.compile knows the grouped GEMM's shapes for bf16 only: other dtypes run it eagerly.
+        swiglu = _grouped_swiglu if x_MD.dtype == torch.bfloat16 else _grouped_swiglu_eager
+        return swiglu(x_PD, self.gate_proj_EIH, self.up_proj_EIH, self.down_proj_EHI, offs_E)[row_M]
 
     def _looped(self, x_MD, tokens_per_expert_E):
         outs = []
@@ -96,6 +93,16 @@ class GroupedExperts(nn.Module):
             w = [p[e].to(x_mD.dtype) for p in (self.gate_proj_EIH, self.up_proj_EIH, self.down_proj_EHI)]
             outs.append(F.linear(F.silu(F.linear(x_mD, w[0])) * F.linear(x_mD, w[1]), w[2]))
         return torch.cat(outs)
+
+
+def _grouped_swiglu(x_PD, gate_EIH, up_EIH, down_EHI, offs_E):
+    def gmm(a, w_EOI):
+        return torch._grouped_mm(a, w_EOI.transpose(-2, -1).to(a.dtype), offs=offs_E)
+
+    return gmm(F.silu(gmm(x_PD, gate_EIH)) * gmm(x_PD, up_EIH), down_EHI)
+
+
+_grouped_swiglu_eager = torch.compiler.disable(_grouped_swiglu)
 
 
 def _split_experts(module: GroupedExperts, state_dict, prefix, local_metadata):
