@@ -108,7 +108,9 @@ def _flex_block_mask(sequence_ids_BT: torch.Tensor):
     def document_causal(b, h, q, kv):
         return (run_BT[b, q] == run_BT[b, kv]) & (q >= kv)
 
-    return create_block_mask(document_causal, B, None, T, T, device=sequence_ids_BT.device)
+    # Compiled on CUDA, the mask is evaluated block by block; eager it fills a [B, T, T] grid first.
+    return create_block_mask(document_causal, B, None, T, T, device=sequence_ids_BT.device,
+                             _compile=sequence_ids_BT.is_cuda)
 
 
 _compiled_flex = None
@@ -119,6 +121,8 @@ def _flex_attention(q_BhTd, k_BhTd, v_BhTd, block_mask, enable_gqa: bool):
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
+    if torch.compiler.is_compiling():  # inside a compiled block (model.compile): dynamo fuses it there
+        return flex_attention(q_BhTd, k_BhTd, v_BhTd, block_mask=block_mask, enable_gqa=enable_gqa)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False) if q_BhTd.is_cuda else flex_attention
     return _compiled_flex(q_BhTd, k_BhTd, v_BhTd, block_mask=block_mask, enable_gqa=enable_gqa)
