@@ -164,7 +164,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out (compilation)")
+    parser.add_argument("--steps", type=int, help="steps per run (default: per size, see SIZES)")
     args = parser.parse_args()
+    for s in SIZES.values():
+        s["steps"] = args.steps or s["steps"]
     print(f"device: {device_line()}")
     peak = gemm_peak_flops()
     print(f"fp32 GEMM peak (all cores): {peak / 1e9:.1f} GFLOP/s; windows of {MAX_LENGTH} points, fp32\n")
