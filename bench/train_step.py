@@ -40,6 +40,8 @@ SIZES = {  # windows of 512 points; global batch split into micro-batches of `mi
     "base": {"global": 4, "micro": 2, "steps": 6},
 }
 MAX_LENGTH = 512
+for _size in SIZES.values():
+    _size["steps"] = int(os.environ.get("BENCH_STEPS", _size["steps"]))
 
 
 def gemm_peak_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -83,13 +85,22 @@ def run_ours(size: str, nproc: int, ep: int, peak: float, workdir: Path, warmup:
     return step_records(run_dir, warmup)
 
 
-def run_ours_here(size: str, peak: float, workdir: Path, batches: list[dict], warmup: int,
-                  extra: tuple[str, ...] = ()) -> dict:
-    """The Trainer in this process, fed the pre-built micro-batches (its loader replaced by their list)."""
+def run_ours_here(size: str, peak: float, workdir: Path, warmup: int, extra: tuple[str, ...] = ()) -> dict:
+    """One process of our Trainer (a fresh one per run: DeepSpeed keeps its groups per process), fed micro-batches
+    it builds before the trainer starts (its loader replaced by their list)."""
+    proc = subprocess.run([sys.executable, __file__, "--child", size, str(peak), str(workdir), str(warmup), *extra],
+                          capture_output=True, text=True, cwd=REPO)
+    if proc.returncode:
+        sys.exit(f"timemoe-train (in process) failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child(size: str, peak: str, workdir: str, warmup: str, *extra: str) -> None:
     from hydra import compose, initialize_config_dir
 
     from timemoe_train.train.__main__ import CONFIG_DIR, make_trainer
 
+    peak, warmup, batches = float(peak), int(warmup), global_batches(size)
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[*common_overrides(size, peak, 1), f"checkpoint.dir={run_dir}/checkpoints",
@@ -100,7 +111,7 @@ def run_ours_here(size: str, peak: float, workdir: Path, batches: list[dict], wa
         trainer.fit()
     finally:
         trainer.close()
-    return step_records(run_dir, warmup)
+    print(json.dumps(step_records(run_dir, warmup)))
 
 
 def global_batches(size: str) -> list[dict]:
@@ -166,15 +177,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out (compilation)")
     parser.add_argument("--steps", type=int, help="steps per run (default: per size, see SIZES)")
     args = parser.parse_args()
-    for s in SIZES.values():
-        s["steps"] = args.steps or s["steps"]
+    if args.steps:
+        os.environ["BENCH_STEPS"] = str(args.steps)  # the child processes read it too
+        for s in SIZES.values():
+            s["steps"] = args.steps
     print(f"device: {device_line()}")
     peak = gemm_peak_flops()
     print(f"fp32 GEMM peak (all cores): {peak / 1e9:.1f} GFLOP/s; windows of {MAX_LENGTH} points, fp32\n")
     w = args.warmup
     runs = {"reference 1p": lambda size, d, b: run_reference(size, peak, d, b, w),
-            "ours 1p": lambda size, d, b: run_ours_here(size, peak, d, b, w),
-            "ours 1p compile": lambda size, d, b: run_ours_here(size, peak, d, b, w, ("model.compile=true",)),
+            "ours 1p": lambda size, d, b: run_ours_here(size, peak, d, w),
+            "ours 1p compile": lambda size, d, b: run_ours_here(size, peak, d, w, ("model.compile=true",)),
             "ours 2p EP1": lambda size, d, b: run_ours(size, 2, 1, peak, d, w),
             "ours 2p EP2": lambda size, d, b: run_ours(size, 2, 2, peak, d, w)}
     runs = {name: runs[name] for name in RUNS if name in args.runs}
@@ -198,4 +211,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--child"]:
+        child(*sys.argv[2:])
+    else:
+        main()
