@@ -88,8 +88,8 @@ def run_ours(size: str, nproc: int, ep: int, peak: float, workdir: Path, warmup:
 def run_ours_here(size: str, peak: float, workdir: Path, warmup: int, extra: tuple[str, ...] = ()) -> dict:
     """One process of our Trainer (a fresh one per run: DeepSpeed keeps its groups per process), fed micro-batches
     it builds before the trainer starts (its loader replaced by their list)."""
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", size, str(peak), str(workdir), str(warmup), *extra],
-                          capture_output=True, text=True, cwd=REPO)
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", size, str(peak), str(workdir), str(warmup)]
+    proc = subprocess.run([*argv, *extra], capture_output=True, text=True, cwd=REPO)
     if proc.returncode:
         sys.exit(f"timemoe-train (in process) failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
