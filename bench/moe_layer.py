@@ -1,7 +1,8 @@
 """Forward+backward time of the MoE feed-forward block, as ratios to a dense SwiGLU of equal active parameters.
 
 Measured side by side in one run, repeats interleaved (the machine is shared), medians reported:
-- native:    `moe.TimeMoeSparseExpertsLayer` (sort by expert + grouped GEMM)
+- native:    `moe.TimeMoeSparseExpertsLayer` (sort by expert + the expert GEMM `model.expert_gemm=auto` picks here)
+- native loop: the same block with one GEMM per expert (`expert_gemm=loop`, the fallback)
 - megatron:  `moe_megatron.MegatronMoELayer` (megatron-core MoELayer, alltoall dispatcher)
 - mask loop: the released implementation's scheme, one boolean mask + gather + index_add per expert
 - dense:     one SwiGLU of width shared + top_k * expert width (the parameters each token activates)
@@ -14,6 +15,7 @@ printed next to the median: on a machine shared with other jobs it is the steadi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -64,6 +66,7 @@ def build_blocks(config: TimeMoeConfig) -> dict[str, nn.Module]:
     blocks = {
         "dense": DenseSwiGLU(config.hidden_size, active),
         "native": TimeMoeSparseExpertsLayer(config),
+        "native loop": TimeMoeSparseExpertsLayer(dataclasses.replace(config, expert_gemm="loop")),
         "megatron": MegatronMoELayer(config),
         "mask loop": MaskLoopMoE(config),
     }
@@ -118,9 +121,9 @@ def main(argv=None) -> None:
     print(f"MoE block fwd+bwd, preset={args.preset} (H={config.hidden_size}, {config.num_experts} experts, "
           f"top-{config.num_experts_per_tok}), {x_BTD.shape[0] * x_BTD.shape[1]} tokens, {device}, {args.dtype}, "
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats")
-    print(f"  {'block':<10} {'median':>9} {'x dense':>8}   {'best':>9} {'x dense':>8}")
+    print(f"  {'block':<11} {'median':>9} {'x dense':>8}   {'best':>9} {'x dense':>8}")
     for name in times:
-        print(f"  {name:<10} {medians[name] * 1e3:6.0f} ms {medians[name] / medians['dense']:7.2f}x   "
+        print(f"  {name:<11} {medians[name] * 1e3:6.0f} ms {medians[name] / medians['dense']:7.2f}x   "
               f"{best[name] * 1e3:6.0f} ms {best[name] / best['dense']:7.2f}x")
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ HF_CONFIG_KEYS = (
     "attention_dropout", "apply_aux_loss", "router_aux_loss_factor", "tie_word_embeddings",
 )
 MOE_IMPLS = ("native", "megatron")
+EXPERT_GEMMS = ("auto", "grouped_mm", "loop")  # see model/moe.py
+ATTN_IMPLS = ("auto", "dense_mask", "causal", "varlen", "flex")  # see model/attention.py
 AUX_LOSS_TYPES = ("timemoe", "megatron")
 
 
@@ -55,6 +57,14 @@ class TimeMoeConfig:
     megatron_expert_bias: bool = False
     huber_delta: float = 2.0
     gradient_checkpointing: bool = False
+    # How packed rows attend (model/attention.py): auto = flex on CUDA, varlen elsewhere.
+    attn_impl: str = "auto"
+    compile: bool = False  # torch.compile each decoder block
+    # Native MoE experts: auto = torch._grouped_mm where it has a fast kernel (bf16 on SM90+, CPU), else a loop.
+    expert_gemm: str = "auto"
+    # moe_impl=megatron only: TransformerEngine's grouped experts (CUDA + TE installed). Changes the expert
+    # parameters' layout, so it is a choice, never inferred from what is installed.
+    megatron_use_te: bool = False
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -101,6 +111,13 @@ class TimeMoeConfig:
             bad("hidden_act", self.hidden_act, "only 'silu' is supported (the released models use it)")
         if self.moe_impl not in MOE_IMPLS:
             bad("moe_impl", self.moe_impl, f"choose one of {MOE_IMPLS}")
+        if self.attn_impl not in ATTN_IMPLS:
+            bad("attn_impl", self.attn_impl, f"choose one of {ATTN_IMPLS}")
+        if self.attn_impl == "flex" and self.attention_dropout:
+            bad("attn_impl", self.attn_impl, f"FlexAttention has no dropout (attention_dropout="
+                f"{self.attention_dropout}); use varlen or dense_mask")
+        if self.expert_gemm not in EXPERT_GEMMS:
+            bad("expert_gemm", self.expert_gemm, f"choose one of {EXPERT_GEMMS}")
         if self.aux_loss_type not in AUX_LOSS_TYPES:
             bad("aux_loss_type", self.aux_loss_type, f"choose one of {AUX_LOSS_TYPES}")
         if self.aux_loss_type == "megatron" and self.moe_impl != "megatron":

@@ -7,6 +7,7 @@ padding); attention never crosses a sequence boundary and positions restart with
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import AttentionLayout, attend, packed_positions, resolve_attn_impl
 from .config import TimeMoeConfig
 from .moe import build_ffn
+
+logger = logging.getLogger(__name__)
 
 
 class TimeMoeInputEmbedding(nn.Module):
@@ -52,10 +56,11 @@ def rotary_cos_sin(positions_BT: torch.Tensor, head_dim: int, theta: float, dtyp
     return emb_BTd.cos().to(dtype).unsqueeze(1), emb_BTd.sin().to(dtype).unsqueeze(1)
 
 
-def apply_rotary(x_BhTd, cos, sin):
-    half = x_BhTd.shape[-1] // 2
-    rotated = torch.cat([-x_BhTd[..., half:], x_BhTd[..., :half]], dim=-1)
-    return x_BhTd * cos + rotated * sin
+def apply_rotary(x, cos, sin):
+    """x [..., head_dim] with cos/sin broadcasting to it."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
 
 
 class TimeMoeAttention(nn.Module):
@@ -64,7 +69,6 @@ class TimeMoeAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.theta = config.rope_theta
         self.dropout = config.attention_dropout
         d, kv = config.hidden_size, self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(d, d, bias=True)
@@ -72,25 +76,18 @@ class TimeMoeAttention(nn.Module):
         self.v_proj = nn.Linear(d, kv, bias=True)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x_BTD, positions_BT, mask_BTS, past_kv=None):
+    def forward(self, x_BTD, rope, layout: AttentionLayout, past_kv=None):
+        """rope: (cos, sin) [B, T, 1, head_dim]; past_kv: cached (k, v) [B, kv_heads, S, head_dim]."""
         B, T, _ = x_BTD.shape
-        q = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rotary_cos_sin(positions_BT, self.head_dim, self.theta, q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q_BThd = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim)
+        k_BThd = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
+        v_BThd = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
+        q_BThd, k_BThd = apply_rotary(q_BThd, *rope), apply_rotary(k_BThd, *rope)
         if past_kv is not None:
-            k = torch.cat([past_kv[0], k], dim=2)
-            v = torch.cat([past_kv[1], v], dim=2)
-        # mask None means plain causal attention, which lets SDPA pick its flash kernels.
-        out = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=None if mask_BTS is None else mask_BTS.unsqueeze(1),
-            is_causal=mask_BTS is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), (k, v)
+            k_BThd = torch.cat([past_kv[0].transpose(1, 2), k_BThd], dim=1)
+            v_BThd = torch.cat([past_kv[1].transpose(1, 2), v_BThd], dim=1)
+        out_BThd = attend(q_BThd, k_BThd, v_BThd, layout, self.dropout if self.training else 0.0)
+        return self.o_proj(out_BThd.reshape(B, T, -1)), (k_BThd.transpose(1, 2), v_BThd.transpose(1, 2))
 
 
 class TimeMoeDecoderLayer(nn.Module):
@@ -101,22 +98,11 @@ class TimeMoeDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h_BTD, positions_BT, mask_BTS, past_kv=None):
-        attn_BTD, kv = self.self_attn(self.input_layernorm(h_BTD), positions_BT, mask_BTS, past_kv)
+    def forward(self, h_BTD, rope, layout, past_kv=None):
+        attn_BTD, kv = self.self_attn(self.input_layernorm(h_BTD), rope, layout, past_kv)
         h_BTD = h_BTD + attn_BTD
         ffn_BTD, router_logits_NE = self.ffn_layer(self.post_attention_layernorm(h_BTD))
         return h_BTD + ffn_BTD, router_logits_NE, kv
-
-
-def packing_layout(sequence_ids_BT: torch.Tensor):
-    """Positions that restart with every sequence, and the block-diagonal causal mask [B, T, T]."""
-    T = sequence_ids_BT.shape[1]
-    t_T = torch.arange(T, device=sequence_ids_BT.device)
-    is_start_BT = torch.ones_like(sequence_ids_BT, dtype=torch.bool)
-    is_start_BT[:, 1:] = sequence_ids_BT[:, 1:] != sequence_ids_BT[:, :-1]
-    start_BT = torch.cummax(torch.where(is_start_BT, t_T, 0), dim=1).values
-    same_BTS = sequence_ids_BT.unsqueeze(2) == sequence_ids_BT.unsqueeze(1)
-    return t_T - start_BT, same_BTS & torch.ones(T, T, dtype=torch.bool, device=t_T.device).tril()
 
 
 class TimeMoeModel(nn.Module):
@@ -126,28 +112,43 @@ class TimeMoeModel(nn.Module):
         self.embed_layer = TimeMoeInputEmbedding(config)
         self.layers = nn.ModuleList(TimeMoeDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self._attn_impl: dict[str, str] = {}  # device type -> the attention path, resolved on first use
+        if config.compile:
+            # One graph per decoder block, as torchtitan does: the blocks share their code, so all of them reuse
+            # the first one's compilation; the per-forward attention layout stays outside the compiled region.
+            for layer in self.layers:
+                layer.compile()
+
+    def attn_impl(self, device: torch.device) -> str:
+        if device.type not in self._attn_impl:
+            impl = resolve_attn_impl(self.config.attn_impl, device)
+            logger.info("attention path: %s (model.attn_impl=%s, device %s)", impl, self.config.attn_impl,
+                        device.type)
+            self._attn_impl[device.type] = impl
+        return self._attn_impl[device.type]
 
     def forward(self, inputs_BTC, sequence_ids_BT=None, past_key_values=None, use_cache=False):
         B, T, _ = inputs_BTC.shape
+        device = inputs_BTC.device
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         if sequence_ids_BT is not None:
             if past_key_values is not None:
                 raise ValueError("packed sequences (sequence_ids) cannot be combined with a KV cache")
-            positions_BT, mask_BTS = packing_layout(sequence_ids_BT)
+            positions_BT = packed_positions(sequence_ids_BT)
         else:
-            positions_BT = torch.arange(past_len, past_len + T, device=inputs_BTC.device).expand(B, T)
-            # New tokens after a cache see every cached one: a causal mask offset by the cache length.
-            mask_BTS = None if past_len == 0 else torch.ones(
-                T, past_len + T, dtype=torch.bool, device=inputs_BTC.device).tril(past_len).expand(B, T, -1)
+            positions_BT = torch.arange(past_len, past_len + T, device=device).expand(B, T)
+        layout = AttentionLayout.build(self.attn_impl(device), sequence_ids_BT, T, past_len, device)
 
         h_BTD = self.embed_layer(inputs_BTC)
+        cos, sin = rotary_cos_sin(positions_BT, self.config.head_dim, self.config.rope_theta, h_BTD.dtype)
+        rope = (cos.transpose(1, 2), sin.transpose(1, 2))  # [B, T, 1, d]: broadcast over the heads
         router_logits, new_cache = [], []
         for i, layer in enumerate(self.layers):
             past_kv = None if past_key_values is None else past_key_values[i]
             if self.config.gradient_checkpointing and self.training:
-                h_BTD, logits_NE, kv = checkpoint(layer, h_BTD, positions_BT, mask_BTS, past_kv, use_reentrant=False)
+                h_BTD, logits_NE, kv = checkpoint(layer, h_BTD, rope, layout, past_kv, use_reentrant=False)
             else:
-                h_BTD, logits_NE, kv = layer(h_BTD, positions_BT, mask_BTS, past_kv)
+                h_BTD, logits_NE, kv = layer(h_BTD, rope, layout, past_kv)
             router_logits.append(logits_NE)
             new_cache.append(kv)
         return self.norm(h_BTD), router_logits, (new_cache if use_cache else None)

@@ -6,15 +6,35 @@ where `router_logits_ND` are the fp32 router logits of the B*T tokens in batch-m
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import TimeMoeConfig
 
-# torch._grouped_mm wants row strides that are multiples of 16 bytes (its backward transposes the token matrix),
-# so the sorted token buffer is padded to a multiple of this many rows; rows past the last offset are ignored.
+# The bf16 grouped GEMM (CUTLASS, SM90+) wants every expert's row group to start at a multiple of 16 rows (and
+# the whole buffer a multiple of 16, for the strides of its backward). Groups are padded to that with zero rows,
+# which add nothing to any output or weight gradient.
 _GROUPED_MM_ROW_ALIGN = 16
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def resolve_expert_gemm(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """`grouped_mm` where torch has a grouped kernel worth its padding: bf16 on SM90+ GPUs, and the CPU (its
+    kernel there loops over the groups itself, without a host sync). Elsewhere (fp32 or pre-Hopper GPUs)
+    `loop`: one GEMM per expert, at the cost of one host sync per layer for the group sizes."""
+    gemm = requested
+    if requested == "auto" and device.type == "cuda":
+        fast = dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 9
+        gemm = "grouped_mm" if fast else "loop"
+    elif requested == "auto":
+        gemm = "grouped_mm"
+    logger.info("native MoE experts: %s (model.expert_gemm=%s, %s, %s)", gemm, requested, device, dtype)
+    return gemm
 
 
 class SwiGLU(nn.Module):
@@ -49,19 +69,40 @@ class GroupedExperts(nn.Module):
         self.register_state_dict_post_hook(_split_experts)
         self.register_load_state_dict_pre_hook(_stack_experts)
 
-    def forward(self, x_MD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        """x_MD: token copies sorted by expert (M = tokens x top-k); returns each row through its expert."""
-        m = x_MD.shape[0]
-        padded = -(-m // _GROUPED_MM_ROW_ALIGN) * _GROUPED_MM_ROW_ALIGN
-        if padded != m:
-            x_MD = F.pad(x_MD, (0, 0, 0, padded - m))
-        offs_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
+    def forward(self, x_MD: torch.Tensor, tokens_per_expert_E: torch.Tensor, gemm: str) -> torch.Tensor:
+        """x_MD: token copies sorted by expert (M = tokens x top-k), `tokens_per_expert_E` of them per expert (on
+        the device); returns each row through its expert."""
+        if gemm == "loop":
+            return self._looped(x_MD, tokens_per_expert_E)
+        m, E, align = x_MD.shape[0], self.num_experts, _GROUPED_MM_ROW_ALIGN
+        # Each group padded to `align` rows: static buffer size (no host sync), every group start aligned.
+        padded_E = (tokens_per_expert_E + align - 1) // align * align
+        offs_E = torch.cumsum(padded_E, 0, dtype=torch.int32)
+        shift_E = offs_E - padded_E - (torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E)
+        expert_M = torch.repeat_interleave(torch.arange(E, device=x_MD.device), tokens_per_expert_E, output_size=m)
+        row_M = torch.arange(m, device=x_MD.device) + shift_E[expert_M]
+        rows = -(-(m + E * (align - 1)) // align) * align
+        x_PD = x_MD.new_zeros(rows, x_MD.shape[1]).index_copy(0, row_M, x_MD)
+        # torch.compile knows the grouped GEMM's shapes for bf16 only: other dtypes run it eagerly.
+        swiglu = _grouped_swiglu if x_MD.dtype == torch.bfloat16 else _grouped_swiglu_eager
+        return swiglu(x_PD, self.gate_proj_EIH, self.up_proj_EIH, self.down_proj_EHI, offs_E)[row_M]
 
-        def gmm(a, w_EOI):
-            return torch._grouped_mm(a, w_EOI.transpose(-2, -1).to(a.dtype), offs=offs_E)
+    def _looped(self, x_MD, tokens_per_expert_E):
+        outs = []
+        for e, x_mD in enumerate(torch.split(x_MD, tokens_per_expert_E.tolist())):
+            w = [p[e].to(x_mD.dtype) for p in (self.gate_proj_EIH, self.up_proj_EIH, self.down_proj_EHI)]
+            outs.append(F.linear(F.silu(F.linear(x_mD, w[0])) * F.linear(x_mD, w[1]), w[2]))
+        return torch.cat(outs)
 
-        h_MI = F.silu(gmm(x_MD, self.gate_proj_EIH)) * gmm(x_MD, self.up_proj_EIH)
-        return gmm(h_MI, self.down_proj_EHI)[:m]
+
+def _grouped_swiglu(x_PD, gate_EIH, up_EIH, down_EHI, offs_E):
+    def gmm(a, w_EOI):
+        return torch._grouped_mm(a, w_EOI.transpose(-2, -1).to(a.dtype), offs=offs_E)
+
+    return gmm(F.silu(gmm(x_PD, gate_EIH)) * gmm(x_PD, up_EIH), down_EHI)
+
+
+_grouped_swiglu_eager = torch.compiler.disable(_grouped_swiglu)
 
 
 def _split_experts(module: GroupedExperts, state_dict, prefix, local_metadata):
@@ -99,6 +140,7 @@ class TimeMoeSparseExpertsLayer(nn.Module):
         self.experts = GroupedExperts(config.num_experts, config.hidden_size, config.expert_intermediate_size)
         self.shared_expert = SwiGLU(config.hidden_size, config.intermediate_size)
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.requested_gemm = config.expert_gemm
 
     def forward(self, x_BTD: torch.Tensor):
         B, T, D = x_BTD.shape
@@ -108,8 +150,11 @@ class TimeMoeSparseExpertsLayer(nn.Module):
         # Sort the N*K (token, choice) pairs by expert; a stable sort keeps token order within each expert.
         order_M = torch.argsort(experts_NK.flatten(), stable=True)
         token_M = order_M // self.top_k
-        tokens_per_expert_E = torch.bincount(experts_NK.flatten(), minlength=self.num_experts)
-        y_MD = self.experts(x_ND[token_M], tokens_per_expert_E)
+        # A scatter-add on the device: bincount would read the largest id back to the host first.
+        choices_M = experts_NK.flatten()
+        tokens_per_expert_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_ND.device).scatter_add_(
+            0, choices_M, torch.ones_like(choices_M))
+        y_MD = self.experts(x_ND[token_M], tokens_per_expert_E, resolve_expert_gemm(self.requested_gemm, x_ND.device, x_ND.dtype))
         # The released models cast the routing weights to the activations' dtype before mixing.
         y_MD = y_MD * weights_NK.flatten()[order_M].to(y_MD.dtype).unsqueeze(-1)
         routed_ND = torch.zeros_like(x_ND).index_add_(0, token_M, y_MD)

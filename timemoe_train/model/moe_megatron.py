@@ -4,8 +4,8 @@ Same maths as `moe.TimeMoeSparseExpertsLayer` (softmax over all experts in fp32,
 SwiGLU experts, sigmoid-gated shared expert, dropless), same interface: `forward(x_BTD) -> (y_BTD, logits_NE)`.
 Only the parameter names differ; `state_dict_adapter` maps them to the released ones.
 
-One program for every device; the expert kernels are picked from it: a `SequentialMLP` on CPU (and on GPUs
-without TransformerEngine), TE's grouped GEMM (`TEGroupedMLP`) on GPUs with TE.
+One program for every device; the expert kernels follow `model.megatron_use_te`: a `SequentialMLP` by default,
+TE's grouped GEMM (`TEGroupedMLP`) when switched on (CUDA with TransformerEngine; an error otherwise).
 
 Aux loss (`config.aux_loss_type`):
 - "timemoe": megatron's balancing is off; the model computes SPEC's loss from the returned logits.
@@ -37,15 +37,19 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 _AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
 
 
-def uses_te_grouped_experts() -> bool:
-    """Whether megatron blocks built in this process run their experts as TE grouped GEMMs (else SequentialMLP).
-    The state-dict adapter reads this too: the two layouts name the expert weights differently."""
-    if not torch.cuda.is_available():
+def uses_te_grouped_experts(config: TimeMoeConfig) -> bool:
+    """Whether this model's megatron blocks run their experts as TE grouped GEMMs (`model.megatron_use_te`) or as
+    a SequentialMLP. The state-dict adapter reads this too: the two layouts name the expert weights differently,
+    so it is the config's choice, never what happens to be installed."""
+    if not config.megatron_use_te:
         return False
+    if not torch.cuda.is_available():
+        raise ConfigError("TimeMoeConfig.megatron_use_te=True: TransformerEngine's grouped experts need a CUDA GPU")
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
-        return False
+        raise ConfigError("TimeMoeConfig.megatron_use_te=True: transformer_engine is not installed "
+                          "(pip install 'timemoe-train[gpu]')") from None
     return True
 
 
@@ -60,7 +64,7 @@ def transformer_config(config: TimeMoeConfig) -> TransformerConfig:
             "turning it on would train a different model than the exported one serves")
     aux_coeff = config.router_aux_loss_factor if (
         megatron_aux and config.apply_aux_loss and balancing in _AUX_LOSS_TYPES) else 0.0
-    grouped = uses_te_grouped_experts()
+    grouped = uses_te_grouped_experts(config)
 
     def init_normal(w):
         return nn.init.normal_(w, mean=0.0, std=config.initializer_range)
@@ -126,8 +130,8 @@ class MegatronMoELayer(MoELayer):
             init_parallel(num_experts=config.num_experts)
         if parallel_state.get_tensor_model_parallel_world_size() != 1:
             raise ConfigError("tensor parallelism > 1: the Time-MoE model has no tensor-parallel layers")
-        spec = get_moe_module_spec(use_te=uses_te_grouped_experts(), num_experts=config.num_experts,
-                                   moe_grouped_gemm=uses_te_grouped_experts())
+        te = uses_te_grouped_experts(config)
+        spec = get_moe_module_spec(use_te=te, num_experts=config.num_experts, moe_grouped_gemm=te)
         spec.submodules.router = _LogitsRouter
         super().__init__(transformer_config(config), submodules=spec.submodules)
         # One tracker slot for every layer: build_ffn does not know the layer index. finish_megatron_step divides

@@ -91,7 +91,7 @@ def hf_to_megatron(hf_state: dict, config: TimeMoeConfig, ep_rank: int = 0, ep_s
     from .moe_megatron import uses_te_grouped_experts
 
     per_rank = _experts_per_rank(config, ep_rank, ep_size)
-    expert_names = _GROUPED_NAMES if uses_te_grouped_experts() else _SEQUENTIAL_NAMES
+    expert_names = _GROUPED_NAMES if uses_te_grouped_experts(config) else _SEQUENTIAL_NAMES
     known = {"gate.weight", "shared_expert_gate.weight"} | {
         f"{e}{proj}.weight" for e in ["shared_expert."] + [f"experts.{m}." for m in range(config.num_experts)]
         for proj in ("gate_proj", "up_proj", "down_proj")}

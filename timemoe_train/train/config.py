@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..model.config import TimeMoeConfig
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16")  # and "auto", resolved by TrainerConfig
 ZERO_STAGES = (0, 1, 2, 3)
 WANDB_MODES = (None, "online", "offline", "disabled")
 
@@ -55,7 +57,7 @@ class TrainerConfig:
     global_batch_size: int = 64  # windows per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 8  # windows per forward pass on one rank
     seed: int = 0
-    precision: str = "fp32"
+    precision: str = "auto"  # "auto": bf16 when the run is on CUDA, fp32 on the CPU (resolved at construction)
     # HF-layout directory (config.json + model.safetensors) to start from instead of a random init.
     init_from_hf: str | None = None
     # Consecutive skipped (non-finite) steps that stop the run.
@@ -63,6 +65,14 @@ class TrainerConfig:
     # Peak FLOP/s of one device for the MFU estimate; None: looked up for known GPUs, else MFU is not reported.
     peak_flops_per_device: float | None = None
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
+
+    def __post_init__(self):
+        # The one place "auto" becomes a precision: everything downstream (engine, checkpoint meta) sees it.
+        if self.precision == "auto":
+            self.precision = "bf16" if self.uses_cuda() else "fp32"
+
+    def uses_cuda(self) -> bool:
+        return self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
 
 
 @dataclass
@@ -97,6 +107,11 @@ class LoggerConfig:
     # Steps between per-domain expert-load heatmaps (accumulated over that window); 0 disables them.
     heatmap_interval: int = 100
     progress: bool = True
+
+
+def packs_rows(data_cfg) -> bool:
+    """Whether the data group may put several pieces in one row (the synthetic source always can)."""
+    return getattr(data_cfg, "packing", True)
 
 
 _SCALARS = (bool, int, float, str)
@@ -134,6 +149,11 @@ class RunConfig:
     checkpoint: CheckpointConfig
     logger: LoggerConfig
 
+    def __post_init__(self):
+        # Rows that hold one piece each need no document mask at all: plain causal attention (flash on GPUs).
+        if self.model.attn_impl == "auto" and not packs_rows(self.data):
+            self.model.attn_impl = "causal"
+
     def validate(self, world_size: int) -> None:
         """Everything that can be checked from the config and the process count alone."""
         from ..parallel import ParallelLayoutError, validate_layout
@@ -168,7 +188,12 @@ class RunConfig:
             (t.global_batch_size % per_step, "trainer.global_batch_size", t.global_batch_size,
              f"must be a multiple of trainer.micro_batch_size ({t.micro_batch_size}) x data-parallel size "
              f"({dp_size}) = {per_step}"),
-            (t.precision not in PRECISIONS, "trainer.precision", t.precision, f"choose one of {PRECISIONS}"),
+            (t.precision not in PRECISIONS, "trainer.precision", t.precision, f"choose auto or one of {PRECISIONS}"),
+            (t.precision == "bf16" and p.zero_stage == 0, "trainer.precision", t.precision,
+             "bf16 needs parallel.zero_stage >= 1: at stage 0 DeepSpeed can only accumulate and all-reduce the "
+             "gradients in bf16"),
+            (m.attn_impl == "causal" and packs_rows(self.data), "model.attn_impl", m.attn_impl,
+             "attends across the pieces of a packed row; with data.packing=true use auto, varlen or flex"),
             (t.device not in ("auto", "cpu", "cuda"), "trainer.device", t.device, "choose auto, cpu or cuda"),
             (data_path is not None and not Path(data_path).is_dir(), "data.path", data_path,
              "no such directory (give the folder timemoe-prep wrote, the one holding manifest.json)"),

@@ -90,7 +90,7 @@ def deepspeed_config(run: RunConfig, gas: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if p.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": 0.0 if exact_clipping(run) else run.optim.clip_grad,
@@ -101,6 +101,12 @@ def deepspeed_config(run: RunConfig, gas: int) -> dict:
         "wall_clock_breakdown": False,
         "checkpoint": {"tag_validation": "FAIL"},
     }
+    if t.precision == "bf16":
+        # DeepSpeed's bf16 default accumulates micro-batch gradients and all-reduces them in bf16 (8 bits of
+        # mantissa): small gradients vanish against large ones. Both in fp32; the forward/backward stay bf16.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["communication_data_type"] = "fp32"
+    return config
 
 
 def exact_clipping(run: RunConfig) -> bool:
@@ -112,6 +118,9 @@ def exact_clipping(run: RunConfig) -> bool:
 def build_engine(module: nn.Module, run: RunConfig, gas: int, expert_group):
     import deepspeed
 
+    if next(module.parameters()).is_cuda:
+        # fp32 matmuls (fp32 runs; the fp32 router and loss of bf16 ones) on the tensor cores, as TF32.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     o = run.optim
     if run.parallel.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
