@@ -2,11 +2,11 @@
 # The GPU path on one CUDA device, in under 8 minutes (budget per part in brackets):
 #   1. the tests marked `cuda` [3.3 min]: every attention path vs the dense mask (fp32, 1e-5), the bf16 grouped GEMM
 #      vs the per-expert loop and without a host sync, bf16 vs fp32 loss curves over 50 steps of the tiny model
-#      (every step within 5%, mean gap under 2%)
+#      (every step within 5%, mean gap under 2%); export of a bf16 run equals its fp32 master weights (that test
+#      trains on the GPU when there is one) [+1 min]
 #   2. MFU of base and large, bf16, 4096-point packed windows, timemoe-train on one process [2 x 1.5 min]
 #   3. bench/attention.py and bench/moe_layer.py in bf16 on the device [1.75 min]
 # Run from a checkout with its environment set up (make setup, plus a CUDA torch):  bash bench/gpu_check.sh
-# Not covered here: export of a bf16 run equals its fp32 master weights (the export helper's own test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -24,6 +24,7 @@ EOF
 echo "== 1/3 tests marked cuda"
 timeout 200 "$PY" -m pytest -q -m cuda -p no:cacheprovider \
   tests/test_attention.py tests/test_moe_paths.py tests/test_bf16_cuda.py
+timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_checkpoint_export.py
 
 echo "== 2/3 MFU at 4096-point windows (bf16, attention auto = flex, 1 process)"
 for size in base large; do
