@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
@@ -153,11 +154,16 @@ _LIBRARY_NOTICES = (
     r"full scope is deprecated",  # megatron-core's TransformerConfig default for CUDA graphs, which we do not use
     r"`torch\.distributed\.all_gather_into_tensor` is deprecated",  # deepspeed's ZeRO gathers
 )
+# Loggers whose INFO records (Hydra sets the root logger to INFO) narrate the libraries' own set-up: megatron-core's
+# FSDP modules announcing themselves on import, DeepSpeed's op builder echoing its compiler probes.
+_LIBRARY_LOGGERS = ("megatron.core.distributed.fsdp", "compilers")
 
 
 def main() -> None:
     for message in _LIBRARY_NOTICES:
         warnings.filterwarnings("ignore", message=message)
+    for name in _LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     if int(os.environ.get("RANK", "0")) != 0:  # one copy of Hydra's own files, written by rank 0
         sys.argv.append("hydra.output_subdir=null")
     # Hydra then raises its errors (a bad override, an unknown config group) instead of printing them over
