@@ -242,15 +242,14 @@ def sbatch_env(tmp_path: Path, nodes: int, restart: int) -> dict:
     return {**env, "PATH": f"{bin_dir}:{env['PATH']}", "PYTHON": sys.executable, "FAKE_LOG": str(tmp_path / "log"),
             "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "timemoe", "SLURM_JOB_NODELIST": "node[01-02]",
             "SLURM_NNODES": str(nodes), "SLURM_RESTART_COUNT": str(restart), "NPROC_PER_NODE": "1",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "CKPT_DIR": str(tmp_path / "ckpt")}
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RUN_DIR": str(tmp_path / "run")}
 
 
 def test_slurm_requeue_onto_fewer_nodes_resumes_and_continues(straight, tmp_path):
     """Job 4242 on 2 nodes (1 process each, EP=1 x DP=2) gets USR1 (time limit near): the workers save and exit,
     the job requeues itself; it comes back on 1 node and finishes the run from that checkpoint."""
     run = tmp_path / "run"
-    args = ["bash", "launch/slurm.sbatch", *COMMON, "parallel.expert_parallel_size=1", "checkpoint.interval=1",
-            f"hydra.run.dir={run}"]
+    args = ["bash", "launch/slurm.sbatch", *COMMON, "parallel.expert_parallel_size=1", "checkpoint.interval=1"]
     first = subprocess.Popen(args, cwd=REPO, env=sbatch_env(tmp_path, nodes=2, restart=0), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
@@ -265,7 +264,7 @@ def test_slurm_requeue_onto_fewer_nodes_resumes_and_continues(straight, tmp_path
             first.kill()
     stopped = metrics(run)[-1]["step"]
     assert stopped < 8, "the run finished before the signal arrived"
-    assert (tmp_path / "ckpt" / "latest").read_text() == f"step{stopped:08d}", output[-4000:]
+    assert (run / "checkpoints" / "latest").read_text() == f"step{stopped:08d}", output[-4000:]
     assert "requeueing job 4242" in output
 
     second = subprocess.run(args, cwd=REPO, env=sbatch_env(tmp_path, nodes=1, restart=1), capture_output=True,
@@ -275,7 +274,7 @@ def test_slurm_requeue_onto_fewer_nodes_resumes_and_continues(straight, tmp_path
         "srun on 2 nodes", "srun got TERM", "scontrol requeue 4242", "srun on 1 nodes"]
     steps = [r["step"] for r in metrics(run)]
     assert steps == list(range(1, 9)), steps  # continued right after the step it saved
-    meta = json.loads((tmp_path / "ckpt" / STEP8 / "meta.json").read_text())
+    meta = json.loads((run / "checkpoints" / STEP8 / "meta.json").read_text())
     assert meta["world_size"] == 1
     want, got = last_per_step(straight), last_per_step(run)
     for s in range(1, 9):
