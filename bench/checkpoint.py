@@ -65,7 +65,7 @@ def trainer_for(size: str, steps: int, run_dir: Path, *extra: str):
 def phase(name: str, size: str, steps: int, workdir: Path) -> dict:
     """One trainer per process (DeepSpeed keeps its process groups per process): `write` trains and saves,
     `same layout` / `elastic` resume from that checkpoint. Returns its times."""
-    from timemoe_train.checkpoint import elastic
+    from timemoe_train.checkpoint import elastic, resume
     from timemoe_train.train import checkpoint as train_checkpoint
     from timemoe_train.train.checkpoint import Checkpointer
 
@@ -81,7 +81,7 @@ def phase(name: str, size: str, steps: int, workdir: Path) -> dict:
         times["step"] = statistics.median(r["step_time_s"] for r in records[1:] or records)
         writer.close()
         return times
-    with timed(train_checkpoint, "resume_point", times, "verify"), timed(Checkpointer, "load", times, "load"):
+    with timed(resume, "resume_point", times, "verify"), timed(Checkpointer, "load", times, "load"):
         reader = trainer_for(size, steps, workdir / name.replace(" ", "_"),
                              *(("parallel.zero_stage=2",) if name == "elastic" else ()))
     assert reader.step == steps, reader.step

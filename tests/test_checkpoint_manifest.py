@@ -13,7 +13,7 @@ import torch
 
 from timemoe_train.checkpoint import MANIFEST, CheckpointCorrupt, CheckpointError, DigestWriter, verify
 from timemoe_train.checkpoint.manifest import write_manifest
-from timemoe_train.train.checkpoint import CheckpointWarning, newest_verified
+from timemoe_train.checkpoint.resume import CheckpointWarning, newest_verified
 
 
 def write_checkpoint(root, step: int):

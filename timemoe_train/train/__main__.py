@@ -83,13 +83,14 @@ def make_trainer(cfg: DictConfig, run_dir: str | Path):
         raise TrainConfigError(_omegaconf_message(e, "config")) from None
     run = run_config(cfg)
     run.validate(int(os.environ.get("WORLD_SIZE", "1")))
-    from .checkpoint import resume_point
-    from .trainer import Trainer  # torch.distributed, DeepSpeed and megatron load only for a valid config
+    from ..checkpoint.resume import resume_point  # file work only: said before DeepSpeed is imported
 
     tag = None
     if int(os.environ.get("RANK", "0")) == 0:  # verified once, before any engine start-up; broadcast later
         tag = resume_point(run.checkpoint)
         print(start_message(run.checkpoint, tag), flush=True)
+    from .trainer import Trainer  # torch.distributed, DeepSpeed and megatron load only for a valid config
+
     return Trainer(run, run_dir, OmegaConf.to_yaml(OmegaConf.create(container)), container, tag)
 
 

@@ -17,22 +17,16 @@ import json
 import os
 import random
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import (CONFIG, CONSOLIDATED, ELASTIC, LATEST, META, TMP_PREFIX, CheckpointCorrupt,
-                          CheckpointError, DigestWriter, elastic, load_checkpoint_file, read_meta, step_tags, tag_for,
-                          trainer_state_file, verify)
+from ..checkpoint import (CONFIG, CONSOLIDATED, ELASTIC, LATEST, META, TMP_PREFIX, CheckpointError, DigestWriter,
+                          elastic, load_checkpoint_file, read_meta, step_tags, tag_for, trainer_state_file)
 from ..checkpoint.manifest import fsync_dir, write_manifest
 from .engine_state import engine_state, load_engine_state
-
-
-class CheckpointWarning(UserWarning):
-    pass
 
 
 def run_dir_checkpoint_engine(root: Path, records: dict):
@@ -73,40 +67,6 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def newest_verified(root: Path) -> str | None:
-    """The newest checkpoint of `root` that matches its manifest (None: there are none); each one that does not
-    gives a CheckpointWarning naming the file, and so does a `latest` that names no checkpoint (deleted by hand).
-    Raises CheckpointError when checkpoints exist, or were pointed at, but none verifies."""
-    bad = []
-    tags = step_tags(root)
-    pointed = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
-    if pointed is not None and pointed not in tags:
-        bad.append(f"{root / LATEST} names {pointed!r}, which is not a directory of {root}")
-        warnings.warn(bad[-1], CheckpointWarning, stacklevel=2)
-    for tag in tags:
-        try:
-            verify(root / tag)
-            return tag
-        except CheckpointCorrupt as e:
-            bad.append(str(e))
-            warnings.warn(f"checkpoint {root / tag} is not used: {e}; falling back to the previous checkpoint",
-                          CheckpointWarning, stacklevel=2)
-    if bad:
-        raise CheckpointError(f"no checkpoint in {root} verifies, so none was loaded and nothing was written "
-                              f"(move the damaged ones away, or set checkpoint.resume=false): " + "; ".join(bad))
-    return None
-
-
-def resume_point(checkpoint_cfg) -> str | None:
-    """The tag a run with this `checkpoint` config resumes from: the newest verified one, every rejected one
-    warned about (always, also when the same warning was given before in this process); None: a new run."""
-    if not checkpoint_cfg.resume:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", CheckpointWarning)
-        return newest_verified(Path(checkpoint_cfg.dir).resolve())
 
 
 class Checkpointer:

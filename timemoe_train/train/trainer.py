@@ -70,7 +70,7 @@ class StopRequest:
 class Trainer:
     def __init__(self, run: RunConfig, run_dir: str | Path, config_yaml: str, config_dict: dict,
                  resume_tag: str | None = None):
-        """`resume_tag`: on rank 0, the checkpoint to resume from (`checkpoint.resume_point`, verified before any
+        """`resume_tag`: on rank 0, the checkpoint to resume from (`timemoe_train.checkpoint.resume.resume_point`, verified before any
         engine start-up); the other ranks receive rank 0's."""
         self.run, self.run_dir, self.config_yaml = run, Path(run_dir), config_yaml
         self.stop = StopRequest()  # from the start: a signal during set-up stops after the first step, saved
