@@ -19,7 +19,9 @@ TINY = ["model=tiny", "data=synthetic", "data.max_length=48", "logger=none", "lo
 
 
 def worker_env(**extra) -> dict:
-    env = dict(os.environ)
+    # A launched job gets its distributed variables from its launcher, never from this process (an in-process
+    # trainer test sets LOCAL_RANK here, and submitit refuses to export over it).
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     env.update(DS_BUILD_OPS="0", WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1", **extra)
     return env
