@@ -3,6 +3,7 @@
     timemoe-prep --source time300b --input IN --output OUT [--workers N]
     timemoe-prep --source csv|parquet|arrow|tsf --input FILE_OR_DIR --output OUT [--domain D] [--dataset NAME] ...
     timemoe-prep --source embedded --output OUT
+    timemoe-prep ... --benchmarks ETTm1.csv [B.csv ...]   (any source: more CSVs no series may copy)
     timemoe-prep inspect OUT [--out FILE.png]
 
 Exit status: 0 done, 1 bad input (the message names the file, field and value), 2 bad usage.
@@ -16,6 +17,7 @@ import sys
 
 from data_prep.clean import CleanOptions
 from data_prep.errors import PrepError
+from data_prep.leakage import default_guard
 from data_prep.pipeline import PrepOptions, prepare
 from data_prep.sources import DOMAINS, EmbeddedSource, TableLayout, TableSource, Time300BSource, TsfSource
 
@@ -51,6 +53,9 @@ def _prep_parser() -> argparse.ArgumentParser:
                    help="skip: leave bad datasets out and list them in the manifest")
     p.add_argument("--overwrite", action="store_true", help="replace a corpus or unfinished job of other input")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--benchmarks", nargs="+", default=[], metavar="CSV",
+                   help="evaluation CSVs whose channels must not be trained on: series copying any 128 consecutive "
+                        "points of one are left out and listed (added to the ETT names and the shipped ETTh1)")
     clean = p.add_argument_group("cleaning (see data_prep/clean.py)")
     clean.add_argument("--max-gap", type=int, default=CleanOptions.max_gap,
                        help="interpolate NaN/inf runs up to this length, split at longer ones (default %(default)s)")
@@ -85,6 +90,7 @@ def _source(args: argparse.Namespace, parser: argparse.ArgumentParser):
 def _prep(argv: list[str]) -> int:
     parser = _prep_parser()
     args = parser.parse_args(argv)
+    guard = default_guard(tuple(args.benchmarks))
     try:
         options = PrepOptions(
             shard_bytes=args.shard_size,
@@ -93,6 +99,7 @@ def _prep(argv: list[str]) -> int:
             clean=CleanOptions(args.max_gap, args.min_length, not args.keep_constant),
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            guard=guard,
         )
     except ValueError as e:
         parser.error(str(e))
@@ -101,6 +108,8 @@ def _prep(argv: list[str]) -> int:
     print(f"{args.output}: {totals['shards']} shards, {totals['sequences']:,} sequences, {totals['points']:,} points")
     for skipped in manifest["skipped"]:
         print(f"skipped {skipped['domain']}/{skipped['dataset']}: {skipped['file']}: {skipped['problem']}")
+    if manifest["excluded"]:
+        print(f"leakage guard: left out {len(manifest['excluded'])} series (listed under 'excluded' in manifest.json)")
     return 0
 
 

@@ -119,7 +119,7 @@ def write_index(
 class Stager:
     """Collects series parsed from text input into ``values.bin`` plus an index; ``finish`` makes them a dataset."""
 
-    def __init__(self, folder: Path, domain: str, dataset: str, guard: LeakageGuard | None = None) -> None:
+    def __init__(self, folder: Path, domain: str, dataset: str, guard: LeakageGuard) -> None:
         self.folder, self.domain, self.dataset, self.guard = folder, domain, dataset, guard
         folder.mkdir(parents=True, exist_ok=True)
         self._path = folder / "values.bin"
@@ -131,7 +131,7 @@ class Stager:
     def add(self, item_id: str, values: np.ndarray) -> None:
         """Append one series; its id is prefixed with ``domain/dataset/`` so ids are unique across the corpus."""
         full_id = f"{self.domain}/{self.dataset}/{item_id}"
-        reason = self.guard.check(full_id, values) if self.guard is not None else None
+        reason = self.guard.check(full_id, values)
         if reason is not None:
             self._excluded.append({"item_id": full_id, "reason": reason})
             return
@@ -146,8 +146,7 @@ class Stager:
     def finish(self, freq: str | None) -> IndexedDataset:
         self._file.close()
         if not self._lengths:
-            why = f"; the leakage guard excluded all {len(self._excluded)}" if self._excluded else ""
-            raise PrepError(self.folder, "sequences", 0, f"the dataset holds no series{why}")
+            raise _no_series(self.folder, self._excluded)
         length = np.array(self._lengths, dtype=np.int64)
         stream = Stream(str(self._path), 0, STAGED_DTYPE, int(length.sum()))
         return write_index(
@@ -164,6 +163,44 @@ class Stager:
 
     def abort(self) -> None:
         self._file.close()
+
+
+def _no_series(folder: Path, excluded: list[dict[str, str]]) -> PrepError:
+    why = f"; the leakage guard excluded all {len(excluded)}" if excluded else ""
+    return PrepError(folder, "sequences", 0, f"the dataset holds no series{why}")
+
+
+def screen_index(ds: IndexedDataset, guard: LeakageGuard) -> IndexedDataset:
+    """``ds`` less the series ``guard`` excludes, for datasets indexed in place (their numbers are read here, through
+    memory maps); ``ds`` itself when none is. Normalised values serve: the guard's match is blind to scale."""
+    reader = DatasetReader(ds)
+    ids = reader.item_ids(0, ds.sequences)
+    keep = np.ones(ds.sequences, dtype=bool)
+    excluded = []
+    for i, (start, n) in enumerate(zip(reader.offset.tolist(), reader.length.tolist())):
+        reason = guard.check(ids[i], reader.read_span(start, start + n))
+        if reason is not None:
+            keep[i] = False
+            excluded.append({"item_id": ids[i], "reason": reason})
+    if not excluded:
+        return ds
+    folder = Path(ds.folder)
+    if not keep.any():
+        raise _no_series(folder, excluded)
+    (folder / COMPLETE_MARKER).unlink()  # incomplete until rewritten: a resumed job indexes it again
+    return write_index(
+        folder,
+        domain=ds.domain,
+        dataset=ds.dataset,
+        freq=ds.freq,
+        streams=list(ds.streams),
+        offset=reader.offset[keep],
+        length=reader.length[keep],
+        mean=None if reader.mean is None else reader.mean[keep],
+        std=None if reader.std is None else reader.std[keep],
+        item_id=[item for item, kept in zip(ids, keep.tolist()) if kept],  # kept ids, not renumbered ones
+        excluded=tuple(excluded),
+    )
 
 
 LOOP_MIN_MEAN_LENGTH = 256

@@ -7,11 +7,13 @@ standard deviation and hashed; a training series is excluded when any of its non
 blocks hashes to one of those. A copy of at least 2·``block`` consecutive benchmark points, rescaled or not,
 contains an aligned block, so it is caught wherever it starts. Windows with fewer than ``block // 4`` distinct
 rounded values (flat stretches, rare counts) are not hashed on either side: they say nothing about origin.
+
+Every source's series pass the guard of :class:`~data_prep.pipeline.PrepOptions` (``default_guard`` unless given:
+the name rule plus the repository's shipped ETTh1); the manifest records it under ``leakage_guard``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,7 +22,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data_prep.errors import PrepError
+from data_prep.shards import sha256_file
+
 ETT_NAMES = r"(?i)\bett[hm][12]\b"
+# The benchmark the demo evaluates on, as the repository ships it (absent from a non-editable install).
+SHIPPED_ETTH1 = Path(__file__).resolve().parents[1] / "examples" / "data" / "ETTh1.csv"
 _MULTIPLIERS = np.random.default_rng(0x1EA4).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
 
 
@@ -51,22 +58,33 @@ class LeakageGuard:
     name_pattern: str = ETT_NAMES
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        for p in self.benchmarks:
+            if not Path(p).is_file():
+                raise PrepError(p, "--benchmarks", str(p), "no such file (a benchmark CSV to keep out of the corpus)")
+            try:
+                channels = self._channels(Path(p))
+            except (OSError, ValueError, UnicodeDecodeError) as e:  # pandas' parser errors are ValueErrors
+                raise PrepError(p, "--benchmarks", str(p), f"not a readable CSV: {e}") from None
+            if not channels:
+                raise PrepError(p, "--benchmarks", str(p), "holds no numeric column to guard against")
+
     def describe(self) -> dict:
         return {
             "rule": f"excluded: ids matching {self.name_pattern!r}, and series sharing a z-normalised "
                     f"{self.block}-point window with a benchmark channel",
+            "name_pattern": self.name_pattern,
             "block": self.block,
             "benchmarks": [self._benchmark_record(Path(p)) for p in self.benchmarks],
         }
 
     def _benchmark_record(self, path: Path) -> dict:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-        return {"file": path.name, "sha256": digest, "channels": list(self._channels(path))}
+        return {"file": path.name, "sha256": sha256_file(path), "channels": list(self._channels(path))}
 
     def _channels(self, path: Path) -> dict[str, np.ndarray]:
         key = ("channels", str(path))
         if key not in self._cache:
-            frame = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+            frame = pd.read_csv(path)
             numeric = frame.select_dtypes("number")
             self._cache[key] = {str(c): numeric[c].to_numpy(np.float64) for c in numeric.columns}
         return self._cache[key]
@@ -92,3 +110,10 @@ class LeakageGuard:
             if h in hashes:
                 return f"shares a normalised {self.block}-point window with {hashes[h]}"
         return None
+
+
+def default_guard(benchmarks: tuple[str, ...] = ()) -> LeakageGuard:
+    """The ETT name rule, and by content the shipped ETTh1 (when this is a checkout) plus ``benchmarks``."""
+    shipped = [str(SHIPPED_ETTH1)] if SHIPPED_ETTH1.is_file() else []
+    # Resolved, so that the shipped file named again (or by another relative path) is hashed once.
+    return LeakageGuard(tuple(dict.fromkeys(str(Path(p).resolve()) for p in [*shipped, *benchmarks])))

@@ -7,6 +7,8 @@ Structure (``SCHEMA_VERSION`` 1; all counts are integers, "points" are float32 v
     source          what was read: {name, input?, ...source options}; for "embedded" also the package versions and
                     the reason for each dataset's domain label
     options         {shard_bytes, batch_points, on_error, clean: {max_gap, min_length, drop_constant}}
+    leakage_guard   {rule, name_pattern, block, benchmarks: [{file, sha256, channels}]}: what every series was
+                    checked against (``data_prep.leakage``); ``timemoe-export`` copies it next to the model
     format          {container: "arrow-ipc-file", compression: null, columns: {name: arrow type}}
     totals          {shards, sequences, points, bytes}
     shards          [{file, rows, points, bytes, sha256, stats: {file, bytes, sha256},

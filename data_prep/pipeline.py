@@ -1,7 +1,8 @@
 """``prepare(source, output)``: the whole job, resumable and deterministic.
 
 1. discover the source's datasets (main process);
-2. index them (workers): validate, stage text input, write index arrays under ``<output>/.work/datasets/``;
+2. index them (workers): validate, stage text input, leave out what the leakage guard excludes, write index arrays
+   under ``<output>/.work/datasets/``;
 3. plan the shards from the indexes alone (``data_prep.plan``), so their content never depends on the worker count;
 4. build the shards (workers), each written to a temporary name and renamed when complete;
 5. write ``manifest.json`` and remove ``.work/``.
@@ -31,6 +32,7 @@ from data_prep.build import build_shard, finished_shard
 from data_prep.clean import CleanOptions
 from data_prep.errors import PrepError
 from data_prep.index import IndexedDataset
+from data_prep.leakage import LeakageGuard, default_guard
 from data_prep.manifest import MANIFEST_NAME, build_manifest, write_manifest
 from data_prep.plan import plan_shards
 from data_prep.shards import TMP_SUFFIX
@@ -49,6 +51,7 @@ class PrepOptions:
     clean: CleanOptions = field(default_factory=CleanOptions)
     overwrite: bool = False  # discard a finished or unfinished job of other source/options in the output folder
     progress: bool = True
+    guard: LeakageGuard = field(default_factory=default_guard)  # the benchmarks no series of any source may copy
 
     def __post_init__(self) -> None:
         if self.on_error not in ("raise", "skip"):
@@ -57,12 +60,17 @@ class PrepOptions:
             raise ValueError("workers, shard_bytes and batch_points must be positive")
 
     def identity(self) -> dict[str, Any]:
-        """The options that shape the output (the worker count and the progress bar do not)."""
+        """The options that shape the output (the worker count and the progress bar do not), as the manifest's
+        ``options`` and ``leakage_guard``: the guard's record holds each benchmark's sha256, so other benchmarks
+        (or an edited one) never reuse a finished corpus."""
         return {
-            "shard_bytes": self.shard_bytes,
-            "batch_points": self.batch_points,
-            "on_error": self.on_error,
-            "clean": asdict(self.clean),
+            "options": {
+                "shard_bytes": self.shard_bytes,
+                "batch_points": self.batch_points,
+                "on_error": self.on_error,
+                "clean": asdict(self.clean),
+            },
+            "leakage_guard": self.guard.describe(),
         }
 
 
@@ -104,10 +112,11 @@ def _kept_work(out: Path) -> bool:
     return indexed or any(out.glob("shard-*.arrow"))
 
 
-def _index_one(source: Source, spec: DatasetSpec, folder: Path, skip: bool) -> IndexedDataset | PrepError:
+def _index_one(source: Source, spec: DatasetSpec, folder: Path, skip: bool,
+               guard: LeakageGuard) -> IndexedDataset | PrepError:
     shutil.rmtree(folder, ignore_errors=True)  # leftovers of an interrupted attempt
     try:
-        return source.index(spec, folder)
+        return source.index(spec, folder, guard)
     except PrepError as e:
         if not skip:
             raise
@@ -144,7 +153,7 @@ def prepare(source: Source, output: str | Path, options: PrepOptions | None = No
     work = out / WORK
     with _exclusive(out):
         discovery = source.discover()
-        identity = {"source": source.describe(), "options": options.identity()}
+        identity = {"source": source.describe(), **options.identity()}
         finished = out / MANIFEST_NAME
         if finished.exists() and not work.exists():
             manifest = json.loads(finished.read_text())
@@ -189,7 +198,7 @@ def _index_all(source, discovery, work, pool, options):
         if done is not None:
             found[i] = done
         else:
-            todo.append((source, spec, folder, options.on_error == "skip"))
+            todo.append((source, spec, folder, options.on_error == "skip", options.guard))
     bar = tqdm(total=len(discovery.datasets), initial=len(found), unit="dataset", desc="index",
                disable=not options.progress)
     with bar:

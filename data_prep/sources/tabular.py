@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from data_prep.errors import PrepError
 from data_prep.index import IndexedDataset, Stager
+from data_prep.leakage import LeakageGuard
 from data_prep.sources.base import DatasetSpec, Discovery, check_domain
 
 SUFFIXES = {"csv": (".csv",), "parquet": (".parquet", ".pq"), "arrow": (".arrow",)}
@@ -74,19 +75,19 @@ class TableSource:
     def discover(self) -> Discovery:
         return discover_files(self, SUFFIXES[self.name], "table")
 
-    def index(self, spec: DatasetSpec, folder: Path) -> IndexedDataset:
+    def index(self, spec: DatasetSpec, folder: Path, guard: LeakageGuard) -> IndexedDataset:
         def read_file(path: Path, stager: Stager, prefix: str) -> str | None:
             series, freq = read_series(self.name, path, self.layout, spec.freq)
             stager.add_all((prefix + item_id, values) for item_id, values in series)
             return freq
 
-        return index_files(spec, folder, read_file)
+        return index_files(spec, folder, guard, read_file)
 
 
-def index_files(spec: DatasetSpec, folder: Path, read_file) -> IndexedDataset:
+def index_files(spec: DatasetSpec, folder: Path, guard: LeakageGuard, read_file) -> IndexedDataset:
     """Index a dataset of one or more files. `read_file(path, stager, prefix)` stages one file's series (their ids
     prefixed with the file's stem when there are several files) and returns the file's frequency."""
-    stager = Stager(folder, spec.domain, spec.dataset)
+    stager = Stager(folder, spec.domain, spec.dataset, guard)
     try:
         freqs = set()
         for name in spec.files:

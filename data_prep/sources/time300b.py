@@ -8,7 +8,8 @@ and are listed as ignored, as are files of unknown type.
 
 Validation happens here, before any shard is written: ``meta.json`` fields and types, ``.bin`` sizes against the
 point counts ``meta.json`` declares, every sequence's ``offset + length`` against the stream, ``.npy`` headers, and
-every JSON value. ``.bin`` data is never read at this stage, only measured.
+every JSON value. ``.bin`` and ``.npy`` data is not parsed at this stage, only measured, then read once through
+memory maps by the leakage guard (``data_prep.index.screen_index``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from data_prep.errors import PrepError
-from data_prep.index import IndexedDataset, Stager, Stream, write_index
+from data_prep.index import IndexedDataset, Stager, Stream, screen_index, write_index
+from data_prep.leakage import LeakageGuard
 from data_prep.sources.base import DatasetSpec, Discovery, to_float_array
 
 META = "meta.json"
@@ -79,12 +81,12 @@ class Time300BSource:
                 add(DatasetSpec(domain, name, kinds.pop(), tuple(str(here / f) for f in group)))
         return Discovery(sorted(specs.values(), key=lambda s: s.key), ignored)
 
-    def index(self, spec: DatasetSpec, folder: Path) -> IndexedDataset:
+    def index(self, spec: DatasetSpec, folder: Path, guard: LeakageGuard) -> IndexedDataset:
         if spec.kind == "bin":
-            return self._index_bin(spec, folder)
+            return screen_index(self._index_bin(spec, folder), guard)
         if spec.kind == "npy":
-            return _index_npy(spec, folder)
-        return _index_jsonl(spec, folder)
+            return screen_index(_index_npy(spec, folder), guard)
+        return _index_jsonl(spec, folder, guard)
 
     def _index_bin(self, spec: DatasetSpec, folder: Path) -> IndexedDataset:
         meta_path = Path(spec.files[0]).parent / META
@@ -201,8 +203,8 @@ def _check_not_empty(path: Path) -> None:
         raise PrepError(path, "file", "", "empty file")
 
 
-def _index_jsonl(spec: DatasetSpec, folder: Path) -> IndexedDataset:
-    stager = Stager(folder, spec.domain, spec.dataset)
+def _index_jsonl(spec: DatasetSpec, folder: Path, guard: LeakageGuard) -> IndexedDataset:
+    stager = Stager(folder, spec.domain, spec.dataset, guard)
     try:
         for name in spec.files:
             path = Path(name)

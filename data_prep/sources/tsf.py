@@ -16,6 +16,7 @@ import numpy as np
 
 from data_prep.errors import PrepError
 from data_prep.index import IndexedDataset, Stager
+from data_prep.leakage import LeakageGuard
 from data_prep.sources.base import DatasetSpec, Discovery, check_domain
 from data_prep.sources.tabular import discover_files, index_files
 
@@ -51,12 +52,12 @@ class TsfSource:
     def discover(self) -> Discovery:
         return discover_files(self, (".tsf",), "tsf")
 
-    def index(self, spec: DatasetSpec, folder: Path) -> IndexedDataset:
+    def index(self, spec: DatasetSpec, folder: Path, guard: LeakageGuard) -> IndexedDataset:
         def read_file(path: Path, stager: Stager, prefix: str) -> str | None:
             file_freq = read_tsf(path, stager, prefix=prefix)
             return spec.freq or file_freq
 
-        return index_files(spec, folder, read_file)
+        return index_files(spec, folder, guard, read_file)
 
 
 def _values(text: str, path: Path, line_no: int) -> np.ndarray:
