@@ -5,15 +5,25 @@ test_train_parallel.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
+from test_prep_leakage import benchmark_and_planted
 
+from data_prep import PrepOptions, prepare
+from data_prep.leakage import default_guard
+from data_prep.sources import TableSource
 from timemoe_train.export.cli import export
+from timemoe_train.export.cli import main as export_main
 from timemoe_train.checkpoint import CheckpointError
 from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
 
@@ -114,3 +124,33 @@ def test_cli_on_a_directory_that_is_no_checkpoint(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert f"{tmp_path}: neither a checkpoint directory" in proc.stderr
+
+
+def test_export_records_the_corpus_and_the_benchmarks_its_guard_kept_out(tmp_path, config, capsys):
+    bench, planted = benchmark_and_planted(tmp_path, np.random.default_rng(5))
+    table = tmp_path / "train.csv"
+    pd.DataFrame({"timestamp": range(900), "planted": planted, "other": np.arange(900.0) % 24}).to_csv(table,
+                                                                                                      index=False)
+    corpus = tmp_path / "corpus"
+    prepare(TableSource("csv", str(table)), corpus,
+            PrepOptions(workers=1, progress=False, guard=default_guard((str(bench),))))
+    d = write_megatron_checkpoint(tmp_path / "ckpt", released_weights(config), config, 1)
+    (d / "config.yaml").write_text(yaml.safe_dump({"data": {"path": str(corpus), "max_length": 64}}))
+    export_main([str(tmp_path / "ckpt"), str(tmp_path / "hf")])
+    assert (f"training_data.json: corpus {corpus}; benchmarks kept out by content: ETTh1.csv, my_eval.csv; "
+            "1 series excluded") in capsys.readouterr().out
+    record = json.loads((tmp_path / "hf" / "training_data.json").read_text())
+    assert record["corpus"] == str(corpus)
+    assert record["manifest_sha256"] == hashlib.sha256((corpus / "manifest.json").read_bytes()).hexdigest()
+    guard = record["leakage_guard"]
+    assert {b["file"]: b["sha256"] for b in guard["benchmarks"]}["my_eval.csv"] == hashlib.sha256(
+        bench.read_bytes()).hexdigest()
+    assert guard["excluded"] == 1 and guard["name_pattern"] and "rule" in guard
+
+    shutil.rmtree(corpus)  # an export elsewhere: the record says what is known, and the export goes on
+    record = json.loads((export(tmp_path / "ckpt", tmp_path / "elsewhere") / "training_data.json").read_text())
+    assert record["corpus"] == str(corpus) and record["manifest_sha256"] is None and record["leakage_guard"] is None
+    assert record["note"].startswith(f"{corpus / 'manifest.json'}: not readable at export")
+    (d / "config.yaml").unlink()
+    record = json.loads((export(tmp_path / "ckpt", tmp_path / "noconfig") / "training_data.json").read_text())
+    assert record["corpus"] is None and "config.yaml: no data.path to read" in record["note"]

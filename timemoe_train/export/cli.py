@@ -5,7 +5,9 @@ checkpoint directory. The checkpoint is first verified against its manifest. Its
 in fp32 under the released names (the optimizer's fp32 master copy in a bf16 run); a checkpoint without one
 (ZeRO-3, or written before elastic checkpoints) is read from DeepSpeed's files, the experts of every
 expert-parallel rank gathered from the per-expert files. The result loads with
-`AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)` like TimeMoE-50M.
+`AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)` like TimeMoE-50M. Beside the weights,
+`training_data.json` names the corpus the run trained on and the benchmarks its leakage guard kept out
+(`training_data.py`), which `timemoe-eval` checks.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..checkpoint import (CONSOLIDATED, ELASTIC, LATEST, MANIFEST, META, MODEL_P
 from ..model import TimeMoeConfig, TimeMoeForPrediction
 from ..model.config import ConfigError
 from ..model.hf_layout import check_state_dict, save_hf
+from .training_data import summary, write_training_data
 
 _EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt")
 _MARKER_KEY = re.compile(r"(expert_markers\.\d+\.deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)(\..+)")
@@ -109,7 +112,9 @@ def export(ckpt: str | Path, out: str | Path, tag: str | None = None, dtype: str
     model = TimeMoeForPrediction(_released(config))
     model.load_state_dict({k: v.float() for k, v in hf.items()}, strict=True)
     target = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype or precision]
-    return save_hf(model, out, dtype=target)
+    path = save_hf(model, out, dtype=target)
+    write_training_data(tag_dir, path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"timemoe-export: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"exported {path}")
+    print(summary(path))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from .config import TimeMoeConfig
 
 REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
 WEIGHTS_NAME = "model.safetensors"
+# What the model was trained on (written by timemoe-export, read by timemoe-eval; see export/training_data.py).
+TRAINING_DATA = "training_data.json"
 
 
 def hf_state_dict(model, ep_rank: int = 0, ep_size: int = 1) -> dict[str, torch.Tensor]:
