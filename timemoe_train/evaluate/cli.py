@@ -1,6 +1,7 @@
 """`timemoe-eval MODEL_DIR [MODEL_DIR ...] --csv ETTh1.csv [ETTm1.csv ...]`: the long-horizon benchmark of every
 model on every CSV, next to seasonal-naive and last-value baselines: one combined JSON and Markdown table (MSE,
-MAE, MASE), one PNG per dataset with every model."""
+MAE, MASE), one PNG per dataset with every model. Each model's training_data.json (written by timemoe-export) says
+whether each CSV was kept out of its training corpus; a WARNING names the pairs where it was not."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .data import DEFAULT_RATIOS, EvalError
+from .leakage import leakage_warnings
 from .long_horizon import BACKENDS, DTYPES, evaluate_many
 
 
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"timemoe-eval: error: {e}", file=sys.stderr)
         return 2
     print(Path(results["files"]["markdown"]).read_text())
+    for warning in leakage_warnings(results):
+        print(f"timemoe-eval: {warning}", file=sys.stderr)
     print("wrote " + ", ".join(results["files"].values()))
     return 0
 

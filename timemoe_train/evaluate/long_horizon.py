@@ -1,6 +1,7 @@
 """The paper's long-horizon benchmark: univariate forecasts of every channel over stride-1 test windows, MSE/MAE
 on train-split-scaled values and MASE, for one or more models next to seasonal-naive and last-value baselines on
-the very same windows; one or more CSVs in one call (`evaluate_many`)."""
+the very same windows; one or more CSVs in one call (`evaluate_many`). Each (model, CSV) pair also gets its
+leakage status: whether the CSV was kept out of the model's training corpus (`leakage.py`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..checkpoint import CheckpointError
 from ..model import ConfigError, TimeMoeForPrediction
 from .baselines import last_value, seasonal_naive
 from .data import DEFAULT_RATIOS, EvalError, fit_scaler, num_test_windows, read_csv, split_borders, window_starts
+from .leakage import leakage_report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BACKENDS = ("native", "remote")
@@ -101,6 +103,7 @@ def evaluate_many(models, csvs, *, out_dir: str | Path | None = None, backend: s
         raise EvalError(f"CSVs {[str(c) for c in csvs]}: two share the name {names}; the report needs distinct stems")
     for d in datasets:
         d["models"] = record
+        d["leakage"] = leakage_report(model_items(models), Path(d["csv"]))  # `nets` no longer know their folders
     results = {"models": record, "datasets": datasets}
     if out_dir is not None:
         from .report import write_report
@@ -150,6 +153,7 @@ def evaluate_long_horizon(model, csv: str | Path, *, horizons=(96, 192, 336, 720
     results = {
         "dataset": series.path.stem, "csv": source,
         "models": describe_models(model),
+        "leakage": leakage_report(model_items(model), series.path),
         "backend": backend, "dtype": dtype, "columns": series.columns, "season_length": season,
         "borders": {"train": list(borders.train), "val": list(borders.val), "test": list(borders.test)},
         "scaler": {"mean": mean_C.tolist(), "std": std_C.tolist()},

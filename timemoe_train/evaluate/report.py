@@ -1,5 +1,6 @@
-"""results.json, results.md (one table: every dataset, horizon and forecaster) and forecasts_<dataset>.png (one
-window per horizon, every model and baseline) from the dict `evaluate_many` returns."""
+"""results.json, results.md (one table: every dataset, horizon and forecaster, then each model's leakage status on
+each dataset) and forecasts_<dataset>.png (one window per horizon, every model and baseline) from the dict
+`evaluate_many` returns."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 from pathlib import Path
 
 from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot, no display needed
+
+from .leakage import leakage_lines
 
 LABELS = {"model": "Time-MoE", "seasonal_naive": "Seasonal naive", "last_value": "Last value"}
 HEADER = ["| dataset | horizon | context | windows / channel | forecaster | MSE | MAE | MASE |",
@@ -71,6 +74,8 @@ def markdown_table(results: dict) -> str:
     quick = [d for d in datasets if d["max_windows"] is not None]
     if quick:
         lines += ["", f"Quick run: {quick[0]['subsampling']} (N = {quick[0]['max_windows']})."]
+    lines += ["", "## Leakage", "", "Was each benchmark kept out of each model's training corpus (from the model's "
+              "training_data.json)?", "", *(f"- {line}" for line in leakage_lines(results))]
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,68 @@
+"""timemoe-eval's leakage line: for every (model, CSV) pair, whether the CSV was kept out of the model's training
+corpus, read from the model's training_data.json (as timemoe-export writes it)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from test_eval import ETTH1, tiny_model_dir
+
+from data_prep.leakage import LeakageGuard
+from timemoe_train.evaluate import evaluate_long_horizon
+from timemoe_train.evaluate.cli import main as eval_main
+from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
+
+
+def with_record(model_dir: Path, benchmarks: list[Path]) -> Path:
+    """The record of a corpus whose guard hashed `benchmarks` (and applied the ETT name rule)."""
+    guard = LeakageGuard(tuple(map(str, benchmarks))).describe()
+    record = {"corpus": "/corpora/mine", "manifest_sha256": "0" * 64, "leakage_guard": {**guard, "excluded": 0}}
+    (model_dir / "training_data.json").write_text(json.dumps(record))
+    return model_dir
+
+
+def test_guarded_by_name_only_not_guarded_and_unknown(tmp_path, capsys):
+    toy = tmp_path / "toy.csv"
+    t = np.arange(600)
+    pd.DataFrame({"date": pd.date_range("2021-01-01", periods=600, freq="h").astype(str),
+                  "OT": np.sin(2 * np.pi * t / 24) + 0.1 * np.cos(t / 7.0)}).to_csv(toy, index=False)
+    ett = tmp_path / "ETTh1.csv"  # an ETTh1 whose bytes no guard hashed
+    ett.write_bytes(ETTH1.read_bytes() + b"\n")
+    guarded = with_record(tiny_model_dir(tmp_path / "guarded", 0), [toy])
+    plain = with_record(tiny_model_dir(tmp_path / "plain", 0), [])
+    released = tiny_model_dir(tmp_path / "released", 0)
+    out = tmp_path / "out"
+    assert eval_main([str(guarded), str(plain), str(released), "--csv", str(toy), str(ett), "--columns", "OT",
+                      "--horizons", "8", "--context-lengths", "48", "--max-windows", "2", "--out", str(out),
+                      "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    results = json.loads((out / "results.json").read_text())
+    status = {(d["dataset"], label): s["status"] for d in results["datasets"] for label, s in d["leakage"].items()}
+    assert status == {("toy", "guarded"): "guarded", ("toy", "plain"): "not guarded", ("toy", "released"): "unknown",
+                      ("ETTh1", "guarded"): "by name only", ("ETTh1", "plain"): "by name only",
+                      ("ETTh1", "released"): "unknown"}
+    sha = hashlib.sha256(toy.read_bytes()).hexdigest()
+    assert f"- `guarded` on toy: guarded: its content (toy.csv, sha256 {sha[:12]}) was excluded" in captured.out
+    assert "## Leakage" in (out / "results.md").read_text()
+    warnings = [line for line in captured.err.splitlines() if "WARNING" in line]
+    assert len(warnings) == 3  # plain on toy, both recorded models on the ETTh1 copy; never `unknown`
+    assert "`plain` on toy is not guarded" in captured.err and f"--benchmarks {toy}" in captured.err
+    assert f"--benchmarks {ett}" in captured.err
+
+
+def test_a_model_object_or_an_unreadable_record_is_unknown(tmp_path):
+    model = TimeMoeForPrediction(TimeMoeConfig.preset("tiny"))
+    options = dict(horizons=[8], context_lengths=[48], columns=["OT"], max_windows=1, progress=False)
+    results = evaluate_long_horizon(model, ETTH1, **options)
+    assert results["leakage"]["model"]["status"] == "unknown"
+    broken = tiny_model_dir(tmp_path / "broken", 0)
+    (broken / "training_data.json").write_text("{not json")
+    results = evaluate_long_horizon(broken, ETTH1, **options)
+    assert results["leakage"]["model"] == {"status": "unknown",
+                                           "detail": f"{broken / 'training_data.json'}: unreadable "
+                                                     "(Expecting property name enclosed in double quotes: line 1 "
+                                                     "column 2 (char 1))"}

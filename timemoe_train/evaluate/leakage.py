@@ -1,0 +1,66 @@
+"""Was a benchmark CSV kept out of a model's training corpus? Read from the model's `training_data.json` (written by
+`timemoe-export`, see export/training_data.py), one status per (model, CSV) pair:
+
+    guarded       the CSV's sha256 is among the benchmarks the corpus's leakage guard hashed: its content was excluded
+    by name only  its stem matches the guard's name rule (the ETT family), but this file's content was not hashed
+    not guarded   the record names neither: series copied from the CSV may have been trained on
+    unknown       no readable record (a released model, one exported before the record existed, a model object)
+
+Evaluation goes on whatever the status; the report carries it and the CLI warns.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..checkpoint.manifest import file_digest
+from ..model.hf_layout import TRAINING_DATA
+
+WARN = ("not guarded", "by name only")
+
+
+def leakage_status(model, csv: Path) -> dict[str, str]:
+    """{"status", "detail"} of one model (a directory or a loaded model) on one CSV."""
+    if not isinstance(model, (str, Path)):
+        return {"status": "unknown", "detail": "a model object: no training_data.json to read"}
+    path = Path(model) / TRAINING_DATA
+    if not path.is_file():
+        return {"status": "unknown", "detail": f"{path}: none (a released model, or exported before it existed)"}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return {"status": "unknown", "detail": f"{path}: unreadable ({e})"}
+    guard, corpus = record.get("leakage_guard"), record.get("corpus")
+    if guard is None:
+        if record.get("manifest_sha256") is None:  # the corpus could not be read at export
+            return {"status": "unknown", "detail": f"{path}: {record.get('note')}"}
+        return {"status": "not guarded", "detail": f"corpus {corpus} was prepared without a leakage guard"}
+    sha = file_digest(Path(csv))[1]
+    hashed = {b.get("sha256"): b.get("file") for b in guard.get("benchmarks", [])}
+    if sha in hashed:
+        return {"status": "guarded", "detail": f"its content ({hashed[sha]}, sha256 {sha[:12]}) was excluded from "
+                                               f"corpus {corpus}"}
+    pattern = guard.get("name_pattern")
+    if pattern and re.search(pattern, Path(csv).stem.replace("_", " ")):
+        return {"status": "by name only", "detail": f"corpus {corpus} left out series named like "
+                                                    f"{Path(csv).stem}, but never hashed this file's content"}
+    return {"status": "not guarded", "detail": f"corpus {corpus} was guarded against other benchmarks only"}
+
+
+def leakage_report(items, csv: Path) -> dict[str, dict[str, str]]:
+    """Label -> status, for `model_items`' (label, model) pairs."""
+    return {label: leakage_status(model, csv) for label, model in items}
+
+
+def leakage_lines(results: dict) -> list[str]:
+    """One line per (model, dataset) pair of `evaluate_many`'s results."""
+    return [f"`{label}` on {d['dataset']}: {s['status']}: {s['detail']}"
+            for d in results["datasets"] for label, s in d["leakage"].items()]
+
+
+def leakage_warnings(results: dict) -> list[str]:
+    return [f"WARNING: `{label}` on {d['dataset']} is {s['status']}: its scores may be inflated by training on "
+            f"the test data; re-run timemoe-prep with --benchmarks {d['csv']}, then retrain and re-export"
+            for d in results["datasets"] for label, s in d["leakage"].items() if s["status"] in WARN]
