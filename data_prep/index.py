@@ -170,23 +170,29 @@ def _no_series(folder: Path, excluded: list[dict[str, str]]) -> PrepError:
     return PrepError(folder, "sequences", 0, f"the dataset holds no series{why}")
 
 
+SCREEN_CHUNK = 1 << 16
+
+
 def screen_index(ds: IndexedDataset, guard: LeakageGuard) -> IndexedDataset:
     """``ds`` less the series ``guard`` excludes, for datasets indexed in place (their numbers are read here, through
     memory maps); ``ds`` itself when none is. Normalised values serve: the guard's match is blind to scale."""
     reader = DatasetReader(ds)
-    ids = reader.item_ids(0, ds.sequences)
     keep = np.ones(ds.sequences, dtype=bool)
     excluded = []
-    for i, (start, n) in enumerate(zip(reader.offset.tolist(), reader.length.tolist())):
-        reason = guard.check(ids[i], reader.read_span(start, start + n))
-        if reason is not None:
-            keep[i] = False
-            excluded.append({"item_id": ids[i], "reason": reason})
+    for a in range(0, ds.sequences, SCREEN_CHUNK):  # in chunks: a Time-300B folder may hold millions of sequences
+        b = min(a + SCREEN_CHUNK, ds.sequences)
+        spans = zip(reader.item_ids(a, b), reader.offset[a:b].tolist(), reader.length[a:b].tolist())
+        for i, (item_id, start, n) in enumerate(spans, start=a):
+            reason = guard.check(item_id, reader.read_span(start, start + n))
+            if reason is not None:
+                keep[i] = False
+                excluded.append({"item_id": item_id, "reason": reason})
     if not excluded:
         return ds
     folder = Path(ds.folder)
     if not keep.any():
         raise _no_series(folder, excluded)
+    ids = reader.item_ids(0, ds.sequences)
     (folder / COMPLETE_MARKER).unlink()  # incomplete until rewritten: a resumed job indexes it again
     return write_index(
         folder,

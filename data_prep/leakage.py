@@ -64,7 +64,7 @@ class LeakageGuard:
                 raise PrepError(p, "--benchmarks", str(p), "no such file (a benchmark CSV to keep out of the corpus)")
             try:
                 channels = self._channels(Path(p))
-            except (OSError, ValueError, UnicodeDecodeError) as e:  # pandas' parser errors are ValueErrors
+            except (OSError, ValueError) as e:  # pandas' parser and decoding errors are ValueErrors
                 raise PrepError(p, "--benchmarks", str(p), f"not a readable CSV: {e}") from None
             if not channels:
                 raise PrepError(p, "--benchmarks", str(p), "holds no numeric column to guard against")
