@@ -17,7 +17,7 @@ import sys
 
 from data_prep.clean import CleanOptions
 from data_prep.errors import PrepError
-from data_prep.leakage import default_guard
+from data_prep.leakage import NO_GUARD, default_guard
 from data_prep.pipeline import PrepOptions, prepare
 from data_prep.sources import DOMAINS, EmbeddedSource, TableLayout, TableSource, Time300BSource, TsfSource
 
@@ -56,6 +56,9 @@ def _prep_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmarks", nargs="+", default=[], metavar="CSV",
                    help="evaluation CSVs whose channels must not be trained on: series copying any 128 consecutive "
                         "points of one are left out and listed (added to the ETT names and the shipped ETTh1)")
+    p.add_argument("--no-leakage-guard", action="store_true",
+                   help="keep every series, ETT-named ones included (e.g. to fine-tune on a benchmark's own "
+                        "training split); the manifest records the guard as off and timemoe-eval warns")
     clean = p.add_argument_group("cleaning (see data_prep/clean.py)")
     clean.add_argument("--max-gap", type=int, default=CleanOptions.max_gap,
                        help="interpolate NaN/inf runs up to this length, split at longer ones (default %(default)s)")
@@ -90,7 +93,9 @@ def _source(args: argparse.Namespace, parser: argparse.ArgumentParser):
 def _prep(argv: list[str]) -> int:
     parser = _prep_parser()
     args = parser.parse_args(argv)
-    guard = default_guard(tuple(args.benchmarks))
+    if args.no_leakage_guard and args.benchmarks:
+        parser.error("--no-leakage-guard and --benchmarks contradict each other: choose one")
+    guard = NO_GUARD if args.no_leakage_guard else default_guard(tuple(args.benchmarks))
     try:
         options = PrepOptions(
             shard_bytes=args.shard_size,

@@ -176,6 +176,8 @@ SCREEN_CHUNK = 1 << 16
 def screen_index(ds: IndexedDataset, guard: LeakageGuard) -> IndexedDataset:
     """``ds`` less the series ``guard`` excludes, for datasets indexed in place (their numbers are read here, through
     memory maps); ``ds`` itself when none is. Normalised values serve: the guard's match is blind to scale."""
+    if not guard.active:  # nothing to exclude: skip reading the whole dataset once more
+        return ds
     reader = DatasetReader(ds)
     keep = np.ones(ds.sequences, dtype=bool)
     excluded = []

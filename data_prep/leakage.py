@@ -51,11 +51,13 @@ def _window_hashes(values: np.ndarray, block: int, stride: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LeakageGuard:
-    """The benchmarks (CSV files, one series per numeric column) that a corpus must not contain."""
+    """The benchmarks (CSV files, one series per numeric column) that a corpus must not contain. ``name_pattern=None``
+    and no benchmarks is the guard switched off (``timemoe-prep --no-leakage-guard``: fine-tuning on a benchmark's
+    own training split, say), which the manifest records as such."""
 
     benchmarks: tuple[str, ...] = ()
     block: int = 64
-    name_pattern: str = ETT_NAMES
+    name_pattern: str | None = ETT_NAMES
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -69,10 +71,15 @@ class LeakageGuard:
             if not channels:
                 raise PrepError(p, "--benchmarks", str(p), "holds no numeric column to guard against")
 
+    @property
+    def active(self) -> bool:
+        return self.name_pattern is not None or bool(self.benchmarks)
+
     def describe(self) -> dict:
+        rule = (f"excluded: ids matching {self.name_pattern!r}, and series sharing a z-normalised {self.block}-point "
+                "window with a benchmark channel") if self.active else "off (--no-leakage-guard): nothing excluded"
         return {
-            "rule": f"excluded: ids matching {self.name_pattern!r}, and series sharing a z-normalised "
-                    f"{self.block}-point window with a benchmark channel",
+            "rule": rule,
             "name_pattern": self.name_pattern,
             "block": self.block,
             "benchmarks": [self._benchmark_record(Path(p)) for p in self.benchmarks],
@@ -101,7 +108,7 @@ class LeakageGuard:
 
     def check(self, item_id: str, values: np.ndarray) -> str | None:
         """Why `values` (named `item_id`) must be left out, or None when it may be trained on."""
-        if re.search(self.name_pattern, item_id.replace("_", " ").replace("/", " ")):
+        if self.name_pattern is not None and re.search(self.name_pattern, item_id.replace("_", " ").replace("/", " ")):
             return f"named like an evaluation benchmark ({self.name_pattern})"
         if not self.benchmarks:
             return None
@@ -117,3 +124,6 @@ def default_guard(benchmarks: tuple[str, ...] = ()) -> LeakageGuard:
     shipped = [str(SHIPPED_ETTH1)] if SHIPPED_ETTH1.is_file() else []
     # Resolved, so that the shipped file named again (or by another relative path) is hashed once.
     return LeakageGuard(tuple(dict.fromkeys(str(Path(p).resolve()) for p in [*shipped, *benchmarks])))
+
+
+NO_GUARD = LeakageGuard(name_pattern=None)

@@ -66,3 +66,16 @@ def test_a_model_object_or_an_unreadable_record_is_unknown(tmp_path):
                                            "detail": f"{broken / 'training_data.json'}: unreadable "
                                                      "(Expecting property name enclosed in double quotes: line 1 "
                                                      "column 2 (char 1))"}
+
+
+def test_a_corpus_prepared_with_the_guard_off_is_not_guarded(tmp_path):
+    from data_prep.leakage import NO_GUARD
+
+    off = tiny_model_dir(tmp_path / "off", 0)
+    record = {"corpus": "/corpora/ett", "manifest_sha256": "0" * 64, "leakage_guard": {**NO_GUARD.describe(),
+                                                                                         "excluded": 0}}
+    (off / "training_data.json").write_text(json.dumps(record))
+    results = evaluate_long_horizon(off, ETTH1, horizons=[8], context_lengths=[48], columns=["OT"], max_windows=1,
+                                    progress=False)
+    assert results["leakage"]["model"] == {"status": "not guarded",
+                                           "detail": "corpus /corpora/ett was prepared with the leakage guard off"}

@@ -142,3 +142,20 @@ def test_time300b_files_indexed_in_place_are_guarded_too(tmp_path):
     got = read_all(tmp_path / "out")
     assert sorted(got) == ["energy/mine/mine/0", "energy/mine/mine/2"]  # the kept rows keep their names
     assert np.array_equal(got["energy/mine/mine/2"][2], rows[2])
+
+
+def test_no_leakage_guard_keeps_an_ett_named_series_and_says_so(tmp_path, capsys):
+    """Fine-tuning on a benchmark's own training split: the user turns the guard off, the manifest records it."""
+    table = tmp_path / "ETTh1_train.csv"
+    etth1 = pd.read_csv(ETTH1)
+    etth1.iloc[:2000].rename(columns={"date": "timestamp"}).to_csv(table, index=False)
+    args = ["--source", "csv", "--input", str(table), "--workers", "1", "--no-progress"]
+    assert prep_main([*args, "--output", str(tmp_path / "guarded")]) == 1  # every series excluded by name
+    assert "the leakage guard excluded all 7" in capsys.readouterr().err
+    assert prep_main([*args, "--output", str(tmp_path / "open"), "--no-leakage-guard"]) == 0
+    manifest = load_manifest(tmp_path / "open")
+    assert manifest["excluded"] == [] and manifest["datasets"]["other/ETTh1_train"]["sequences"] == 7
+    assert manifest["leakage_guard"]["rule"].startswith("off") and manifest["leakage_guard"]["benchmarks"] == []
+    with pytest.raises(SystemExit):
+        prep_main([*args, "--output", str(tmp_path / "x"), "--no-leakage-guard", "--benchmarks", str(ETTH1)])
+    assert "contradict" in capsys.readouterr().err

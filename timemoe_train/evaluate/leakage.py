@@ -46,6 +46,8 @@ def leakage_status(model, csv: Path) -> dict[str, str]:
     if pattern and re.search(pattern, Path(csv).stem.replace("_", " ")):
         return {"status": "by name only", "detail": f"corpus {corpus} left out series named like "
                                                     f"{Path(csv).stem}, but never hashed this file's content"}
+    if not pattern and not hashed:
+        return {"status": "not guarded", "detail": f"corpus {corpus} was prepared with the leakage guard off"}
     return {"status": "not guarded", "detail": f"corpus {corpus} was guarded against other benchmarks only"}
 
 
