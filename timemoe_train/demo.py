@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -31,13 +32,17 @@ def prep(out: Path, workers: int) -> dict:
     from data_prep.inspect import summary_table
     from data_prep.sources import EmbeddedSource
 
-    manifest = prepare(EmbeddedSource(), out, PrepOptions(workers=workers))
+    # overwrite: a corpus left by an earlier version of the demo is rebuilt, not refused (prep takes seconds)
+    manifest = prepare(EmbeddedSource(), out, PrepOptions(workers=workers, overwrite=True))
     print(summary_table(out))
     return manifest
 
 
 def train(data: Path, run_dir: Path, steps: int | None, nproc: int) -> Path:
     ckpt = run_dir / "checkpoints"
+    if run_dir.exists():  # the demo trains from scratch each time; an earlier run would otherwise be resumed
+        print(f"removing the earlier demo run {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "timemoe_train.train", "experiment=demo", f"data.path={data}", f"checkpoint.dir={ckpt}",
            f"hydra.run.dir={run_dir}", f"parallel.expert_parallel_size={nproc}"]
@@ -87,7 +92,8 @@ def verdict(results: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m timemoe_train.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=REPO / "runs" / "demo")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "demo",
+                   help="output folder; each run starts over in it (default runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: experiment=demo's)")
     p.add_argument("--nproc", type=int, default=2, help="CPU processes; experts are split over them (EP=nproc)")
     p.add_argument("--max-windows", type=int, default=500, help="ETTh1 test windows per channel, evenly spread")
