@@ -144,7 +144,9 @@ def test_demo_experiment_is_tiny_ep2_on_two_processes(tmp_path):
     run = run_config(composed("experiment=demo", f"data.path={tmp_path}", data=None))
     run.validate(world_size=2)
     assert run.parallel.expert_parallel_size == 2 and run.model.hidden_size == 64
-    assert run.data.max_length == 512 and run.data.path == str(tmp_path)
+    # windows cover the 512-point context plus the 64 points forecast() appends before its second step
+    assert run.data.max_length == 576 and run.data.path == str(tmp_path)
+    assert run.model.huber_delta == 0.1 and run.data.normalization == "window"
 
 
 def test_synthetic_stream_is_the_same_for_every_data_parallel_layout():
