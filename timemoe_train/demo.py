@@ -32,7 +32,8 @@ def prep(out: Path, workers: int) -> dict:
     from data_prep.inspect import summary_table
     from data_prep.sources import EmbeddedSource
 
-    # overwrite: a corpus left by an earlier version of the demo is rebuilt, not refused (prep takes seconds)
+    # overwrite: the corpus is rebuilt on every run (prep takes seconds), so one left by an earlier version of the
+    # demo is replaced instead of refused
     manifest = prepare(EmbeddedSource(), out, PrepOptions(workers=workers, overwrite=True))
     print(summary_table(out))
     return manifest
