@@ -146,10 +146,26 @@ def run_torchrun(torchrun_args: list[str]) -> int:
 
     try:
         torchrun_main(torchrun_args)
-    except SignalException as e:
-        print(f"launch/run.py: {signal.Signals(e.sigval).name}: torchrun forwarded it to the trainer processes, "
+    except Exception as e:
+        stop = stop_signal(e, SignalException)
+        if stop is None:
+            raise
+        print(f"launch/run.py: {signal.Signals(stop.sigval).name}: torchrun forwarded it to the trainer processes, "
               "which save their current step and exit", file=sys.stderr, flush=True)
     return 0
+
+
+def stop_signal(exc: BaseException, signal_exception: type) -> BaseException | None:
+    """The SignalException behind `exc`, if any. torchrun raises it from its signal handler wherever the agent is;
+    landing inside torch's metrics wrapper before its timer is set, it surfaces as that wrapper's UnboundLocalError
+    with the SignalException as context (torch 2.13); the agent has still stopped the workers (with SIGTERM)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, signal_exception):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 if __name__ == "__main__":

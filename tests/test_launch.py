@@ -313,3 +313,35 @@ def test_run_py_forwards_a_stop_to_the_workers_and_exits_0(tmp_path, sig):
     assert [(tmp_path / f"stopped.{r}").read_text() for r in range(2)] == [sig.name] * 2
     assert f"launch/run.py: {sig.name}: torchrun forwarded it to the trainer processes" in err
     assert "Traceback" not in err
+
+
+def load_run_py():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch_run", RUN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_stop_hidden_behind_torchs_metrics_wrapper_still_exits_0(monkeypatch, capsys):
+    """The race CI met: SIGTERM landed inside torch's metrics wrapper before its timer was set, and torchrun raised
+    that wrapper's UnboundLocalError with the SignalException as context. Other errors still propagate."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def stopped_in_wrapper(args):
+        try:
+            raise SignalException("got signal: 15", sigval=signal.SIGTERM)
+        except SignalException:
+            raise UnboundLocalError("cannot access local variable 'start' where it is not associated with a value")
+    monkeypatch.setattr(torch.distributed.run, "main", stopped_in_wrapper)
+    run_py = load_run_py()
+    assert run_py.run_torchrun([]) == 0
+    assert "launch/run.py: SIGTERM: torchrun forwarded it" in capsys.readouterr().err
+
+    def failed(args):
+        raise RuntimeError("rendezvous timed out")
+    monkeypatch.setattr(torch.distributed.run, "main", failed)
+    with pytest.raises(RuntimeError, match="rendezvous timed out"):
+        run_py.run_torchrun([])
