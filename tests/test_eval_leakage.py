@@ -79,3 +79,17 @@ def test_a_corpus_prepared_with_the_guard_off_is_not_guarded(tmp_path):
                                     progress=False)
     assert results["leakage"]["model"] == {"status": "not guarded",
                                            "detail": "corpus /corpora/ett was prepared with the leakage guard off"}
+
+
+def test_each_csv_is_hashed_once_however_many_models(tmp_path, monkeypatch):
+    from timemoe_train.evaluate import leakage
+
+    hashed = []
+    real = leakage.file_digest
+    monkeypatch.setattr(leakage, "file_digest", lambda path: hashed.append(Path(path)) or real(path))
+    models = [(f"m{i}", with_record(tiny_model_dir(tmp_path / f"m{i}", i), [ETTH1])) for i in range(3)]
+    report = leakage.leakage_report(models + [("released", tiny_model_dir(tmp_path / "released", 0))], ETTH1)
+    assert [s["status"] for s in report.values()] == ["guarded"] * 3 + ["unknown"]
+    assert hashed == [ETTH1]
+    assert leakage.leakage_report([("released", tmp_path / "released")], ETTH1)["released"]["status"] == "unknown"
+    assert hashed == [ETTH1]  # no record asked for it

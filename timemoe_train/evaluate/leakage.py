@@ -11,8 +11,10 @@ Evaluation goes on whatever the status; the report carries it and the CLI warns.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from ..checkpoint.manifest import file_digest
@@ -21,8 +23,9 @@ from ..model.hf_layout import TRAINING_DATA
 WARN = ("not guarded", "by name only")
 
 
-def leakage_status(model, csv: Path) -> dict[str, str]:
-    """{"status", "detail"} of one model (a directory or a loaded model) on one CSV."""
+def leakage_status(model, csv: Path, digest: Callable[[], str] | None = None) -> dict[str, str]:
+    """{"status", "detail"} of one model (a directory or a loaded model) on one CSV; `digest()` gives the CSV's
+    sha256 (by default it is hashed here)."""
     if not isinstance(model, (str, Path)):
         return {"status": "unknown", "detail": "a model object: no training_data.json to read"}
     path = Path(model) / TRAINING_DATA
@@ -37,7 +40,7 @@ def leakage_status(model, csv: Path) -> dict[str, str]:
         if record.get("manifest_sha256") is None:  # the corpus could not be read at export
             return {"status": "unknown", "detail": f"{path}: {record.get('note')}"}
         return {"status": "not guarded", "detail": f"corpus {corpus} was prepared without a leakage guard"}
-    sha = file_digest(Path(csv))[1]
+    sha = digest() if digest else file_digest(Path(csv))[1]
     hashed = {b.get("sha256"): b.get("file") for b in guard.get("benchmarks", [])}
     if sha in hashed:
         return {"status": "guarded", "detail": f"its content ({hashed[sha]}, sha256 {sha[:12]}) was excluded from "
@@ -52,8 +55,10 @@ def leakage_status(model, csv: Path) -> dict[str, str]:
 
 
 def leakage_report(items, csv: Path) -> dict[str, dict[str, str]]:
-    """Label -> status, for `model_items`' (label, model) pairs."""
-    return {label: leakage_status(model, csv) for label, model in items}
+    """Label -> status, for `model_items`' (label, model) pairs; the CSV is hashed once at most, however many
+    models there are."""
+    digest = functools.cache(lambda: file_digest(Path(csv))[1])
+    return {label: leakage_status(model, csv, digest) for label, model in items}
 
 
 def leakage_lines(results: dict) -> list[str]:
