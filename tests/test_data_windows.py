@@ -130,6 +130,33 @@ def test_normalisation_of_the_windows_of_a_long_series(tmp_path, normalization):
     assert sorted(found) == list(offsets)
 
 
+def test_window_statistics_can_leave_out_the_targets_past_the_context(tmp_path):
+    """normalization_excludes=5: each 17-point window is scaled by its first 12 points, as forecast() scales a
+    context; the 4-point tail keeps half of itself (2 points). Computed here from the raw series."""
+    x = np.random.default_rng(3).gamma(2.0, 3.0, size=100).astype(np.float32)
+    path = write_corpus(tmp_path, [("energy", "e", x)], num_shards=1)
+    rows = global_rows(path, 7, max_length=16, normalization="window", normalization_excludes=5)
+
+    def scaled(piece, kept):
+        ref = np.asarray(piece[:kept], np.float64)
+        return (piece - ref.mean()) / ref.std()
+    expected = {o: scaled(x[o:o + 17], 12) for o in range(0, 81, 16)}
+    found, tails = [], 0
+    for inputs, labels, mask in zip(rows["inputs"], rows["labels"], rows["loss_mask"]):
+        window = np.concatenate([inputs.numpy(), labels.numpy()[-1:]])
+        found += [o for o, e in expected.items() if np.allclose(window, e, rtol=1e-5, atol=1e-5)]
+        if mask.sum() == 3:  # the row holding the 4-point tail x[96:100]
+            np.testing.assert_allclose(np.concatenate([inputs[:1], labels[:3]]), scaled(x[96:], 2), rtol=1e-5,
+                                       atol=1e-5)
+            tails += 1
+    assert sorted(found) == sorted(expected) and tails == 1
+    assert not np.allclose(expected[0], zscore(x[:17]))  # the setting changes what the model sees
+    with pytest.raises(ValueError, match="normalization_excludes.*-1"):
+        DataConfig(path=str(path), normalization_excludes=-1)
+    with pytest.raises(ValueError, match="normalization_excludes.*'sequence'"):
+        DataConfig(path=str(path), normalization="sequence", normalization_excludes=64)
+
+
 def test_random_windows_are_full_and_move_each_epoch(tmp_path):
     lengths = [40, 70, 5]
     series = [("energy", "e", 1000.0 * s + np.arange(n)) for s, n in enumerate(lengths)]

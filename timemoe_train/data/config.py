@@ -30,6 +30,10 @@ class DataConfig:
     # model trains on the inputs it will be given; "sequence": with the mean/std of the whole series (the released
     # code: each window then carries a level and scale it cannot see at inference); "none": values as stored.
     normalization: str = "window"
+    # "window" only: each piece's last N points are left out of its mean/std (at least half the piece is kept).
+    # With N = the longest forecast head (64), a window's inputs carry no trace of the level of the targets past
+    # its context, as at inference, where the statistics are those of the context alone. 0: the whole piece.
+    normalization_excludes: int = 0
     # The last N points of every sequence are never in a training window (nor in its normalisation statistics):
     # held out for evaluation on data the run never saw. A sequence of fewer than N + 2 points contributes nothing;
     # with "sequence" normalisation the statistics are those of the trained part.
@@ -86,6 +90,12 @@ class DataConfig:
             bad("holdout_points", self.holdout_points, "must be an integer >= 0")
         if self.normalization not in NORMALIZATIONS:
             bad("normalization", self.normalization, f"choose one of {NORMALIZATIONS}")
+        if isinstance(self.normalization_excludes, bool) or not isinstance(self.normalization_excludes, int) \
+                or self.normalization_excludes < 0:
+            bad("normalization_excludes", self.normalization_excludes, "must be an integer >= 0")
+        if self.normalization_excludes and self.normalization != "window":
+            bad("normalization_excludes", self.normalization_excludes,
+                f'applies to normalization="window" only, not {self.normalization!r}')
         if self.mixture_by not in MIXTURE_BY:
             bad("mixture_by", self.mixture_by, f"choose one of {MIXTURE_BY}")
         if not self.mixture_temperature > 0:

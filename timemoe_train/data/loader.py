@@ -28,10 +28,10 @@ from .stream import SampleStream
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 # DataConfig fields that decide the stream; a resumed run must agree on all of them.
-_STREAM_FIELDS = ("max_length", "window_mode", "window_stride", "packing", "normalization", "mixture_by",
-                  "mixture_weights", "mixture_temperature", "mixture_block", "seed", "holdout_points")
+_STREAM_FIELDS = ("max_length", "window_mode", "window_stride", "packing", "normalization", "normalization_excludes",
+                  "mixture_by", "mixture_weights", "mixture_temperature", "mixture_block", "seed", "holdout_points")
 # Fields added after checkpoints were written without them: the value those checkpoints had.
-_ADDED_FIELDS = {"holdout_points": 0}
+_ADDED_FIELDS = {"holdout_points": 0, "normalization_excludes": 0}
 
 
 @dataclass(frozen=True)
