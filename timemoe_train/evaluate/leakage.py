@@ -23,9 +23,9 @@ from ..model.hf_layout import TRAINING_DATA
 WARN = ("not guarded", "by name only")
 
 
-def leakage_status(model, csv: Path, digest: Callable[[], str] | None = None) -> dict[str, str]:
+def leakage_status(model, csv: Path, digest: Callable[[], str]) -> dict[str, str]:
     """{"status", "detail"} of one model (a directory or a loaded model) on one CSV; `digest()` gives the CSV's
-    sha256 (by default it is hashed here)."""
+    sha256, called only when the model's record has a guard to compare it with."""
     if not isinstance(model, (str, Path)):
         return {"status": "unknown", "detail": "a model object: no training_data.json to read"}
     path = Path(model) / TRAINING_DATA
@@ -40,7 +40,7 @@ def leakage_status(model, csv: Path, digest: Callable[[], str] | None = None) ->
         if record.get("manifest_sha256") is None:  # the corpus could not be read at export
             return {"status": "unknown", "detail": f"{path}: {record.get('note')}"}
         return {"status": "not guarded", "detail": f"corpus {corpus} was prepared without a leakage guard"}
-    sha = digest() if digest else file_digest(Path(csv))[1]
+    sha = digest()
     hashed = {b.get("sha256"): b.get("file") for b in guard.get("benchmarks", [])}
     if sha in hashed:
         return {"status": "guarded", "detail": f"its content ({hashed[sha]}, sha256 {sha[:12]}) was excluded from "
