@@ -55,21 +55,21 @@ class SampleStream:
         if self.cfg.normalization == "none":
             return values_X
         if self.cfg.normalization == "window":
-            mean_P, std_P = sequence_moments(*self._statistics_points(values_X, p.length_P))
+            mean_P, std_P = sequence_moments(*self._statistics_points(values_X, offsets_P1))
         else:  # the plan's statistics of the (trained part of the) whole series
             stats_P2 = self.plan.arrays["stats_S2"][p.seq_P]
             mean_P, std_P = stats_P2[:, 0], stats_P2[:, 1]
         return ((values_X - np.repeat(mean_P, p.length_P)) / np.repeat(std_P, p.length_P)).astype(np.float32)
 
-    def _statistics_points(self, values_X: np.ndarray, length_P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _statistics_points(self, values_X: np.ndarray, offsets_P1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The points each piece's window statistics are taken over, laid end to end, and their offsets."""
+        length_P = np.diff(offsets_P1)
         kept_P = np.maximum(length_P - self.cfg.normalization_excludes, (length_P + 1) // 2)
-        start_P = np.concatenate([[0], np.cumsum(length_P)[:-1]])
-        offsets_P1 = np.concatenate([[0], np.cumsum(kept_P)])
         if (kept_P == length_P).all():
             return values_X, offsets_P1
-        take_Y = np.repeat(start_P - offsets_P1[:-1], kept_P) + np.arange(offsets_P1[-1])
-        return values_X[take_Y], offsets_P1
+        kept_offsets_P1 = np.concatenate([[0], np.cumsum(kept_P)])
+        take_Y = np.repeat(offsets_P1[:-1] - kept_offsets_P1[:-1], kept_P) + np.arange(kept_offsets_P1[-1])
+        return values_X[take_Y], kept_offsets_P1
 
     def batch(self, rows_N: np.ndarray) -> dict[str, np.ndarray]:
         """Rows as model inputs: inputs/labels [N, T] float32, loss_mask bool, sequence_ids/domain_ids int64."""
