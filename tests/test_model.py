@@ -219,10 +219,30 @@ def test_packed_sequences_do_not_see_each_other():
     (dict(num_experts_per_tok=5), "num_experts_per_tok"),
     (dict(horizon_lengths=[1, 32, 8]), "horizon_lengths"),
     (dict(moe_impl="deepspeed"), "moe_impl"),
+    (dict(embed_init_std=0.0), "embed_init_std"),
 ])
 def test_inconsistent_config_is_rejected(kw, field):
     with pytest.raises(ConfigError, match=field):
         tiny(**kw)
+
+
+def test_embedding_init_scale_decides_whether_the_model_sees_the_sign_of_its_input():
+    """At the released init (0.02) silu(g·x)·(e·x) ≈ g·e·x²/2: +1 and -1 embed to almost the same direction.
+    embed_init_std rescales only the embedding's two weights; every other weight keeps initializer_range."""
+    def embeddings(**kw):
+        torch.manual_seed(0)
+        model = TimeMoeForPrediction(tiny(hidden_size=64, **kw))
+        return model, model.model.embed_layer(torch.tensor([[1.0], [-1.0]]))
+
+    released, e = embeddings()
+    assert F.cosine_similarity(e[0], e[1], dim=0) > 0.99
+    assert released.model.embed_layer.gate_layer.weight.std().item() == pytest.approx(0.02, rel=0.3)
+    fan_in, e = embeddings(embed_init_std=1.0)
+    assert F.cosine_similarity(e[0], e[1], dim=0) < 0.7
+    for name in ("gate_layer", "emb_layer"):
+        assert getattr(fan_in.model.embed_layer, name).weight.std().item() == pytest.approx(1.0, rel=0.3)
+    assert fan_in.lm_heads[0].out_layer.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert "embed_init_std" not in fan_in.config.to_hf_dict()  # a training-time choice, not the weights'
 
 
 def test_checkpoint_mismatches_are_listed(tmp_path):

@@ -56,6 +56,11 @@ class TimeMoeConfig:
     megatron_z_loss_coeff: float | None = None
     megatron_expert_bias: bool = False
     huber_delta: float = 2.0
+    # Std of the input embedding's two [H, 1] weights at initialisation; None: initializer_range, as the released
+    # code. The embedding reads one scalar (fan-in 1): at 0.02 it starts as ~1e-4·x², even in x, so the model
+    # cannot tell a rise from a fall until those weights grow (the first ~200 steps of the demo). 1.0 is fan-in
+    # scale.
+    embed_init_std: float | None = None
     gradient_checkpointing: bool = False
     # How packed rows attend (model/attention.py): auto = flex on CUDA, varlen elsewhere.
     attn_impl: str = "auto"
@@ -116,6 +121,8 @@ class TimeMoeConfig:
         if self.attn_impl == "flex" and self.attention_dropout:
             bad("attn_impl", self.attn_impl, f"FlexAttention has no dropout (attention_dropout="
                 f"{self.attention_dropout}); use varlen or dense_mask")
+        if self.embed_init_std is not None and not self.embed_init_std > 0:
+            bad("embed_init_std", self.embed_init_std, "must be > 0 (or null for initializer_range)")
         if self.expert_gemm not in EXPERT_GEMMS:
             bad("expert_gemm", self.expert_gemm, f"choose one of {EXPERT_GEMMS}")
         if self.aux_loss_type not in AUX_LOSS_TYPES:

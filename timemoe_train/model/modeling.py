@@ -213,6 +213,9 @@ class TimeMoeForPrediction(nn.Module):
         self.lm_heads = nn.ModuleList(
             TimeMoeOutputLayer(config.hidden_size, h, config.input_size) for h in config.horizon_lengths)
         self.apply(self._init_weights)
+        if config.embed_init_std is not None:
+            for p in self.model.embed_layer.parameters():
+                nn.init.normal_(p, mean=0.0, std=config.embed_init_std)
 
     def _init_weights(self, module):
         std = self.config.initializer_range
