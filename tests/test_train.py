@@ -148,6 +148,7 @@ def test_demo_experiment_is_tiny_ep2_on_two_processes(tmp_path):
     assert run.data.max_length == 576 and run.data.path == str(tmp_path)
     assert run.model.huber_delta == 0.1 and run.data.normalization == "window"
     assert run.data.normalization_excludes == max(run.model.horizon_lengths)  # the longest head's targets
+    assert run.model.embed_init_std == 1.0  # fan-in scale: no plateau while the embedding learns the input's sign
 
 
 def test_synthetic_stream_is_the_same_for_every_data_parallel_layout():

@@ -284,7 +284,8 @@ class EmbeddedSource:
         pool_F: dict[str, list[np.ndarray]] = {f: [] for f in self.mixup.freqs}
         for spec in self._mixup_pool(self.discover().datasets):
             for item_id, values in self.series(spec):
-                if self.mixup.usable(values) and (guard is None or guard.check(f"{spec.key}/{item_id}", values) is None):
+                kept = guard is None or guard.check(f"{spec.key}/{item_id}", values) is None
+                if kept and self.mixup.usable(values):
                     pool_F[spec.freq].append(values)
         groups = [g for g in pool_F.values() if g]
         if not groups:
