@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import metadata, resources
 from pathlib import Path
@@ -269,9 +269,8 @@ class EmbeddedSource:
             specs = [s for s in specs if s.key in self.datasets]
         specs = sorted(specs, key=lambda s: s.key)
         # The mixups are read from the files of the series they mix: a change there is a change of the dataset.
-        pool = self._mixup_pool(specs)
-        return Discovery([DatasetSpec(s.domain, s.dataset, s.kind, tuple(f for p in pool for f in p.files), None)
-                          if s.kind == "mixup" else s for s in specs])
+        files = tuple(f for p in self._mixup_pool(specs) for f in p.files)
+        return Discovery([replace(s, files=files) if s.kind == "mixup" else s for s in specs])
 
     def _mixup_pool(self, specs: list[DatasetSpec]) -> list[DatasetSpec]:
         """The real datasets kept whose frequency the mixups draw on, in corpus order."""
