@@ -48,7 +48,7 @@ def flags(cmd):
     return opts, cmd[m + 1], cmd[m + 2:]
 
 
-STOP_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # torchrun's own set plus SLURM's warning signal
+STOP_SIGNALS = "SIGHUP,SIGQUIT"  # torchrun's own handler: the rest of its set; the launcher passes on the others
 OVERRIDES = ["data.path=/data/time300b", "parallel.expert_parallel_size=8", "trainer.max_steps=100000",
              "checkpoint.dir=/ckpt/run 1"]
 
@@ -305,7 +305,7 @@ def stop(signum, frame):
     Path(os.environ["OUT"], f"stopped.{os.environ['RANK']}").write_text(signal.Signals(signum).name)
     sys.exit(0)
 
-for sig in (signal.SIGTERM, signal.SIGUSR1):
+for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
     signal.signal(sig, stop)
 Path(os.environ["OUT"], f"ready.{os.environ['RANK']}").touch()
 while True:
@@ -313,9 +313,10 @@ while True:
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_run_py_forwards_a_stop_to_the_workers_and_exits_0(tmp_path, sig):
-    """SIGUSR1 (SLURM's warning) is forwarded too; torchrun's re-raised signal becomes one line and status 0."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_the_launcher_passes_a_stop_on_to_the_workers_and_exits_0_when_they_did(tmp_path, sig):
+    """SIGUSR1 (SLURM's warning) too; torchrun itself is not signalled, waits for the workers' exit 0, and the
+    launcher says what it did in one line."""
     (tmp_path / "stop_worker.py").write_text(WORKER)
     env = clean_env(OUT=str(tmp_path), PYTHONPATH=str(tmp_path))
     proc = subprocess.Popen([sys.executable, str(RUN), "--nproc-per-node", "2", "--module", "stop_worker"], env=env,
@@ -328,37 +329,41 @@ def test_run_py_forwards_a_stop_to_the_workers_and_exits_0(tmp_path, sig):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     assert [(tmp_path / f"stopped.{r}").read_text() for r in range(2)] == [sig.name] * 2
-    assert f"launch/run.py: {sig.name}: torchrun forwarded it to the trainer processes" in err
+    assert f"timemoe-train: {sig.name} passed on to 2 trainer processes" in err
     assert "Traceback" not in err
 
 
-def load_run_py():
-    import importlib.util
+def test_the_launcher_prints_a_user_error_once_and_exits_2(tmp_path):
+    """Every rank finds the same bad key: one line from `timemoe-train --nproc-per-node 2`, none of torchrun's."""
+    proc = subprocess.run([str(Path(sys.executable).with_name("timemoe-train")), "--nproc-per-node", "2",
+                           "data=synthetic", "trainer.max_steps=abc"], cwd=tmp_path, env=clean_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    ours = [line for line in proc.stderr.splitlines() if "timemoe-train" in line]
+    assert ours == ["timemoe-train: TrainConfigError: trainer.max_steps='abc': must be int"], proc.stderr[-3000:]
+    assert not any(word in proc.stderr for word in ("Traceback", "ChildFailedError", "error_file", "exitcode"))
 
-    spec = importlib.util.spec_from_file_location("launch_run", RUN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-def test_a_stop_hidden_behind_torchs_metrics_wrapper_still_exits_0(monkeypatch, capsys):
-    """The race CI met: SIGTERM landed inside torch's metrics wrapper before its timer was set, and torchrun raised
-    that wrapper's UnboundLocalError with the SignalException as context. Other errors still propagate."""
+def test_a_torchrun_signal_that_hides_behind_its_metrics_wrapper_is_still_one_line(monkeypatch, capsys):
+    """The race CI met: a signal torchrun handles (here SIGHUP) landed inside torch's metrics wrapper before its
+    timer was set, and torchrun raised that wrapper's UnboundLocalError with the SignalException as context. Other
+    errors still propagate."""
     import torch.distributed.run
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
+    from timemoe_train.launch import run_torchrun
+
     def stopped_in_wrapper(args):
         try:
-            raise SignalException("got signal: 15", sigval=signal.SIGTERM)
+            raise SignalException("got signal: 1", sigval=signal.SIGHUP)
         except SignalException:
             raise UnboundLocalError("cannot access local variable 'start' where it is not associated with a value")
     monkeypatch.setattr(torch.distributed.run, "main", stopped_in_wrapper)
-    run_py = load_run_py()
-    assert run_py.run_torchrun([]) == 0
-    assert "launch/run.py: SIGTERM: torchrun forwarded it" in capsys.readouterr().err
+    assert run_torchrun([]) == 128 + signal.SIGHUP
+    assert "timemoe-train: SIGHUP: torchrun stopped the trainer processes" in capsys.readouterr().err
 
     def failed(args):
         raise RuntimeError("rendezvous timed out")
     monkeypatch.setattr(torch.distributed.run, "main", failed)
     with pytest.raises(RuntimeError, match="rendezvous timed out"):
-        run_py.run_torchrun([])
+        run_torchrun([])

@@ -324,11 +324,14 @@ def test_kill_9_of_torchrun_stops_every_process_of_the_run_within_30_s_with_the_
 def test_a_second_launch_on_a_live_run_directory_is_refused_in_one_line(tmp_path):
     first = started(tmp_path)
     try:
-        second = subprocess.run([*TINY_TORCHRUN, "run.name=x", "trainer.max_steps=100000"], cwd=tmp_path,
+        # The second through the project launcher: the refusal is its one line, exit 2.
+        launcher = [str(BIN / "timemoe-train"), "--nproc-per-node", "2", *TINY_TORCHRUN[5:]]
+        second = subprocess.run([*launcher, "run.name=x", "trainer.max_steps=100000"], cwd=tmp_path,
                                 env=worker_env(), capture_output=True, text=True, timeout=300)
-        refusals = [line for line in second.stderr.splitlines() if line.startswith("timemoe-train: RunInUse:")]
-        assert second.returncode != 0 and len(refusals) == 1, second.stderr[-4000:]
-        assert f"{tmp_path / 'runs' / 'x'} is in use by timemoe-train pid " in refusals[0]
+        ours = [line for line in second.stderr.splitlines() if "timemoe-train" in line]
+        assert second.returncode == 2 and len(ours) == 1, second.stderr[-4000:]
+        holder = f"timemoe-train: RunInUse: {tmp_path / 'runs' / 'x'} is in use by timemoe-train pid "
+        assert ours[0].startswith(holder) and int(ours[0][len(holder):].split()[0]) in children(first.pid), ours
         assert first.poll() is None  # the live run trains on
     finally:
         os.killpg(first.pid, signal.SIGTERM)

@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ..data.errors import DataError
+from ..launch import LAUNCH_OPTIONS, LAUNCHED
 from ..checkpoint import CheckpointError, read_meta
 from ..model.config import ConfigError
 from .config import RunConfig, TrainConfigError
@@ -173,7 +175,15 @@ def _omegaconf_message(e: OmegaConfBaseException, where: str) -> str:
 
 
 def _user_error(message: str) -> None:
-    print(f"timemoe-train: {message}", file=sys.stderr, flush=True)
+    """One line, exit 2. Under `timemoe-train --nproc-per-node` the line goes to torchrun's error file instead
+    (its documented JSON), and the launcher prints it once for all ranks."""
+    line = f"timemoe-train: {message}"
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if os.environ.get(LAUNCHED) and error_file:
+        with open(error_file, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
+    else:
+        print(line, file=sys.stderr, flush=True)
     sys.exit(2)
 
 
@@ -200,6 +210,10 @@ def _stop_with_launcher() -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] and sys.argv[1].split("=")[0] in LAUNCH_OPTIONS:  # timemoe-train --nproc-per-node N ...
+        from ..launch import main as launch
+
+        sys.exit(launch(sys.argv[1:]))
     _stop_with_launcher()
     for message in _LIBRARY_NOTICES:
         warnings.filterwarnings("ignore", message=message)
