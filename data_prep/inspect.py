@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from data_prep.manifest import load_manifest, shard_paths, verify_shards
+from data_prep.corpus_manifest import load_manifest, shard_paths, verify_shards
 from data_prep.shards import read_shard
 
 QUANTILES = (0.0, 0.05, 0.5, 0.95, 1.0)

@@ -17,7 +17,7 @@ Layout of a run's `checkpoint.dir`:
 from .files import load_checkpoint_file
 from .format import (CONFIG, CONSOLIDATED, ELASTIC, LATEST, MANIFEST, META, MODEL_PREFIX, TMP_PREFIX, CheckpointCorrupt,
                      CheckpointError, read_meta, step_tags, tag_for, trainer_state_file)
-from .manifest import DigestWriter, verify
+from .digests import DigestWriter, verify
 
 __all__ = ["CONFIG", "CONSOLIDATED", "ELASTIC", "LATEST", "MANIFEST", "META", "MODEL_PREFIX", "TMP_PREFIX", "CheckpointCorrupt",
            "CheckpointError", "DigestWriter", "load_checkpoint_file", "read_meta", "step_tags", "tag_for",

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from ..checkpoint.manifest import file_digest
+from ..checkpoint.digests import file_digest
 from ..model.hf_layout import TRAINING_DATA
 
 WARN = ("not guarded", "by name only")

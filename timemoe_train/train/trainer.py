@@ -15,7 +15,7 @@ from ..data.loader import STOP_SIGNALS
 from ..model.hf_layout import load_hf_state
 from ..model import TimeMoeForPrediction
 from ..parallel import init_parallel
-from .checkpoint import Checkpointer
+from .checkpointer import Checkpointer
 from .config import RunConfig
 from .engine import build_engine, global_grad_norm, learning_rate, set_learning_rate
 from .guard import NonFiniteGuard

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ..checkpoint import (CONFIG, CONSOLIDATED, ELASTIC, LATEST, META, TMP_PREFIX, CheckpointError, DigestWriter,
                           elastic, load_checkpoint_file, read_meta, step_tags, tag_for, trainer_state_file)
-from ..checkpoint.manifest import fsync_dir, write_manifest
+from ..checkpoint.digests import fsync_dir, write_manifest
 from .engine_state import engine_state, load_engine_state
 
 
