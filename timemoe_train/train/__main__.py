@@ -33,24 +33,37 @@ from .monitor import scrub
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 USER_ERRORS = (TrainConfigError, ConfigError, DataError, CheckpointError, FileNotFoundError)
 _MAX_NAME = 100
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
 def run_name() -> str:
     """A directory name from the command's overrides (Hydra's `job.override_dirname`, which leaves out the keys
-    listed in train.yaml that do not change what is trained): the same command always gets the same name.
-    "default" without overrides, and for a config composed outside a Hydra app (`hydra.compose`)."""
+    listed in train.yaml that do not change what is trained, and joins key-value with `-` and items with `__`):
+    the same command always gets the same name, e.g. `model.num_experts-4__optim.lr-0.001`. "default" without
+    overrides, and for a config composed outside a Hydra app (`hydra.compose`)."""
     from hydra.core.hydra_config import HydraConfig
 
-    override_dirname = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
+    return readable_name(HydraConfig.get().job.override_dirname if HydraConfig.initialized() else "")
+
+
+def readable_name(override_dirname: str) -> str:
+    """`override_dirname` with every character a shell or Hydra's override grammar treats specially (`=`, `,`,
+    `/`, quotes, spaces, brackets, ...) turned into `_`, so that `run.dir=<path>` takes the printed path as it is.
+    When that changed anything, or the name is too long for a file system, a hash of the original keeps two
+    different commands in different directories."""
     if not override_dirname:
         return "default"
-    name = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", override_dirname).strip("_")
-    if len(name) > _MAX_NAME:  # file systems limit names to 255 bytes; the hash keeps long ones distinct
-        name = f"{name[:_MAX_NAME - 11]}-{hashlib.sha1(override_dirname.encode()).hexdigest()[:10]}"
+    name = _UNSAFE.sub("_", override_dirname).strip("_")
+    if name != override_dirname or len(name) > _MAX_NAME:
+        name = f"{name[:_MAX_NAME - 9]}-{hashlib.sha1(override_dirname.encode()).hexdigest()[:8]}"
     return name
 
 
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+# hydra.sweep.dir's name for the sweep, from the sweep's own override_dirname (value lists included). Cached, and
+# OmegaConf caches by the argument's text: Hydra copies the sweep's cache into every job's config, where the same
+# text then gives the sweep's name, not the job's.
+OmegaConf.register_new_resolver("sweep_name", readable_name, replace=True, use_cache=True)
 
 
 def run_config(cfg: DictConfig) -> RunConfig:
@@ -122,8 +135,11 @@ def _app(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     _submitit_distributed_env()
+    # The directory Hydra gave this job: run.dir itself for one run; hydra.sweep.dir/<run.name> for a job of a
+    # multirun, where checkpoints (${run.dir}/checkpoints) must follow the job's .hydra/, metrics and W&B files.
+    cfg.run.dir = HydraConfig.get().runtime.output_dir
     try:
-        stopped = train(cfg, HydraConfig.get().runtime.output_dir)
+        stopped = train(cfg, cfg.run.dir)
     except USER_ERRORS as e:
         _user_error(f"{type(e).__name__}: {e}")
     if stopped:  # also the end of a multirun: the signal asked this process to stop
