@@ -18,7 +18,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-test: setup
+# The exported remote code must also load under transformers 4.40 (what the released checkpoints were made with):
+# tests/test_remote_code.py loads an export in a subprocess with this folder first on PYTHONPATH.
+TRANSFORMERS_4_40 := .cache/transformers-4.40
+
+$(TRANSFORMERS_4_40)/.installed:
+	$(PY) -m pip install -q --no-deps --target $(TRANSFORMERS_4_40) 'transformers==4.40.2' \
+		'huggingface_hub>=0.19.3,<1.0' 'tokenizers>=0.19,<0.20'
+	touch $@
+
+test: setup $(TRANSFORMERS_4_40)/.installed
 	$(PY) -m pytest -q tests
 
 demo: setup

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..forecast import ForecastError
+
 HOURS_PER_MONTH = 30 * 24
 ETT_MONTHS = (12, 4, 4)
 # Rows per hour of the ETT variants; the file stem decides which one a CSV is.
@@ -23,8 +25,8 @@ DEFAULT_RATIOS = (0.7, 0.1, 0.2)  # train, val, test
 SEASONS = {5 * 60: 288, 10 * 60: 144, 15 * 60: 96, 30 * 60: 48, 3600: 24, 86400: 7, 7 * 86400: 52}
 
 
-class EvalError(ValueError):
-    pass
+class EvalError(ForecastError):
+    """Bad input to timemoe-eval (a model directory it cannot load raises the ForecastError itself)."""
 
 
 @dataclass

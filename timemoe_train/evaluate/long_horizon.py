@@ -13,36 +13,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointError
-from ..model import ConfigError, TimeMoeForPrediction
+from ..forecast import load_model
 from .baselines import last_value, seasonal_naive
 from .data import DEFAULT_RATIOS, EvalError, fit_scaler, num_test_windows, read_csv, split_borders, window_starts
 from .leakage import leakage_report
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-BACKENDS = ("native", "remote")
 BASELINES = ("seasonal_naive", "last_value")
-
-
-def load_model(model_dir: str | Path, backend: str = "native", device: str = "cpu", dtype: str = "float32"):
-    """Any HF-layout directory, ours or the released format. "remote" runs the directory's own modeling code
-    through transformers (trust_remote_code), as a serving stack would."""
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise EvalError(f"{path}: model directory not found")
-    if backend not in BACKENDS or dtype not in DTYPES:
-        raise EvalError(f"backend={backend!r}, dtype={dtype!r}: choose a backend from {BACKENDS} and a dtype from "
-                        f"{tuple(DTYPES)}")
-    try:
-        if backend == "native":
-            model = TimeMoeForPrediction.from_pretrained(path)
-        else:
-            import transformers
-
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
-    except (ConfigError, CheckpointError, OSError, ValueError) as e:
-        raise EvalError(f"model directory {path}: {e}") from None
-    return model.to(device=device, dtype=DTYPES[dtype]).eval()
 
 
 def pair_horizons(horizons, context_lengths) -> list[tuple[int, int]]:
