@@ -53,9 +53,12 @@ def _packaging():
 
 # --- build ------------------------------------------------------------------------------------------------------
 
+MANYLINUX = re.compile(r"manylinux_2_(\d+)_(\w+)")
+
+
 def platform_tags(platform: str) -> list[str]:
     """pip's --platform matches one tag exactly: manylinux_2_28_x86_64 means every manylinux tag up to glibc 2.28."""
-    m = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", platform)
+    m = MANYLINUX.fullmatch(platform)
     if not m:
         return [platform]
     glibc, arch = int(m.group(1)), m.group(2)
@@ -77,7 +80,8 @@ def target_options(python: str, platform: str) -> list[str]:
 
 
 def marker_environment(python: str, platform: str) -> dict:
-    arch = platform.rsplit("_", 2)[-1] if platform.startswith("manylinux") else platform.split("_", 1)[-1]
+    m = MANYLINUX.fullmatch(platform)
+    arch = m.group(2) if m else platform.split("_", 1)[-1]  # linux_x86_64, linux_aarch64
     return {"python_version": python, "python_full_version": f"{python}.0", "implementation_name": "cpython",
             "implementation_version": f"{python}.0", "platform_python_implementation": "CPython",
             "os_name": "posix", "sys_platform": "linux", "platform_system": "Linux", "platform_machine": arch}
