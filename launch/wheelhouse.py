@@ -27,10 +27,8 @@ import json
 import os
 import re
 import shutil
-import site
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -209,12 +207,15 @@ def install(args: argparse.Namespace) -> int:
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     venv_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                check=True, capture_output=True, text=True).stdout.strip()
-    own_site = [p for p in (*site.getsitepackages(), sysconfig.get_paths()["purelib"]) if Path(p).is_dir()]
-    # addsitedir (not a bare path) so that the image's own .pth files (editable installs, ...) still apply.
+    # Every site directory this interpreter reads (its venv's, the system's or Debian's dist-packages, the user's);
+    # addsitedir, not a bare path, so that their own .pth files (editable installs, ...) still apply.
+    own_site = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
     Path(venv_site, "_image_site_packages.pth").write_text(
-        "".join(f"import site; site.addsitedir({p!r})\n" for p in dict.fromkeys(own_site)))
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--isolated", "--no-index", "--find-links",
-                    str(wheelhouse), "timemoe-train"], check=True)
+        "".join(f"import site; site.addsitedir({p!r})\n" for p in own_site))
+    # --no-compile: byte-compiling every installed file costs a minute of a short GPU lease; imports compile what
+    # they use.
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--isolated", "--no-index", "--no-compile",
+                    "--find-links", str(wheelhouse), "timemoe-train"], check=True)
     print(f"wheelhouse.py: installed timemoe-train into {venv} (over {sys.executable}'s packages)")
     return 0
 
