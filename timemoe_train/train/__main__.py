@@ -30,7 +30,17 @@ from ..model.config import ConfigError
 from .config import RunConfig, TrainConfigError
 from .monitor import scrub
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+def _config_dir() -> Path:
+    """A checkout's configs/ (what `make setup` installs in editable mode), else the copy inside the installed
+    package (setup.py puts it there). `--config-dir` still adds a user's own directory to Hydra's search path."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs" / "train.yaml").is_file():
+        return checkout / "configs"
+    return Path(__file__).resolve().parents[1] / "configs"
+
+
+CONFIG_DIR = _config_dir()
 USER_ERRORS = (TrainConfigError, ConfigError, DataError, CheckpointError, FileNotFoundError)
 _MAX_NAME = 100
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
