@@ -27,7 +27,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from ..data.errors import DataError
 from ..checkpoint import CheckpointError, read_meta
 from ..model.config import ConfigError
-from .config import RunConfig, TrainConfigError
+from .config import RunConfig, TrainConfigError, typed_values
 from .monitor import scrub
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -58,7 +58,9 @@ def run_config(cfg: DictConfig) -> RunConfig:
     groups = {}
     for name in ("model", "data", "parallel", "optim", "trainer", "checkpoint", "logger"):
         try:
-            groups[name] = hydra.utils.instantiate(cfg[name], _convert_="all")
+            values = OmegaConf.to_container(cfg[name], resolve=True, throw_on_missing=True)
+            target = hydra.utils.get_class(values["_target_"])
+            groups[name] = hydra.utils.instantiate(typed_values(target, values, name), _convert_="all")
         except hydra.errors.InstantiationException as e:
             cause = e.__cause__ or e
             raise TrainConfigError(f"{name}: {cause}") from None
