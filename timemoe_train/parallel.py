@@ -74,7 +74,7 @@ def _launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _init_process_group(backend: str | None) -> None:
+def init_process_group(backend: str | None = None) -> None:
     if dist.is_initialized():
         return
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -99,7 +99,7 @@ def init_parallel(expert_parallel_size: int = 1, tensor_parallel_size: int = 1, 
 
     Idempotent for the same sizes; different sizes rebuild megatron's groups (all ranks must call it alike)."""
     validate_layout(_launched_world_size(), expert_parallel_size, tensor_parallel_size, num_experts)
-    _init_process_group(backend)
+    init_process_group(backend)
 
     from megatron.core import parallel_state as ps
 

@@ -106,10 +106,12 @@ class WandbConfig:
 @dataclass
 class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    interval: int = 1  # steps between metrics.jsonl / W&B records and progress lines
+    interval: int = 1  # steps between metrics.jsonl / W&B records (and updates of the progress bar)
     # Steps between per-domain expert-load heatmaps (accumulated over that window); 0 disables them.
     heatmap_interval: int = 100
-    progress: bool = True
+    progress: bool = True  # a bar on a terminal, plain lines in a log file
+    # Steps between those plain lines (a multiple of `interval`); the last step always has one.
+    progress_interval: int = 10
 
 
 def packs_rows(data_cfg) -> bool:
@@ -211,6 +213,8 @@ class RunConfig:
             (c.keep_last < 1, "checkpoint.keep_last", c.keep_last, "must be >= 1"),
             (lg.wandb.mode not in WANDB_MODES, "logger.wandb.mode", lg.wandb.mode, f"choose one of {WANDB_MODES}"),
             (lg.interval < 1, "logger.interval", lg.interval, "must be >= 1"),
+            (lg.progress_interval < 1 or lg.progress_interval % lg.interval, "logger.progress_interval",
+             lg.progress_interval, f"must be a positive multiple of logger.interval ({lg.interval})"),
             (lg.heatmap_interval < 0, "logger.heatmap_interval", lg.heatmap_interval, "must be >= 0 (0: off)"),
         ]
         for broken, key, value, why in rules:
