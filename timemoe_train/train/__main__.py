@@ -27,7 +27,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from ..data.errors import DataError
 from ..checkpoint import CheckpointError, read_meta
 from ..model.config import ConfigError
-from .config import RunConfig, TrainConfigError
+from .config import RunConfig, TrainConfigError, typed_values
 from .monitor import scrub
 
 
@@ -81,7 +81,9 @@ def run_config(cfg: DictConfig) -> RunConfig:
     groups = {}
     for name in ("model", "data", "parallel", "optim", "trainer", "checkpoint", "logger"):
         try:
-            groups[name] = hydra.utils.instantiate(cfg[name], _convert_="all")
+            values = OmegaConf.to_container(cfg[name], resolve=True, throw_on_missing=True)
+            target = hydra.utils.get_class(values["_target_"])
+            groups[name] = hydra.utils.instantiate(typed_values(target, values, name), _convert_="all")
         except hydra.errors.InstantiationException as e:
             cause = e.__cause__ or e
             raise TrainConfigError(f"{name}: {cause}") from None
@@ -98,8 +100,28 @@ def start_message(checkpoint, tag: str | None) -> str:
     return f"timemoe-train: resuming from step {read_meta(root / tag)['step']} ({root / tag})"
 
 
+def finished_step(run: RunConfig, tag: str | None) -> int | None:
+    """The step of rank 0's resume point when the run already reached trainer.max_steps, else None; every rank
+    gets rank 0's answer before DeepSpeed is even imported, so that a finished run ends at once."""
+    done = None
+    if tag is not None:
+        step = read_meta(Path(run.checkpoint.dir).resolve() / tag)["step"]
+        done = step if step >= run.trainer.max_steps else None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        from ..parallel import init_process_group
+
+        init_process_group()
+        answer = [done]
+        dist.broadcast_object_list(answer, src=0)
+        done = answer[0]
+    return done
+
+
 def make_trainer(cfg: DictConfig, run_dir: str | Path):
-    """Validate the composed config (before any process-group work), then build the trainer."""
+    """Validate the composed config (before any process-group work), then build the trainer; None when the run
+    has already reached trainer.max_steps."""
     try:
         container = scrub(OmegaConf.to_container(cfg, resolve=True))
     except OmegaConfBaseException as e:
@@ -109,8 +131,18 @@ def make_trainer(cfg: DictConfig, run_dir: str | Path):
     from ..checkpoint.resume import resume_point  # file work only: said before DeepSpeed is imported
 
     tag = None
-    if int(os.environ.get("RANK", "0")) == 0:  # verified once, before any engine start-up; broadcast later
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:  # verified once, before any engine start-up; broadcast later
         tag = resume_point(run.checkpoint)
+    done = finished_step(run, tag)
+    if done is not None:
+        if main_rank:
+            where = Path(run.checkpoint.dir).resolve() / tag
+            print(f"timemoe-train: already at step {done} of trainer.max_steps={run.trainer.max_steps} ({where}): "
+                  f"nothing to train; raise trainer.max_steps to continue, or export it: timemoe-export {where} "
+                  f"{Path(run_dir).resolve() / 'export'}", flush=True)
+        return None
+    if main_rank:
         print(start_message(run.checkpoint, tag), flush=True)
     from .trainer import Trainer  # torch.distributed, DeepSpeed and megatron load only for a valid config
 
@@ -121,6 +153,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> bool:
     """One run; True when a stop signal ended it (after saving). Whatever happens, the process-wide state it set
     up is torn down, so that the next job of a multirun can start."""
     trainer = make_trainer(cfg, run_dir)
+    if trainer is None:  # already finished: only finished_step's process group to tear down
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return False
     finished = False
     try:
         trainer.fit()

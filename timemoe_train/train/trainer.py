@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..data.loader import STOP_SIGNALS
+from ..checkpoint import read_meta
 from ..model.hf_layout import load_hf_state
 from ..model import TimeMoeForPrediction
 from ..parallel import init_parallel
@@ -23,6 +24,7 @@ from .metrics import (StepStats, domain_heatmaps, expert_load_metrics, peak_flop
                       train_flops)
 from .module import TrainModule, initial_hf_state
 from .monitor import Monitor
+from .report import RunReport, layout_change
 
 _MODEL_INPUTS = {"inputs": "inputs_BT", "labels": "labels_BT", "loss_mask": "loss_mask_BT",
                  "sequence_ids": "sequence_ids_BT"}
@@ -102,9 +104,11 @@ class Trainer:
         self.checkpointer = Checkpointer(run.checkpoint, self.engine, self.module, lay.rank, lay.world_size)
         self.step = 0
         self.wandb_id = None
+        self.weights = f"initialised from {t.init_from_hf}" if t.init_from_hf else f"random (trainer.seed={t.seed})"
         self._resume(resume_tag)
         self.monitor = Monitor(self.run_dir, run.logger, lay.is_main, config_dict, t.max_steps, self.step,
                                self.wandb_id)
+        self.report = RunReport(self)
         self.peak = peak_flops(t.peak_flops_per_device)
         self.stopped = False  # fit() ended on a stop signal, after saving
 
@@ -126,13 +130,16 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         self.guard.load_state_dict(state["guard"])
         self.wandb_id = state.get("wandb_id")
+        change = layout_change(read_meta(self.checkpointer.root / tag), self._layout_meta())
+        self.weights = f"resumed from step {self.step} ({self.checkpointer.root / tag})" + (
+            f"; {change}" if change else "")
 
     def save(self) -> Path:
         state = {"step": self.step, "loader": self.loader.state_dict(), "guard": self.guard.state_dict(),
                  "wandb_id": self.monitor.wandb_id}
         meta = {**self._layout_meta(), "model": dataclasses.asdict(self.run.model),
                 "precision": self.run.trainer.precision, "expert_aliases": self.module.expert_aliases}
-        path = self.checkpointer.save(self.step, state, meta, self.config_yaml)
+        path = self.report.checkpoint = self.checkpointer.save(self.step, state, meta, self.config_yaml)
         self.monitor.message(f"checkpoint {path}")
         return path
 
@@ -143,10 +150,13 @@ class Trainer:
         num_domains = len(self.domain_names) if self.run.logger.heatmap_interval else 0
         domain_load = None
         saved_at = self.step
+        for line in self.report.start_lines(self.weights):
+            self.monitor.message(line)
         try:
             while self.step < t.max_steps:
                 summary, stats, elapsed = self._train_step(batches, num_domains)
                 self.step += 1
+                self.report.final_loss = summary["loss"]
                 self.guard.record(summary["nonfinite"])
                 self._log(summary, elapsed)
                 self.guard.check(self.step)
@@ -161,12 +171,15 @@ class Trainer:
                 if summary["stop"]:
                     self.stopped = True
                     self.monitor.message(f"stop requested by signal: saved step {self.step}, exiting")
-                    return
-            if c.save_at_end and saved_at != self.step:
-                self.save()
+                    break
+            else:
+                if c.save_at_end and saved_at != self.step:
+                    self.save()
         finally:
             getattr(batches, "close", lambda: None)()  # the loader's workers leave now, not at garbage collection
             self.monitor.close()
+        if self.layout.is_main:  # after W&B's own closing lines
+            print("\n".join(self.report.end_lines(self.stopped)), flush=True)
 
     def _train_step(self, batches, num_domains: int):
         start = time.perf_counter()
