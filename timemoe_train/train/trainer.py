@@ -162,20 +162,24 @@ class Trainer:
             while self.step < t.max_steps and not (self.validator and self.validator.exhausted):
                 summary, stats, elapsed = self._train_step(batches, num_domains)
                 self.step += 1
-                self.report.final_loss = summary["loss"]
-                self.guard.record(summary["nonfinite"])
-                validated = t.val_interval and (self.step % t.val_interval == 0 or self.step == t.max_steps)
+                reduced = summary["reduced"]
+                self.guard.record(reduced.nonfinite)
+                validated = bool(t.val_interval) and (self.step % t.val_interval == 0 or self.step == t.max_steps)
                 if validated:
                     summary["val_loss"] = self.validator.score(self.engine, self._model_inputs, self.device)
                 best = validated and self.validator.update(self.step, summary["val_loss"])
-                self._log(summary, elapsed)
+                # The step's statistics are read back to the host on logging steps only (and at the last step,
+                # for the end summary's loss).
+                if (validated or reduced.stop or self.step % self.run.logger.interval == 0
+                        or self.step == t.max_steps):
+                    self._log(summary, elapsed)
                 self.guard.check(self.step)
                 if num_domains:
                     domain_load = stats.domain_load_DLE if domain_load is None else domain_load + stats.domain_load_DLE
                     if self.step % self.run.logger.heatmap_interval == 0:
                         self._log_heatmaps(domain_load)
                         domain_load = None
-                if summary["stop"] or best or (c.interval and self.step % c.interval == 0):
+                if reduced.stop or best or (c.interval and self.step % c.interval == 0):
                     self.save()
                     saved_at = self.step
                 if best:
@@ -184,7 +188,7 @@ class Trainer:
                     v = self.validator
                     self.monitor.message(f"step {self.step}: val_loss {summary['val_loss']:.4f} (best {v.best:.4f} "
                                          f"at step {v.best_step})" + (", stopping early" if v.exhausted else ""))
-                if summary["stop"]:
+                if reduced.stop:
                     self.stopped = True
                     self.monitor.message(f"stop requested by signal: saved step {self.step}, exiting")
                     break
@@ -202,18 +206,18 @@ class Trainer:
         set_learning_rate(self.engine, learning_rate(self.step, self.run.optim, self.run.trainer.max_steps))
         stats = StepStats(self.run.model, num_domains, self.device)
         self.guard.reset()
-        summary = None
+        reduced = None
         for micro in range(self.gas):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
             out = self.engine(**self._model_inputs(batch))
             stats.add(out, batch)
             self.engine.backward(out.loss)
             if micro == self.gas - 1:  # gradients are complete: every rank decides the same way before stepping
-                summary = stats.reduce(self.guard.grads_nonfinite, self.stop.requested)
-                self.optimizer.veto = summary["nonfinite"]
+                reduced = stats.reduce(self.guard.grads_nonfinite, self.stop.requested)
+                self.optimizer.veto = reduced.nonfinite
             self.engine.step()
         self.optimizer.veto = False
-        summary["grad_norm"] = global_grad_norm(self.engine, self.optimizer)
+        summary = {"reduced": reduced, "grad_norm": global_grad_norm(self.engine, self.optimizer)}
         if self.run.model.aux_loss_type == "megatron":
             from ..model.moe_megatron import finish_megatron_step
 
@@ -226,13 +230,17 @@ class Trainer:
             inputs["inputs_BT"] = inputs["inputs_BT"].to(torch.bfloat16)
         return inputs
 
-    def _log(self, s: dict, elapsed: float) -> None:
+    def _log(self, summary: dict, elapsed: float) -> None:
+        """A logging step's record: the one place the step's statistics and norm are read back to the host."""
+        s = {**summary, **summary["reduced"].read()}
+        norm = s["grad_norm"]
+        s["grad_norm"] = None if norm is None else float(norm)
         flops = train_flops(self.run.model, s["points"], s["square_sum"])
         record = {"step": self.step, "loss": s["loss"], "aux_loss": s["aux_loss"],
                   "lr": learning_rate(self.step - 1, self.run.optim, self.run.trainer.max_steps),
                   "grad_norm": s["grad_norm"], "tokens_per_s": s["points"] / elapsed,
                   "mfu": flops / (elapsed * self.layout.world_size * self.peak) if self.peak else None,
-                  "step_time_s": elapsed, "skipped": s["nonfinite"], "skipped_total": self.guard.skipped_total}
+                  "step_time_s": elapsed, "skipped": s["reduced"].nonfinite, "skipped_total": self.guard.skipped_total}
         if "val_loss" in s:
             record["val_loss"] = s["val_loss"]
         for h, value in zip(self.run.model.horizon_lengths, s["head_losses"]):
@@ -242,8 +250,8 @@ class Trainer:
         if "megatron_aux" in s:  # megatron's balancing replaced the Time-MoE aux loss
             record["aux_loss"] = s["megatron_aux"].get("load_balancing_loss")
         record.update(expert_load_metrics(s["load_LE"]))
-        if self.step % self.run.logger.interval == 0 or self.step == self.run.trainer.max_steps or "val_loss" in s:
-            self.monitor.log(record)
+        self.report.final_loss = s["loss"]
+        self.monitor.log(record)
 
     def _log_heatmaps(self, domain_load) -> None:
         load_DLE = reduce_domain_load(domain_load)
