@@ -1,6 +1,6 @@
 """`timemoe-export CKPT_DIR OUT_DIR`: a training checkpoint -> the released HF layout, without a distributed run.
 
-CKPT_DIR is a run's `checkpoint.dir` (the checkpoint named by its `latest` file is exported, or `--tag`) or one
+CKPT_DIR is a run's `checkpoint.dir` (the checkpoint a resume would continue from is exported, or `--tag`) or one
 checkpoint directory. The checkpoint is first verified against its manifest. Its elastic part holds every weight
 in fp32 under the released names (the optimizer's fp32 master copy in a bf16 run); a checkpoint without one
 (ZeRO-3, or written before elastic checkpoints) is read from DeepSpeed's files, the experts of every
@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import (BEST, CONSOLIDATED, ELASTIC, LATEST, MANIFEST, META, MODEL_PREFIX, CheckpointError, elastic,
-                          load_checkpoint_file, read_meta, verify)
+from ..checkpoint import (BEST, CONSOLIDATED, ELASTIC, LATEST, LINEAGE, MANIFEST, META, MODEL_PREFIX,
+                          CheckpointError, elastic, load_checkpoint_file, read_meta, verify)
+from ..checkpoint.resume import resolve_checkpoint
 from ..model import TimeMoeConfig, TimeMoeForPrediction
 from ..model.config import ConfigError
 from ..model.hf_layout import check_state_dict, save_hf
@@ -33,7 +34,7 @@ _MARKER_KEY = re.compile(r"(expert_markers\.\d+\.deepspeed_moe\.experts\.deepspe
 
 
 def checkpoint_dir(path: str | Path, tag: str | None = None) -> tuple[Path, Path]:
-    """(root, tag directory) of the checkpoint to export."""
+    """(root, tag directory) of the checkpoint to export: the one a resume would continue from."""
     path = Path(path)
     if tag == BEST:  # the lowest validation loss's checkpoint, named by the `best` file
         if not (path / BEST).is_file():
@@ -41,8 +42,8 @@ def checkpoint_dir(path: str | Path, tag: str | None = None) -> tuple[Path, Path
         tag = (path / BEST).read_text().strip()
     if tag is not None:
         return path, path / tag
-    if (path / LATEST).is_file():
-        return path, path / (path / LATEST).read_text().strip()
+    if ((path / LATEST).is_file() or (path / LINEAGE).is_file()) and (found := resolve_checkpoint(path)):
+        return path, path / found
     if (path / META).is_file():
         return path.parent, path
     raise CheckpointError(f"{path}: neither a checkpoint directory (no {META}) nor a run's checkpoint.dir "

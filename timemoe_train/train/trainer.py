@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -45,11 +46,16 @@ class StopRequest:
     step's all-reduce, so all of them finish that step, save it, shut their loader workers down and exit 0.
 
     A second Ctrl-C exits at once without saving (status 130). Launchers may deliver one signal twice (torchrun
-    forwards what SLURM also sends to every process), so a repeat within a second is the same request."""
+    forwards what SLURM also sends to every process), so a repeat within a second is the same request. Before the
+    first step (`armed` false) there is nothing to save: the process exits at once, status 0. When the launcher
+    itself died (its parent-death signal, see `__main__`), nobody waits for this process any more: it gets
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds, as torchrun would give it, to save and leave."""
 
     def __init__(self):
         self.signum: int | None = None
+        self.armed = False
         self._at = 0.0
+        self._parent = os.getppid()
         self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     @property
@@ -58,6 +64,14 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         now = time.monotonic()
+        if not self.armed:
+            os.write(2, f"timemoe-train: {signal.Signals(signum).name} before the first step: exiting\n".encode())
+            os._exit(0)
+        if os.getppid() != self._parent and self.signum is None:
+            grace = float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+            deadline = threading.Timer(grace, os._exit, (1,))
+            deadline.daemon = True
+            deadline.start()
         if self.signum is None:
             self.signum, self._at = signum, now
         elif signum == signal.SIGINT and now - self._at > 1.0:
@@ -76,7 +90,7 @@ class Trainer:
         """`resume_tag`: on rank 0, the checkpoint to resume from (`timemoe_train.checkpoint.resume.resume_point`, verified before any
         engine start-up); the other ranks receive rank 0's."""
         self.run, self.run_dir, self.config_yaml = run, Path(run_dir), config_yaml
-        self.stop = StopRequest()  # from the start: a signal during set-up stops after the first step, saved
+        self.stop = StopRequest()  # from the start: a signal during set-up ends the process at once
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists, also in a plain one-process run
         p, t = run.parallel, run.trainer
         self.layout = init_parallel(p.expert_parallel_size, p.tensor_parallel_size,
@@ -153,6 +167,7 @@ class Trainer:
     def fit(self) -> None:
         t, c = self.run.trainer, self.run.checkpoint
         batches = iter(self.loader)
+        self.stop.armed = True
         num_domains = len(self.domain_names) if self.run.logger.heatmap_interval else 0
         domain_load = None
         saved_at = self.step
