@@ -116,3 +116,32 @@ def test_a_run_in_a_log_file_says_what_it_will_do_and_did(corpus, tmp_path):
     assert f"weights: resumed from step 4 ({tag})" in said(more)
     marks = [(r["step"], r.get("restarted_from_step")) for r in records(run_dir)]
     assert marks == [(1, None), (2, None), (3, None), (4, None), (5, 4), (6, None)]
+
+
+def test_a_step_with_non_finite_data_names_the_shard_and_row(corpus, tmp_path):
+    """400 bytes of the shard's values overwritten (NaN bit patterns): the skipped step says where they lie."""
+    import shutil
+
+    import pyarrow as pa
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(corpus, damaged, ignore=shutil.ignore_patterns("plans"))
+    [shard] = damaged.glob("shard-*.arrow")
+    values = pa.ipc.open_file(pa.memory_map(str(shard))).get_batch(0).column("target").values.to_numpy()
+    data = bytearray(shard.read_bytes())
+    at = data.find(values[:8].tobytes()) + 4 * 100  # from the 100th point of the series on
+    data[at:at + 400] = b"\xff" * 400
+    shard.write_bytes(bytes(data))
+
+    run_dir = tmp_path / "run"
+    proc = train(damaged, run_dir, "trainer.max_steps=1")
+    skipped = [line for line in proc.stderr.splitlines() if "skipped: non-finite data" in line]
+    assert skipped, proc.stderr[-3000:]
+    spans = []
+    for line in skipped:
+        m = re.fullmatch(rf"timemoe-train: rank 0: step 1 skipped: non-finite data in micro-batch \d row \d, point "
+                         rf"\d+: {re.escape(str(shard))} row 0 \(item energy/small/load\), points (\d+)-(\d+)", line)
+        assert m, line
+        spans.append((int(m[1]), int(m[2])))
+    assert all(a <= 199 and b >= 100 for a, b in spans)  # each named span holds damaged points
+    assert records(run_dir)[-1]["skipped"] is True

@@ -192,7 +192,7 @@ def test_synthetic_rows_are_packed_with_consistent_masks():
 
 def test_guard_sees_nonfinite_gradients_and_stops_after_max_bad_steps():
     layer = nn.Linear(3, 1)
-    guard = NonFiniteGuard(layer, max_bad_steps=2, device="cpu")
+    guard = NonFiniteGuard(layer, max_bad_steps=2, device="cpu", micro_batches=1)
     layer(torch.ones(1, 3)).sum().backward()
     assert guard.grads_nonfinite.item() == 0
     layer(torch.tensor([[1.0, float("inf"), 0.0]])).sum().backward()
