@@ -134,7 +134,8 @@ def test_a_step_with_non_finite_data_names_the_shard_and_row(corpus, tmp_path):
     shard.write_bytes(bytes(data))
 
     run_dir = tmp_path / "run"
-    proc = train(damaged, run_dir, "trainer.max_steps=1")
+    # (no checkpoint: saving after only skipped steps is a known DeepSpeed failure, its optimizer has no state yet)
+    proc = train(damaged, run_dir, "trainer.max_steps=1", "checkpoint.save_at_end=false")
     skipped = [line for line in proc.stderr.splitlines() if "skipped: non-finite data" in line]
     assert skipped, proc.stderr[-3000:]
     spans = []

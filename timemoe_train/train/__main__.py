@@ -198,7 +198,23 @@ _LIBRARY_NOTICES = (
 _LIBRARY_LOGGERS = ("megatron.core.distributed.fsdp", "compilers")
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    def of(package):
+        try:
+            return installed(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"timemoe-train {of('timemoe-train')} (torch {of('torch')}, deepspeed {of('deepspeed')}, megatron-core "
+            f"{of('megatron-core')}, hydra-core {of('hydra-core')})")
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:  # ours, not Hydra's (which names Hydra only)
+        print(version())
+        return
     for message in _LIBRARY_NOTICES:
         warnings.filterwarnings("ignore", message=message)
     for name in _LIBRARY_LOGGERS:
