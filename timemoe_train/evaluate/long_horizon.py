@@ -90,7 +90,7 @@ def evaluate_many(models, csvs, *, out_dir: str | Path | None = None, backend: s
 
 def evaluate_long_horizon(model, csv: str | Path, *, horizons=(96, 192, 336, 720),
                           context_lengths=(512, 1024, 2048, 3072), columns: list[str] | None = None,
-                          date_column: str = "date", max_windows: int | None = None, batch_size: int = 64,
+                          date_column: str | None = None, max_windows: int | None = None, batch_size: int = 64,
                           season_length: int | None = None, split_ratios=DEFAULT_RATIOS,
                           ett_rows_per_hour: float | None = None, device: str = "cpu",
                           dtype: str = "float32", backend: str = "native", out_dir: str | Path | None = None,
@@ -105,8 +105,9 @@ def evaluate_long_horizon(model, csv: str | Path, *, horizons=(96, 192, 336, 720
     borders = split_borders(len(series.values_TC), series.path.stem, tuple(split_ratios), source, ett_rows_per_hour)
     season = season_length or series.season_length
     if season is None:
-        raise EvalError(f"{source}: the season length of the seasonal-naive baseline cannot be told from a "
-                        f"{date_column!r} column; pass --season-length")
+        told = f"its {series.date_column!r} column" if series.date_column else "a date column (none found)"
+        raise EvalError(f"{source}: the season length of the seasonal-naive baseline cannot be told from {told}; "
+                        "pass --season-length")
     if batch_size < 1:
         raise EvalError(f"--batch-size {batch_size}: must be at least 1")
     if min(c for _, c in pairs) < season:

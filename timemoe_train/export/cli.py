@@ -119,7 +119,22 @@ def export(ckpt: str | Path, out: str | Path, tag: str | None = None, dtype: str
     target = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype or precision]
     path = save_hf(model, out, dtype=target)
     write_training_data(tag_dir, path)
+    _readable_by_all(path)
     return path
+
+
+def _readable_by_all(out: Path) -> None:
+    """An export is made to be shared (served, uploaded, read by other accounts): whatever the umask or the
+    permissions of the installed remote-code files, everyone may read it; only the owner writes."""
+    out.chmod(0o755)
+    for path in out.iterdir():
+        if path.is_file():
+            path.chmod(0o644)
+
+
+def _replaces_an_export(out: Path) -> list[str]:
+    """The files of an earlier export (or anything else) `out` already holds."""
+    return sorted(p.name for p in out.iterdir()) if out.is_dir() else []
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,13 +144,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", help="checkpoint to export instead of the latest (e.g. step00001000, or best: the lowest "
                              "validation loss's)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], help="weight dtype (default: the training precision)")
+    parser.add_argument("--force", action="store_true", help="write into an OUT_DIR that is not empty (replacing "
+                        "the files of an earlier export)")
     args = parser.parse_args(argv)
     try:
-        path = export(args.checkpoint, args.out, args.tag, args.dtype)
-    except (CheckpointError, ConfigError, FileNotFoundError, PermissionError) as e:
+        there = _replaces_an_export(Path(args.out))
+        if there and not args.force:
+            raise FileExistsError(f"{args.out}: not empty ({', '.join(there[:4])}{', ...' * (len(there) > 4)}); "
+                                  "pass --force to replace an earlier export, or choose another directory")
+        root, tag_dir = checkpoint_dir(args.checkpoint, args.tag)
+        path = export(tag_dir, args.out, dtype=args.dtype)
+    except (CheckpointError, ConfigError, FileNotFoundError, FileExistsError, PermissionError) as e:
         print(f"timemoe-export: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"exported {path}")
+    print(f"exported step {read_meta(tag_dir)['step']} ({tag_dir}) to {path}")
     print(summary(path))
 
 

@@ -247,7 +247,23 @@ def _stop_with_launcher() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    def of(package):
+        try:
+            return installed(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"timemoe-train {of('timemoe-train')} (torch {of('torch')}, deepspeed {of('deepspeed')}, megatron-core "
+            f"{of('megatron-core')}, hydra-core {of('hydra-core')})")
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:  # ours, not Hydra's (which names Hydra only)
+        print(version())
+        return
     _stop_with_launcher()
     for message in _LIBRARY_NOTICES:
         warnings.filterwarnings("ignore", message=message)

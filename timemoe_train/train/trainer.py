@@ -6,6 +6,7 @@ import dataclasses
 import os
 import signal
 import threading
+import sys
 import time
 from pathlib import Path
 
@@ -108,7 +109,7 @@ class Trainer:
                               lay.ep_rank, lay.ep_size)
         self.module = TrainModule(model, lay.ep_size, with_markers=p.zero_stage < 3).to(self.device)
         torch.manual_seed(t.seed * 7919 + lay.rank)  # dropout and anything else random differs per rank
-        self.guard = NonFiniteGuard(self.module, t.max_bad_steps, self.device)
+        self.guard = NonFiniteGuard(self.module, t.max_bad_steps, self.device, self.gas)
         self.engine, self.optimizer = build_engine(self.module, run, self.gas,
                                                    lay.ep_group if lay.ep_size > 1 else None)
         if run.model.aux_loss_type == "megatron":
@@ -224,20 +225,31 @@ class Trainer:
         reduced = None
         for micro in range(self.gas):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+            self.guard.watch_batch(micro, batch["inputs"], batch["labels"])
             out = self.engine(**self._model_inputs(batch))
             stats.add(out, batch)
             self.engine.backward(out.loss)
             if micro == self.gas - 1:  # gradients are complete: every rank decides the same way before stepping
-                reduced = stats.reduce(self.guard.grads_nonfinite, self.stop.requested)
+                reduced = stats.reduce(self.guard.nonfinite, self.stop.requested)
                 self.optimizer.veto = reduced.nonfinite
             self.engine.step()
         self.optimizer.veto = False
+        if reduced.nonfinite:
+            self._name_bad_points()
         summary = {"reduced": reduced, "grad_norm": global_grad_norm(self.engine, self.optimizer)}
         if self.run.model.aux_loss_type == "megatron":
             from ..model.moe_megatron import finish_megatron_step
 
             summary["megatron_aux"] = finish_megatron_step(self.module.model, self.gas)
         return summary, stats, time.perf_counter() - start
+
+    def _name_bad_points(self) -> None:
+        """A skipped step: where this rank's non-finite inputs or targets came from (shard and row)."""
+        where = getattr(self.loader, "where", None)
+        for micro, row, point in self.guard.bad_points():
+            source = where(self.step * self.gas + micro, row, point) if where else "synthetic data"
+            print(f"timemoe-train: rank {self.layout.rank}: step {self.step + 1} skipped: non-finite data in "
+                  f"micro-batch {micro} row {row}, point {point}: {source}", file=sys.stderr, flush=True)
 
     def _model_inputs(self, batch: dict) -> dict:
         inputs = {arg: batch[key] for key, arg in _MODEL_INPUTS.items()}
