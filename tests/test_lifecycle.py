@@ -191,8 +191,10 @@ def test_multirun_of_the_trainer_equals_the_runs_done_separately(tmp_path):
     for name, overrides in sweeps.items():
         (tmp_path / name).mkdir()
         cli(tmp_path / name, "-m", *overrides, "optim.lr=0.001,0.003")
-        jobs[name] = sorted(p for p in (tmp_path / name / "runs").iterdir() if p.is_dir() and p.name[0] != ".")
-        assert len(jobs[name]) == 2 and "optim.lr=0.001" in jobs[name][0].name, jobs[name]
+        (sweep_dir,) = (tmp_path / name / "runs" / "sweeps").iterdir()
+        jobs[name] = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name[0] != ".")
+        assert len(jobs[name]) == 2 and "optim.lr-0.001" in jobs[name][0].name, jobs[name]
+        assert all((job / "checkpoints" / "step00000003").is_dir() for job in jobs[name])
     for i, lr in enumerate(("0.001", "0.003")):
         (tmp_path / lr).mkdir()
         cli(tmp_path / lr, *ep1, f"optim.lr={lr}")
@@ -204,3 +206,37 @@ def test_multirun_of_the_trainer_equals_the_runs_done_separately(tmp_path):
         assert (meta["world_size"], meta["ep_size"]) == (2, 2)
         assert losses(jobs["submitit"][i]) == pytest.approx(losses(alone), abs=1e-6), lr
     assert losses(jobs["basic"][0]) != losses(jobs["basic"][1])
+
+
+def test_a_multirun_under_torchrun_runs_every_job_with_all_its_files_in_the_sweep_dir(tmp_path):
+    """Two jobs in the same two torchrun processes, experts split over them: each job builds its process groups on
+    a fresh part of torchrun's store (the second job used to read the first's gloo addresses). Everything a job
+    writes — Hydra's files, metrics.jsonl, the W&B run, checkpoints — lies in its directory under hydra.sweep.dir."""
+    ep2 = [o.replace("expert_parallel_size=1", "expert_parallel_size=2") for o in MULTIRUN if o != "logger=none"]
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "timemoe_train.train",
+                           "-m", *ep2, "optim.lr=0.001,0.003", f"hydra.sweep.dir={sweep}"],
+                          cwd=tmp_path, env=worker_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [j.name.split("optim.lr-")[1][:5] for j in jobs] == ["0.001", "0.003"], jobs
+    for job in jobs:
+        assert (job / ".hydra" / "overrides.yaml").is_file() and (job / "wandb").is_dir(), sorted(job.iterdir())
+        assert [json.loads(line)["step"] for line in (job / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+        meta = json.loads((job / "checkpoints" / "step00000003" / "meta.json").read_text())
+        assert (meta["world_size"], meta["ep_size"]) == (2, 2)
+    assert losses(jobs[0]) != losses(jobs[1])
+    assert (sweep / "multirun.yaml").is_file() and not (tmp_path / "runs").exists()
+
+
+def test_a_printed_run_directory_goes_back_into_the_command_as_it_is(tmp_path):
+    """A generated name holds no `=`, `,`, quote, bracket or space even when the overrides do; `run.dir=<the
+    printed path>` continues that run, and the full overrides are in the run directory."""
+    overrides = [o for o in MULTIRUN if "trainer.max_steps" not in o]
+    first = cli(tmp_path, *overrides, "optim.betas=[0.9, 0.95]", "trainer.max_steps=2")
+    path = Path(start_line(first.stdout).split("(")[1].rstrip(")")).parent
+    assert path.parent == tmp_path / "runs" and not set(path.name) & set("=,'\"[] "), path.name
+    assert "optim.betas=[0.9, 0.95]" in (path / ".hydra" / "overrides.yaml").read_text()
+    again = cli(tmp_path, *overrides, "optim.betas=[0.9,0.95]", "trainer.max_steps=3", f"run.dir={path}")
+    assert start_line(again.stdout) == f"timemoe-train: resuming from step 2 ({path / 'checkpoints' / 'step00000002'})"
+    assert [json.loads(line)["step"] for line in (path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

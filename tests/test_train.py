@@ -88,10 +88,16 @@ def broken_checkpoint(run_dir: Path) -> None:
     (["data=synthetic", "trainer.max_stepz=5"],
      "Could not override 'trainer.max_stepz'. To append to your config use +trainer.max_stepz=5", None),
     (["data=synthetic", "trainer.max_steps=abc"], "TrainConfigError: trainer.max_steps='abc': must be int", None),
+    (["data.path=.", "data.packing=maybe"], "TrainConfigError: data.packing='maybe': must be bool", None),
+    (["data=synthetic", "model.apply_aux_loss=nope"], "TrainConfigError: model.apply_aux_loss='nope': must be bool",
+     None),
+    (["data.path=[a,b]"], "TrainConfigError: data.path=['a', 'b']: must be str", None),
+    (["data=synthetic", "optim.betas=[0.9,x]"], "optim.betas=[0.9, 'x']: must be tuple[float, float]", None),
     (["model=huge"], "Could not find 'model/huge'", None),
     (["data=synthetic", "data.max_length=48", "trainer.global_batch_size=2", "trainer.micro_batch_size=1",
       "logger=none"], "names 'step00000007', which is not a directory", broken_checkpoint),
-], ids=["layout", "no-data-path", "missing-data-path", "unknown-key", "bad-type", "unknown-group", "checkpoint"])
+], ids=["layout", "no-data-path", "missing-data-path", "unknown-key", "bad-type", "bad-bool", "bad-model-bool",
+         "list-for-str", "bad-tuple", "unknown-group", "checkpoint"])
 def test_each_user_error_is_one_line_with_exit_status_2(tmp_path, args, message, setup):
     if setup:
         setup(tmp_path / "run")

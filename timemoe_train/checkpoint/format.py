@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 LATEST = "latest"
+# The tag of the checkpoint with the lowest validation loss (trainer.val_interval), spared by pruning.
+BEST = "best"
 TMP_PREFIX = ".tmp-"
 META = "meta.json"
 CONFIG = "config.yaml"

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 from .format import LATEST, CheckpointCorrupt, CheckpointError, step_tags
-from .manifest import verify
+from .digests import verify
 
 
 class CheckpointWarning(UserWarning):

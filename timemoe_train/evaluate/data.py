@@ -85,18 +85,35 @@ class Borders:
 
 
 def split_borders(n_rows: int, dataset: str, ratios: tuple[float, float, float] = DEFAULT_RATIOS,
-                  source: str = "series") -> Borders:
-    rows_per_hour = ETT_ROWS_PER_HOUR.get(dataset.lower())
+                  source: str = "series", rows_per_hour: float | None = None) -> Borders:
+    """The ETT borders when `rows_per_hour` is given or the stem names an ETT file, else the `ratios` ones."""
+    rows_per_hour = rows_per_hour or ETT_ROWS_PER_HOUR.get(dataset.lower())
     if rows_per_hour is not None:
-        n_train, n_val, n_test = (m * HOURS_PER_MONTH * rows_per_hour for m in ETT_MONTHS)
-        if n_rows < n_train + n_val + n_test:
-            raise EvalError(f"{source}: {dataset} needs {n_train + n_val + n_test} rows for its 12/4/4-month splits, "
-                            f"the file has {n_rows}")
-    else:
-        if len(ratios) != 3 or min(ratios) <= 0 or abs(sum(ratios) - 1) > 1e-6:
-            raise EvalError(f"split ratios {ratios}: need three positive fractions (train, val, test) summing to 1")
-        n_train, n_test = int(n_rows * ratios[0]), int(n_rows * ratios[2])
-        n_val = n_rows - n_train - n_test
+        return ett_borders(n_rows, rows_per_hour, f"{source}: {dataset}")
+    return ratio_borders(n_rows, ratios)
+
+
+def ett_borders(n_rows: int, rows_per_hour: float, source: str = "series") -> Borders:
+    """12 / 4 / 4 months of 30 days at `rows_per_hour`; rows past the 20 months belong to no split."""
+    n_train, n_val, n_test = (round(m * HOURS_PER_MONTH * rows_per_hour) for m in ETT_MONTHS)
+    if n_rows < n_train + n_val + n_test:
+        raise EvalError(f"{source} needs {n_train + n_val + n_test} rows for its 12/4/4-month splits, "
+                        f"it has {n_rows}")
+    return Borders((0, n_train), (n_train, n_train + n_val), (n_train + n_val, n_train + n_val + n_test))
+
+
+def check_ratios(ratios) -> tuple[float, float, float]:
+    if len(ratios) != 3 or min(ratios) <= 0 or abs(sum(ratios) - 1) > 1e-6:
+        raise EvalError(f"split ratios {tuple(ratios)}: need three positive fractions (train, val, test) summing "
+                        "to 1")
+    return tuple(ratios)
+
+
+def ratio_borders(n_rows: int, ratios: tuple[float, float, float]) -> Borders:
+    """num_train = int(ratio_train · n), num_test = int(ratio_test · n), val the rest."""
+    ratios = check_ratios(ratios)
+    n_train, n_test = int(n_rows * ratios[0]), int(n_rows * ratios[2])
+    n_val = n_rows - n_train - n_test
     return Borders((0, n_train), (n_train, n_train + n_val), (n_train + n_val, n_train + n_val + n_test))
 
 

@@ -79,7 +79,7 @@ def evaluate_many(models, csvs, *, out_dir: str | Path | None = None, backend: s
         raise EvalError(f"CSVs {[str(c) for c in csvs]}: two share the name {names}; the report needs distinct stems")
     for d in datasets:
         d["models"] = record
-        d["leakage"] = leakage_report(model_items(models), Path(d["csv"]))  # `nets` no longer know their folders
+        d["leakage"] = leakage_report(model_items(models), Path(d["csv"]), d["borders"]["test"][0])  # `nets` no longer know their folders
     results = {"models": record, "datasets": datasets}
     if out_dir is not None:
         from .report import write_report
@@ -91,16 +91,18 @@ def evaluate_many(models, csvs, *, out_dir: str | Path | None = None, backend: s
 def evaluate_long_horizon(model, csv: str | Path, *, horizons=(96, 192, 336, 720),
                           context_lengths=(512, 1024, 2048, 3072), columns: list[str] | None = None,
                           date_column: str = "date", max_windows: int | None = None, batch_size: int = 64,
-                          season_length: int | None = None, split_ratios=DEFAULT_RATIOS, device: str = "cpu",
+                          season_length: int | None = None, split_ratios=DEFAULT_RATIOS,
+                          ett_rows_per_hour: float | None = None, device: str = "cpu",
                           dtype: str = "float32", backend: str = "native", out_dir: str | Path | None = None,
                           progress: bool = True) -> dict:
     """Evaluate `model` (see `named_models`: one, a list or a mapping) on `csv`. Returns the results dict; with
-    `out_dir`, also writes results.json, results.md and forecasts_<dataset>.png."""
+    `out_dir`, also writes results.json, results.md and forecasts_<dataset>.png. `ett_rows_per_hour`: the ETT
+    borders at that sampling rate whatever the file's name (by default ETT stems get them, others `split_ratios`)."""
     started = time.perf_counter()
     pairs = pair_horizons(horizons, context_lengths)
     series = read_csv(csv, columns, date_column)
     source = str(series.path)
-    borders = split_borders(len(series.values_TC), series.path.stem, tuple(split_ratios), source)
+    borders = split_borders(len(series.values_TC), series.path.stem, tuple(split_ratios), source, ett_rows_per_hour)
     season = season_length or series.season_length
     if season is None:
         raise EvalError(f"{source}: the season length of the seasonal-naive baseline cannot be told from a "
@@ -129,7 +131,7 @@ def evaluate_long_horizon(model, csv: str | Path, *, horizons=(96, 192, 336, 720
     results = {
         "dataset": series.path.stem, "csv": source,
         "models": describe_models(model),
-        "leakage": leakage_report(model_items(model), series.path),
+        "leakage": leakage_report(model_items(model), series.path, borders.test[0]),
         "backend": backend, "dtype": dtype, "columns": series.columns, "season_length": season,
         "borders": {"train": list(borders.train), "val": list(borders.val), "test": list(borders.test)},
         "scaler": {"mean": mean_C.tolist(), "std": std_C.tolist()},

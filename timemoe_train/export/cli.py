@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import (CONSOLIDATED, ELASTIC, LATEST, MANIFEST, META, MODEL_PREFIX, CheckpointError, elastic,
+from ..checkpoint import (BEST, CONSOLIDATED, ELASTIC, LATEST, MANIFEST, META, MODEL_PREFIX, CheckpointError, elastic,
                           load_checkpoint_file, read_meta, verify)
 from ..model import TimeMoeConfig, TimeMoeForPrediction
 from ..model.config import ConfigError
@@ -35,6 +35,10 @@ _MARKER_KEY = re.compile(r"(expert_markers\.\d+\.deepspeed_moe\.experts\.deepspe
 def checkpoint_dir(path: str | Path, tag: str | None = None) -> tuple[Path, Path]:
     """(root, tag directory) of the checkpoint to export."""
     path = Path(path)
+    if tag == BEST:  # the lowest validation loss's checkpoint, named by the `best` file
+        if not (path / BEST).is_file():
+            raise CheckpointError(f"{path}: no {BEST} file (the run did not validate: trainer.val_interval=0)")
+        tag = (path / BEST).read_text().strip()
     if tag is not None:
         return path, path / tag
     if (path / LATEST).is_file():
@@ -121,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="timemoe-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a run's checkpoint.dir, or one checkpoint directory in it")
     parser.add_argument("out", help="output directory (config.json, model.safetensors, remote code)")
-    parser.add_argument("--tag", help="checkpoint to export instead of the latest (e.g. step00001000)")
+    parser.add_argument("--tag", help="checkpoint to export instead of the latest (e.g. step00001000, or best: the lowest "
+                             "validation loss's)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], help="weight dtype (default: the training precision)")
     args = parser.parse_args(argv)
     try:

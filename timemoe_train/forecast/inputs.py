@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from data_prep.errors import PrepError
-from data_prep.manifest import MANIFEST_NAME
+from data_prep.corpus_manifest import MANIFEST_NAME
 from data_prep.sources.tabular import SUFFIXES, TableLayout, read_timed_series
 
 from .model import ForecastError
@@ -82,7 +82,7 @@ def read_table(path: Path, layout: TableLayout, freq: str | None, context_length
 def read_corpus(directory: Path, context_length: int) -> Inputs:
     """Every sequence of a prepared corpus, as `<domain>/<dataset>/<item_id>` (ids are unique per dataset only).
     Prep has already cleaned them; they carry no timestamps."""
-    from ..data.manifest import read_manifest
+    from ..data.corpus import read_manifest
     from ..data.shards import open_shard
 
     contexts = []

@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import read_meta, tag_for
 from ..data.loader import STOP_SIGNALS
 from ..model.hf_layout import load_hf_state
 from ..model import TimeMoeForPrediction
 from ..parallel import init_parallel
-from .checkpoint import Checkpointer
+from .checkpointer import Checkpointer
 from .config import RunConfig
 from .engine import build_engine, global_grad_norm, learning_rate, set_learning_rate
 from .guard import NonFiniteGuard
@@ -23,6 +24,8 @@ from .metrics import (StepStats, domain_heatmaps, expert_load_metrics, peak_flop
                       train_flops)
 from .module import TrainModule, initial_hf_state
 from .monitor import Monitor
+from .report import RunReport, layout_change
+from .validation import Validator
 
 _MODEL_INPUTS = {"inputs": "inputs_BT", "labels": "labels_BT", "loss_mask": "loss_mask_BT",
                  "sequence_ids": "sequence_ids_BT"}
@@ -81,6 +84,7 @@ class Trainer:
         lay = self.layout
         # Before the model and engine: a bad data.path is reported without waiting for their start-up.
         self.loader = build_loader(run.data, lay.dp_rank, lay.dp_size, t.global_batch_size, t.micro_batch_size)
+        self.validator = Validator(run.data, t, lay.dp_rank, lay.dp_size) if t.val_interval else None
         self.device = torch.device("cuda", lay.local_rank) if (
             t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else torch.device("cpu")
         self.gas = run.gradient_accumulation_steps(lay.world_size)
@@ -102,9 +106,11 @@ class Trainer:
         self.checkpointer = Checkpointer(run.checkpoint, self.engine, self.module, lay.rank, lay.world_size)
         self.step = 0
         self.wandb_id = None
+        self.weights = f"initialised from {t.init_from_hf}" if t.init_from_hf else f"random (trainer.seed={t.seed})"
         self._resume(resume_tag)
         self.monitor = Monitor(self.run_dir, run.logger, lay.is_main, config_dict, t.max_steps, self.step,
                                self.wandb_id)
+        self.report = RunReport(self)
         self.peak = peak_flops(t.peak_flops_per_device)
         self.stopped = False  # fit() ended on a stop signal, after saving
 
@@ -125,14 +131,21 @@ class Trainer:
         self.step = state["step"]
         self.loader.load_state_dict(state["loader"])
         self.guard.load_state_dict(state["guard"])
+        if self.validator is not None and "validation" in state:
+            self.validator.load_state_dict(state["validation"])
         self.wandb_id = state.get("wandb_id")
+        change = layout_change(read_meta(self.checkpointer.root / tag), self._layout_meta())
+        self.weights = f"resumed from step {self.step} ({self.checkpointer.root / tag})" + (
+            f"; {change}" if change else "")
 
     def save(self) -> Path:
         state = {"step": self.step, "loader": self.loader.state_dict(), "guard": self.guard.state_dict(),
                  "wandb_id": self.monitor.wandb_id}
+        if self.validator is not None:
+            state["validation"] = self.validator.state_dict()
         meta = {**self._layout_meta(), "model": dataclasses.asdict(self.run.model),
                 "precision": self.run.trainer.precision, "expert_aliases": self.module.expert_aliases}
-        path = self.checkpointer.save(self.step, state, meta, self.config_yaml)
+        path = self.report.checkpoint = self.checkpointer.save(self.step, state, meta, self.config_yaml)
         self.monitor.message(f"checkpoint {path}")
         return path
 
@@ -143,11 +156,18 @@ class Trainer:
         num_domains = len(self.domain_names) if self.run.logger.heatmap_interval else 0
         domain_load = None
         saved_at = self.step
+        for line in self.report.start_lines(self.weights):
+            self.monitor.message(line)
         try:
-            while self.step < t.max_steps:
+            while self.step < t.max_steps and not (self.validator and self.validator.exhausted):
                 summary, stats, elapsed = self._train_step(batches, num_domains)
                 self.step += 1
+                self.report.final_loss = summary["loss"]
                 self.guard.record(summary["nonfinite"])
+                validated = t.val_interval and (self.step % t.val_interval == 0 or self.step == t.max_steps)
+                if validated:
+                    summary["val_loss"] = self.validator.score(self.engine, self._model_inputs, self.device)
+                best = validated and self.validator.update(self.step, summary["val_loss"])
                 self._log(summary, elapsed)
                 self.guard.check(self.step)
                 if num_domains:
@@ -155,18 +175,27 @@ class Trainer:
                     if self.step % self.run.logger.heatmap_interval == 0:
                         self._log_heatmaps(domain_load)
                         domain_load = None
-                if summary["stop"] or (c.interval and self.step % c.interval == 0):
+                if summary["stop"] or best or (c.interval and self.step % c.interval == 0):
                     self.save()
                     saved_at = self.step
+                if best:
+                    self.checkpointer.mark_best(tag_for(self.step))
+                if validated:
+                    v = self.validator
+                    self.monitor.message(f"step {self.step}: val_loss {summary['val_loss']:.4f} (best {v.best:.4f} "
+                                         f"at step {v.best_step})" + (", stopping early" if v.exhausted else ""))
                 if summary["stop"]:
                     self.stopped = True
                     self.monitor.message(f"stop requested by signal: saved step {self.step}, exiting")
-                    return
-            if c.save_at_end and saved_at != self.step:
-                self.save()
+                    break
+            else:
+                if c.save_at_end and saved_at != self.step:
+                    self.save()
         finally:
             getattr(batches, "close", lambda: None)()  # the loader's workers leave now, not at garbage collection
             self.monitor.close()
+        if self.layout.is_main:  # after W&B's own closing lines
+            print("\n".join(self.report.end_lines(self.stopped)), flush=True)
 
     def _train_step(self, batches, num_domains: int):
         start = time.perf_counter()
@@ -204,6 +233,8 @@ class Trainer:
                   "grad_norm": s["grad_norm"], "tokens_per_s": s["points"] / elapsed,
                   "mfu": flops / (elapsed * self.layout.world_size * self.peak) if self.peak else None,
                   "step_time_s": elapsed, "skipped": s["nonfinite"], "skipped_total": self.guard.skipped_total}
+        if "val_loss" in s:
+            record["val_loss"] = s["val_loss"]
         for h, value in zip(self.run.model.horizon_lengths, s["head_losses"]):
             record[f"head_loss/h{h}"] = value
         for name, value in s.get("megatron_aux", {}).items():
@@ -211,7 +242,7 @@ class Trainer:
         if "megatron_aux" in s:  # megatron's balancing replaced the Time-MoE aux loss
             record["aux_loss"] = s["megatron_aux"].get("load_balancing_loss")
         record.update(expert_load_metrics(s["load_LE"]))
-        if self.step % self.run.logger.interval == 0 or self.step == self.run.trainer.max_steps:
+        if self.step % self.run.logger.interval == 0 or self.step == self.run.trainer.max_steps or "val_loss" in s:
             self.monitor.log(record)
 
     def _log_heatmaps(self, domain_load) -> None:

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import (CONFIG, CONSOLIDATED, ELASTIC, LATEST, META, TMP_PREFIX, CheckpointError, DigestWriter,
+from ..checkpoint import (BEST, CONFIG, CONSOLIDATED, ELASTIC, LATEST, META, TMP_PREFIX, CheckpointError, DigestWriter,
                           elastic, load_checkpoint_file, read_meta, step_tags, tag_for, trainer_state_file)
-from ..checkpoint.manifest import fsync_dir, write_manifest
+from ..checkpoint.digests import fsync_dir, write_manifest
 from .engine_state import engine_state, load_engine_state
 
 
@@ -154,9 +154,14 @@ class Checkpointer:
         dist.barrier()
         return self.root / tag
 
+    def mark_best(self, tag: str) -> None:
+        if self.rank == 0:
+            _write_atomically(self.root / BEST, tag)
+
     def _prune(self, keep: str) -> None:
+        best = (self.root / BEST).read_text().strip() if (self.root / BEST).is_file() else None
         for old in step_tags(self.root)[self.cfg.keep_last:]:
-            if old != keep:
+            if old not in (keep, best):
                 shutil.rmtree(self.root / old, ignore_errors=True)
 
 
