@@ -33,6 +33,11 @@ class Series:
     columns: list[str]
     values_TC: np.ndarray  # float64, raw
     season_length: int | None  # from the date column's spacing; None when it cannot be told
+    name: str | None = None  # the dataset's name in reports; None: the file's stem
+
+    @property
+    def dataset(self) -> str:
+        return self.name or self.path.stem
 
 
 def read_csv(path: str | Path, columns: list[str] | None = None, date_column: str = "date") -> Series:
