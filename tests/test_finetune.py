@@ -21,6 +21,8 @@ from data_prep.leakage import NO_GUARD
 from timemoe_train.data import DataConfig, build_train_loader
 from timemoe_train.data.manifest import read_manifest
 from timemoe_train.data.shards import ShardStore
+from timemoe_train.finetune.cli import model_overrides
+from timemoe_train.finetune.cli import model_overrides
 from timemoe_train.finetune.split import parse_split, read_input, split_series
 from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
 from timemoe_train.model.hf_layout import save_hf
@@ -144,11 +146,9 @@ def test_trainer_keeps_the_best_checkpoint_and_stops_early(finetuned, tmp_path):
     """Generic trainer keys on the corpora the fixture prepared: at lr 1e-30 nothing improves after the first
     validation, so with patience 2 the run stops at step 6 and step 2 (the best) survives keep_last=1."""
     data = finetuned["out"] / "finetune" / "data"
-    config = TimeMoeConfig.load(finetuned["base"])
-    model = [f"++model.{k}={json.dumps(v)}" for k, v in config.to_hf_dict().items()]
     result = subprocess.run(
-        [bin_("timemoe-train"), "experiment=finetune", *model, f"data.path={data / 'train'}",
-         f"trainer.val_path={data / 'val'}", f"data.max_length={CONTEXT + HORIZON}", f"run.dir={tmp_path}",
+        [bin_("timemoe-train"), "experiment=finetune", *model_overrides(finetuned["base"]),
+         f"data.path={data / 'train'}",         f"trainer.val_path={data / 'val'}", f"data.max_length={CONTEXT + HORIZON}", f"run.dir={tmp_path}",
          "trainer.max_steps=20", "trainer.val_interval=2", "trainer.val_batches=2", "trainer.patience=2",
          "optim.lr=1e-30", "optim.min_lr=0", "logger.progress=false", "logger.wandb.mode=disabled"],
         env=ENV, capture_output=True, text=True, timeout=600)

@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = run_dir / "data"
         overrides = ["experiment=finetune", *base, f"data.path={data_dir / 'train'}",
                      f"trainer.val_path={data_dir / 'val'}", f"trainer.init_from_hf={model_dir}",
-                     f"data.max_length={args.context_length + max(args.horizons)}", f"run.dir={run_dir}",
+                     f"data.max_length={args.context_length + max(args.horizons)}",
+                     # window statistics from the context part alone, as forecast() scales a context by itself
+                     f"data.normalization_excludes={max(args.horizons)}", f"run.dir={run_dir}",
                      *args.overrides]
         cfg, run = compose(overrides)
         data = read_input(args.data)
