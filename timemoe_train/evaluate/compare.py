@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ..data.errors import DataError
-from ..data.manifest import read_manifest
+from ..data.corpus import read_manifest
 from ..data.shards import ShardStore
 from ..export.cli import export
 from ..model import TimeMoeForPrediction
