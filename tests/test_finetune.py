@@ -19,7 +19,7 @@ from test_remote_code import assert_forecasts_match, load_remote, random_walks
 
 from data_prep.leakage import NO_GUARD
 from timemoe_train.data import DataConfig, build_train_loader
-from timemoe_train.data.manifest import read_manifest
+from timemoe_train.data.corpus import read_manifest
 from timemoe_train.data.shards import ShardStore
 from timemoe_train.finetune.cli import model_overrides
 from timemoe_train.finetune.cli import model_overrides

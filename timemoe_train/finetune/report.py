@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_prep.manifest import MANIFEST_NAME
+from data_prep.corpus_manifest import MANIFEST_NAME
 from data_prep.sources.tabular import TIMESTAMP_NAMES
 
 from ..checkpoint import BEST
-from ..checkpoint.manifest import file_digest
+from ..checkpoint.digests import file_digest
 from ..evaluate import evaluate_many
 from ..evaluate.data import SEASONS, Series
 from ..evaluate.leakage import leakage_lines
