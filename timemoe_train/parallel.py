@@ -79,7 +79,7 @@ def _launched_world_size() -> int:
 _groups_created = 0
 
 
-def _init_process_group(backend: str | None) -> None:
+def init_process_group(backend: str | None = None) -> None:
     global _groups_created
     if dist.is_initialized():
         return
@@ -107,7 +107,7 @@ def init_parallel(expert_parallel_size: int = 1, tensor_parallel_size: int = 1, 
 
     Idempotent for the same sizes; different sizes rebuild megatron's groups (all ranks must call it alike)."""
     validate_layout(_launched_world_size(), expert_parallel_size, tensor_parallel_size, num_experts)
-    _init_process_group(backend)
+    init_process_group(backend)
 
     from megatron.core import parallel_state as ps
 

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 LATEST = "latest"
+# The tag of the checkpoint with the lowest validation loss (trainer.val_interval), spared by pruning.
+BEST = "best"
 # The checkpoints of the run's current lineage still on disk, oldest first, one tag a line: the order resume falls
 # back in and pruning counts in (a fallback to an older step makes write order differ from step order).
 LINEAGE = "lineage"

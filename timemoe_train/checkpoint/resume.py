@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 from .format import LATEST, CheckpointCorrupt, CheckpointError, lineage
-from .manifest import verify
+from .digests import verify
 
 
 class CheckpointWarning(UserWarning):

@@ -30,11 +30,21 @@ from ..data.errors import DataError
 from ..launch import LAUNCH_OPTIONS, LAUNCHED
 from ..checkpoint import CheckpointError, read_meta
 from ..model.config import ConfigError
-from .config import RunConfig, TrainConfigError
+from .config import RunConfig, TrainConfigError, typed_values
 from .monitor import scrub
 from .run_dir import RunInUse, RunLock, set_aside
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+def _config_dir() -> Path:
+    """A checkout's configs/ (what `make setup` installs in editable mode), else the copy inside the installed
+    package (setup.py puts it there). `--config-dir` still adds a user's own directory to Hydra's search path."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs" / "train.yaml").is_file():
+        return checkout / "configs"
+    return Path(__file__).resolve().parents[1] / "configs"
+
+
+CONFIG_DIR = _config_dir()
 USER_ERRORS = (TrainConfigError, ConfigError, DataError, CheckpointError, FileNotFoundError, RunInUse)
 _MAX_NAME = 100
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
@@ -75,7 +85,9 @@ def run_config(cfg: DictConfig) -> RunConfig:
     groups = {}
     for name in ("model", "data", "parallel", "optim", "trainer", "checkpoint", "logger"):
         try:
-            groups[name] = hydra.utils.instantiate(cfg[name], _convert_="all")
+            values = OmegaConf.to_container(cfg[name], resolve=True, throw_on_missing=True)
+            target = hydra.utils.get_class(values["_target_"])
+            groups[name] = hydra.utils.instantiate(typed_values(target, values, name), _convert_="all")
         except hydra.errors.InstantiationException as e:
             cause = e.__cause__ or e
             raise TrainConfigError(f"{name}: {cause}") from None
@@ -92,8 +104,28 @@ def start_message(checkpoint, tag: str | None) -> str:
     return f"timemoe-train: resuming from step {read_meta(root / tag)['step']} ({root / tag})"
 
 
+def finished_step(run: RunConfig, tag: str | None) -> int | None:
+    """The step of rank 0's resume point when the run already reached trainer.max_steps, else None; every rank
+    gets rank 0's answer before DeepSpeed is even imported, so that a finished run ends at once."""
+    done = None
+    if tag is not None:
+        step = read_meta(Path(run.checkpoint.dir).resolve() / tag)["step"]
+        done = step if step >= run.trainer.max_steps else None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        from ..parallel import init_process_group
+
+        init_process_group()
+        answer = [done]
+        dist.broadcast_object_list(answer, src=0)
+        done = answer[0]
+    return done
+
+
 def make_trainer(cfg: DictConfig, run_dir: str | Path):
-    """Validate the composed config (before any process-group work), then build the trainer."""
+    """Validate the composed config (before any process-group work), then build the trainer; None when the run
+    has already reached trainer.max_steps."""
     try:
         container = scrub(OmegaConf.to_container(cfg, resolve=True))
     except OmegaConfBaseException as e:
@@ -103,7 +135,8 @@ def make_trainer(cfg: DictConfig, run_dir: str | Path):
     from ..checkpoint.resume import resume_point  # file work only: said before DeepSpeed is imported
 
     tag = None
-    if int(os.environ.get("RANK", "0")) == 0:  # verified once, before any engine start-up; broadcast later
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:  # verified once, before any engine start-up; broadcast later
         # A restart by torchrun (--max-restarts) continues what this launch began, also under resume=false.
         if not run.checkpoint.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
             aside = set_aside(Path(run_dir), Path(run.checkpoint.dir))
@@ -111,6 +144,15 @@ def make_trainer(cfg: DictConfig, run_dir: str | Path):
                 print(f"timemoe-train: checkpoint.resume=false: the previous checkpoints and metrics moved to "
                       f"{aside.resolve()}", flush=True)
         tag = resume_point(run.checkpoint)
+    done = finished_step(run, tag)
+    if done is not None:
+        if main_rank:
+            where = Path(run.checkpoint.dir).resolve() / tag
+            print(f"timemoe-train: already at step {done} of trainer.max_steps={run.trainer.max_steps} ({where}): "
+                  f"nothing to train; raise trainer.max_steps to continue, or export it: timemoe-export {where} "
+                  f"{Path(run_dir).resolve() / 'export'}", flush=True)
+        return None
+    if main_rank:
         print(start_message(run.checkpoint, tag), flush=True)
     from .trainer import Trainer  # torch.distributed, DeepSpeed and megatron load only for a valid config
 
@@ -123,6 +165,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> bool:
     lock = RunLock(Path(run_dir)) if int(os.environ.get("RANK", "0")) == 0 else None
     try:
         trainer = make_trainer(cfg, run_dir)
+        if trainer is None:  # already finished: only finished_step's process group to tear down
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            return False
         finished = False
         try:
             trainer.fit()
@@ -209,7 +257,23 @@ def _stop_with_launcher() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    def of(package):
+        try:
+            return installed(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"timemoe-train {of('timemoe-train')} (torch {of('torch')}, deepspeed {of('deepspeed')}, megatron-core "
+            f"{of('megatron-core')}, hydra-core {of('hydra-core')})")
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:  # ours, not Hydra's (which names Hydra only)
+        print(version())
+        return
     if sys.argv[1:2] and sys.argv[1].split("=")[0] in LAUNCH_OPTIONS:  # timemoe-train --nproc-per-node N ...
         from ..launch import main as launch
 

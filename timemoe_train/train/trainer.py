@@ -6,17 +6,19 @@ import dataclasses
 import os
 import signal
 import threading
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import read_meta, tag_for
 from ..data.loader import STOP_SIGNALS
 from ..model.hf_layout import load_hf_state
 from ..model import TimeMoeForPrediction
 from ..parallel import init_parallel
-from .checkpoint import Checkpointer
+from .checkpointer import Checkpointer
 from .config import RunConfig
 from .engine import build_engine, global_grad_norm, learning_rate, set_learning_rate
 from .guard import NonFiniteGuard
@@ -24,6 +26,8 @@ from .metrics import (StepStats, domain_heatmaps, expert_load_metrics, peak_flop
                       train_flops)
 from .module import TrainModule, initial_hf_state
 from .monitor import Monitor
+from .report import RunReport, layout_change
+from .validation import Validator
 
 _MODEL_INPUTS = {"inputs": "inputs_BT", "labels": "labels_BT", "loss_mask": "loss_mask_BT",
                  "sequence_ids": "sequence_ids_BT"}
@@ -95,6 +99,7 @@ class Trainer:
         lay = self.layout
         # Before the model and engine: a bad data.path is reported without waiting for their start-up.
         self.loader = build_loader(run.data, lay.dp_rank, lay.dp_size, t.global_batch_size, t.micro_batch_size)
+        self.validator = Validator(run.data, t, lay.dp_rank, lay.dp_size) if t.val_interval else None
         self.device = torch.device("cuda", lay.local_rank) if (
             t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else torch.device("cpu")
         self.gas = run.gradient_accumulation_steps(lay.world_size)
@@ -104,7 +109,7 @@ class Trainer:
                               lay.ep_rank, lay.ep_size)
         self.module = TrainModule(model, lay.ep_size, with_markers=p.zero_stage < 3).to(self.device)
         torch.manual_seed(t.seed * 7919 + lay.rank)  # dropout and anything else random differs per rank
-        self.guard = NonFiniteGuard(self.module, t.max_bad_steps, self.device)
+        self.guard = NonFiniteGuard(self.module, t.max_bad_steps, self.device, self.gas)
         self.engine, self.optimizer = build_engine(self.module, run, self.gas,
                                                    lay.ep_group if lay.ep_size > 1 else None)
         if run.model.aux_loss_type == "megatron":
@@ -116,9 +121,11 @@ class Trainer:
         self.checkpointer = Checkpointer(run.checkpoint, self.engine, self.module, lay.rank, lay.world_size)
         self.step = 0
         self.wandb_id = None
+        self.weights = f"initialised from {t.init_from_hf}" if t.init_from_hf else f"random (trainer.seed={t.seed})"
         self._resume(resume_tag)
         self.monitor = Monitor(self.run_dir, run.logger, lay.is_main, config_dict, t.max_steps, self.step,
                                self.wandb_id)
+        self.report = RunReport(self)
         self.peak = peak_flops(t.peak_flops_per_device)
         self.stopped = False  # fit() ended on a stop signal, after saving
 
@@ -139,14 +146,21 @@ class Trainer:
         self.step = state["step"]
         self.loader.load_state_dict(state["loader"])
         self.guard.load_state_dict(state["guard"])
+        if self.validator is not None and "validation" in state:
+            self.validator.load_state_dict(state["validation"])
         self.wandb_id = state.get("wandb_id")
+        change = layout_change(read_meta(self.checkpointer.root / tag), self._layout_meta())
+        self.weights = f"resumed from step {self.step} ({self.checkpointer.root / tag})" + (
+            f"; {change}" if change else "")
 
     def save(self) -> Path:
         state = {"step": self.step, "loader": self.loader.state_dict(), "guard": self.guard.state_dict(),
                  "wandb_id": self.monitor.wandb_id}
+        if self.validator is not None:
+            state["validation"] = self.validator.state_dict()
         meta = {**self._layout_meta(), "model": dataclasses.asdict(self.run.model),
                 "precision": self.run.trainer.precision, "expert_aliases": self.module.expert_aliases}
-        path = self.checkpointer.save(self.step, state, meta, self.config_yaml)
+        path = self.report.checkpoint = self.checkpointer.save(self.step, state, meta, self.config_yaml)
         self.monitor.message(f"checkpoint {path}")
         return path
 
@@ -158,53 +172,84 @@ class Trainer:
         num_domains = len(self.domain_names) if self.run.logger.heatmap_interval else 0
         domain_load = None
         saved_at = self.step
+        for line in self.report.start_lines(self.weights):
+            self.monitor.message(line)
         try:
-            while self.step < t.max_steps:
+            while self.step < t.max_steps and not (self.validator and self.validator.exhausted):
                 summary, stats, elapsed = self._train_step(batches, num_domains)
                 self.step += 1
-                self.guard.record(summary["nonfinite"])
-                self._log(summary, elapsed)
+                reduced = summary["reduced"]
+                self.guard.record(reduced.nonfinite)
+                validated = bool(t.val_interval) and (self.step % t.val_interval == 0 or self.step == t.max_steps)
+                if validated:
+                    summary["val_loss"] = self.validator.score(self.engine, self._model_inputs, self.device)
+                best = validated and self.validator.update(self.step, summary["val_loss"])
+                # The step's statistics are read back to the host on logging steps only (and at the last step,
+                # for the end summary's loss).
+                if (validated or reduced.stop or self.step % self.run.logger.interval == 0
+                        or self.step == t.max_steps):
+                    self._log(summary, elapsed)
                 self.guard.check(self.step)
                 if num_domains:
                     domain_load = stats.domain_load_DLE if domain_load is None else domain_load + stats.domain_load_DLE
                     if self.step % self.run.logger.heatmap_interval == 0:
                         self._log_heatmaps(domain_load)
                         domain_load = None
-                if summary["stop"] or (c.interval and self.step % c.interval == 0):
+                if reduced.stop or best or (c.interval and self.step % c.interval == 0):
                     self.save()
                     saved_at = self.step
-                if summary["stop"]:
+                if best:
+                    self.checkpointer.mark_best(tag_for(self.step))
+                if validated:
+                    v = self.validator
+                    self.monitor.message(f"step {self.step}: val_loss {summary['val_loss']:.4f} (best {v.best:.4f} "
+                                         f"at step {v.best_step})" + (", stopping early" if v.exhausted else ""))
+                if reduced.stop:
                     self.stopped = True
                     self.monitor.message(f"stop requested by signal: saved step {self.step}, exiting")
-                    return
-            if c.save_at_end and saved_at != self.step:
-                self.save()
+                    break
+            else:
+                if c.save_at_end and saved_at != self.step:
+                    self.save()
         finally:
             getattr(batches, "close", lambda: None)()  # the loader's workers leave now, not at garbage collection
             self.monitor.close()
+        if self.layout.is_main:  # after W&B's own closing lines
+            print("\n".join(self.report.end_lines(self.stopped)), flush=True)
 
     def _train_step(self, batches, num_domains: int):
         start = time.perf_counter()
         set_learning_rate(self.engine, learning_rate(self.step, self.run.optim, self.run.trainer.max_steps))
         stats = StepStats(self.run.model, num_domains, self.device)
         self.guard.reset()
-        summary = None
+        reduced = None
         for micro in range(self.gas):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+            self.guard.watch_batch(micro, batch["inputs"], batch["labels"])
             out = self.engine(**self._model_inputs(batch))
             stats.add(out, batch)
             self.engine.backward(out.loss)
             if micro == self.gas - 1:  # gradients are complete: every rank decides the same way before stepping
-                summary = stats.reduce(self.guard.grads_nonfinite, self.stop.requested)
-                self.optimizer.veto = summary["nonfinite"]
+                reduced = stats.reduce(self.guard.nonfinite, self.stop.requested)
+                self.optimizer.veto = reduced.nonfinite
             self.engine.step()
         self.optimizer.veto = False
-        summary["grad_norm"] = global_grad_norm(self.engine, self.optimizer)
+        if reduced.nonfinite:
+            self._name_bad_points()
+        summary = {"reduced": reduced, "grad_norm": global_grad_norm(self.engine, self.optimizer)}
         if self.run.model.aux_loss_type == "megatron":
             from ..model.moe_megatron import finish_megatron_step
 
             summary["megatron_aux"] = finish_megatron_step(self.module.model, self.gas)
         return summary, stats, time.perf_counter() - start
+
+    def _name_bad_points(self) -> None:
+        """A skipped step: where this rank's non-finite inputs or targets came from (shard and row)."""
+        where = getattr(self.loader, "where", None)
+        for micro, row, point in self.guard.bad_points():
+            source = where(self.step * self.gas + micro, row, point) if where else "synthetic data"
+            print(f"timemoe-train: rank {self.layout.rank}: step {self.step + 1} skipped: non-finite data in "
+                  f"micro-batch {micro} row {row}, point {point}: {source}", file=sys.stderr, flush=True)
 
     def _model_inputs(self, batch: dict) -> dict:
         inputs = {arg: batch[key] for key, arg in _MODEL_INPUTS.items()}
@@ -212,13 +257,19 @@ class Trainer:
             inputs["inputs_BT"] = inputs["inputs_BT"].to(torch.bfloat16)
         return inputs
 
-    def _log(self, s: dict, elapsed: float) -> None:
+    def _log(self, summary: dict, elapsed: float) -> None:
+        """A logging step's record: the one place the step's statistics and norm are read back to the host."""
+        s = {**summary, **summary["reduced"].read()}
+        norm = s["grad_norm"]
+        s["grad_norm"] = None if norm is None else float(norm)
         flops = train_flops(self.run.model, s["points"], s["square_sum"])
         record = {"step": self.step, "loss": s["loss"], "aux_loss": s["aux_loss"],
                   "lr": learning_rate(self.step - 1, self.run.optim, self.run.trainer.max_steps),
                   "grad_norm": s["grad_norm"], "tokens_per_s": s["points"] / elapsed,
                   "mfu": flops / (elapsed * self.layout.world_size * self.peak) if self.peak else None,
-                  "step_time_s": elapsed, "skipped": s["nonfinite"], "skipped_total": self.guard.skipped_total}
+                  "step_time_s": elapsed, "skipped": s["reduced"].nonfinite, "skipped_total": self.guard.skipped_total}
+        if "val_loss" in s:
+            record["val_loss"] = s["val_loss"]
         for h, value in zip(self.run.model.horizon_lengths, s["head_losses"]):
             record[f"head_loss/h{h}"] = value
         for name, value in s.get("megatron_aux", {}).items():
@@ -226,8 +277,8 @@ class Trainer:
         if "megatron_aux" in s:  # megatron's balancing replaced the Time-MoE aux loss
             record["aux_loss"] = s["megatron_aux"].get("load_balancing_loss")
         record.update(expert_load_metrics(s["load_LE"]))
-        if self.step % self.run.logger.interval == 0 or self.step == self.run.trainer.max_steps:
-            self.monitor.log(record)
+        self.report.final_loss = s["loss"]
+        self.monitor.log(record)
 
     def _log_heatmaps(self, domain_load) -> None:
         load_DLE = reduce_domain_load(domain_load)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from timemoe_train.checkpoint import MANIFEST, CheckpointCorrupt, CheckpointError, DigestWriter, verify
-from timemoe_train.checkpoint.manifest import write_manifest
+from timemoe_train.checkpoint.digests import write_manifest
 from timemoe_train.checkpoint.resume import CheckpointWarning, resolve_checkpoint
 
 

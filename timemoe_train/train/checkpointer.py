@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import (CONFIG, CONSOLIDATED, ELASTIC, LATEST, LINEAGE, META, TMP_PREFIX, CheckpointError,
+from ..checkpoint import (BEST, CONFIG, CONSOLIDATED, ELASTIC, LATEST, LINEAGE, META, TMP_PREFIX, CheckpointError,
                           DigestWriter, elastic, lineage, load_checkpoint_file, read_meta, tag_for, trainer_state_file)
-from ..checkpoint.manifest import fsync_dir, write_manifest
+from ..checkpoint.digests import fsync_dir, write_manifest
 from .engine_state import engine_state, load_engine_state
 
 # A checkpoint being replaced by a re-save of its step, kept under this name until the new copy is in place.
@@ -162,10 +162,15 @@ class Checkpointer:
         dist.barrier()
         return self.root / tag
 
+    def mark_best(self, tag: str) -> None:
+        if self.rank == 0:
+            _write_atomically(self.root / BEST, tag)
+
     def _publish(self, tmp_dir: Path, tag: str) -> None:
         """Move the complete checkpoint into place, point `latest` and the lineage at it, then prune the lineage
-        to its newest `keep_last`. A re-save of a step (after falling back past a damaged one) sets the old copy
-        aside until the new one is in place; a crash in between leaves one of them (`remove_incomplete`)."""
+        to its newest `keep_last` (and the best by validation, which stays in the lineage until another is best).
+        A re-save of a step (after falling back past a damaged one) sets the old copy aside until the new one is
+        in place; a crash in between leaves one of them (`remove_incomplete`)."""
         old = self.root / (OLD_PREFIX + tag)
         if (self.root / tag).exists():
             os.replace(self.root / tag, old)
@@ -173,8 +178,10 @@ class Checkpointer:
         fsync_dir(self.root)
         _write_atomically(self.root / LATEST, tag)
         tags = [t for t in lineage(self.root) if t != tag] + [tag]
-        _write_atomically(self.root / LINEAGE, "".join(t + "\n" for t in tags[-self.cfg.keep_last:]))
-        for gone in [old, *(self.root / t for t in tags[:-self.cfg.keep_last])]:
+        best = (self.root / BEST).read_text().strip() if (self.root / BEST).is_file() else None
+        kept = [t for i, t in enumerate(tags) if i >= len(tags) - self.cfg.keep_last or t == best]
+        _write_atomically(self.root / LINEAGE, "".join(t + "\n" for t in kept))
+        for gone in [old, *(self.root / t for t in tags if t not in kept)]:
             shutil.rmtree(gone, ignore_errors=True)
 
 
