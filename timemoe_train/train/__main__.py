@@ -1,9 +1,10 @@
-"""`timemoe-train`: the Hydra app (also `torchrun … -m timemoe_train.train key=value …`).
+"""`timemoe-train`: the Hydra app (also `torchrun … -m timemoe_train.train key=value …`), and with launcher options
+first (`--nproc-per-node`, `--nnodes`, …) the torchrun launcher of `timemoe_train.launch`.
 
-    torchrun --nproc_per_node 2 -m timemoe_train.train experiment=demo data.path=data/prepared
+    timemoe-train --nproc-per-node 2 experiment=demo data.path=data/prepared
 
 A run lives in `run.dir` (default `runs/<run.name>`, the name made of the command's overrides): the same command
-again continues from that directory's newest checkpoint. Exit status: 0 when the run finished or was stopped by
+again continues from that directory's latest checkpoint. Exit status: 0 when the run finished or was stopped by
 SIGTERM / SIGUSR1 / SIGINT after saving, 2 for a user error (one line on stderr, before any engine start-up),
 130 for a second Ctrl-C (no save), 1 for anything else (a traceback).
 """
