@@ -111,11 +111,8 @@ def test_bad_settings(env, message):
 
 
 def test_first_host_of_slurm_nodelists():
-    sys.path.insert(0, str(REPO / "launch"))
-    try:
-        from run import first_host
-    finally:
-        sys.path.pop(0)
+    from timemoe_train.launch import first_host
+
     assert first_host("node7") == "node7"
     assert first_host("gpu[03-05,9],cpu1") == "gpu03"
     assert first_host("a1,b[2-3]") == "a1"

@@ -42,6 +42,9 @@ def checkpoint_dir(path: str | Path, tag: str | None = None) -> tuple[Path, Path
         tag = (path / BEST).read_text().strip()
     if tag is not None:
         return path, path / tag
+    pointed = path / (path / LATEST).read_text().strip() if (path / LATEST).is_file() else None
+    if pointed is not None and pointed.is_dir() and not (pointed / MANIFEST).is_file():
+        return path, pointed  # written before manifests existed: nothing to verify or fall back on (a warning)
     if ((path / LATEST).is_file() or (path / LINEAGE).is_file()) and (found := resolve_checkpoint(path)):
         return path, path / found
     if (path / META).is_file():
