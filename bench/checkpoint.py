@@ -67,7 +67,7 @@ def phase(name: str, size: str, steps: int, workdir: Path) -> dict:
     `same layout` / `elastic` resume from that checkpoint. Returns its times."""
     from timemoe_train.checkpoint import elastic, resume
     from timemoe_train.train import checkpoint as train_checkpoint
-    from timemoe_train.train.checkpoint import Checkpointer
+    from timemoe_train.train.checkpointer import Checkpointer
 
     times: dict[str, float] = {}
     if name == "write":

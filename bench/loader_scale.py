@@ -58,7 +58,7 @@ def write_corpus(out: Path, sequences: int, scale: int, rng: np.random.Generator
 
     from data_prep.clean import new_counts
     from data_prep.index import IndexedDataset
-    from data_prep.manifest import build_manifest, write_manifest
+    from data_prep.corpus_manifest import build_manifest, write_manifest
     from data_prep.moments import sequence_moments
     from data_prep.shards import SCHEMA, ShardWriter, shard_name, stats_name, write_stats
 

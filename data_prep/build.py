@@ -17,7 +17,7 @@ from data_prep.clean import CleanOptions, add_counts, clean_batch, new_counts
 from data_prep.errors import PrepError
 from data_prep.index import DatasetReader, IndexedDataset
 from data_prep.moments import sequence_moments
-from data_prep.plan import ShardPlan
+from data_prep.shard_plan import ShardPlan
 from data_prep.shards import ShardWriter, make_batch, sha256_file, shard_name, stats_name, write_stats
 
 MAX_LIST_POINTS = 2**31 - 1  # list<float32> offsets are int32

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
+from data_prep.corpus_manifest import MANIFEST_NAME, load_manifest, shard_paths, verify_shards
 from data_prep.errors import PrepError
-from data_prep.manifest import MANIFEST_NAME, load_manifest, shard_paths, verify_shards
 from data_prep.shards import read_shard
 
 QUANTILES = (0.0, 0.05, 0.5, 0.95, 1.0)

@@ -3,7 +3,7 @@
 1. discover the source's datasets (main process);
 2. index them (workers): validate, stage text input, leave out what the leakage guard excludes, write index arrays
    under ``<output>/.work/datasets/``;
-3. plan the shards from the indexes alone (``data_prep.plan``), so their content never depends on the worker count;
+3. plan the shards from the indexes alone (``data_prep.shard_plan``), so their content never depends on the worker count;
 4. build the shards (workers), each written to a temporary name and renamed when complete;
 5. write ``manifest.json`` and remove ``.work/``.
 
@@ -33,8 +33,8 @@ from data_prep.clean import CleanOptions, add_counts, new_counts
 from data_prep.errors import PrepError
 from data_prep.index import IndexedDataset
 from data_prep.leakage import LeakageGuard, default_guard
-from data_prep.manifest import MANIFEST_NAME, build_manifest, write_manifest
-from data_prep.plan import plan_shards
+from data_prep.corpus_manifest import MANIFEST_NAME, build_manifest, write_manifest
+from data_prep.shard_plan import plan_shards
 from data_prep.shards import TMP_SUFFIX
 from data_prep.sources.base import DatasetSpec, Discovery, Source
 

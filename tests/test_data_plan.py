@@ -30,7 +30,7 @@ from data_prep.moments import moments, sequence_moments
 from data_prep.shards import read_shard, read_stats
 from data_prep.sources import Time300BSource
 from timemoe_train.data import DataConfig, DataError, build_train_loader
-from timemoe_train.data.manifest import read_manifest
+from timemoe_train.data.corpus import read_manifest
 from timemoe_train.data.plan import compute_plan
 from timemoe_train.data.stream import SampleStream
 from timemoe_train.data.windows import pack

@@ -11,12 +11,12 @@ import pytest
 
 from data_prep.clean import new_counts
 from data_prep.index import IndexedDataset
-from data_prep.manifest import SCHEMA_VERSION, build_manifest, write_manifest
+from data_prep.corpus_manifest import SCHEMA_VERSION, build_manifest, write_manifest
 from data_prep.moments import sequence_moments
 from data_prep.shards import ShardWriter, make_batch, shard_name, stats_name, write_stats
 
 from timemoe_train.data import DataError
-from timemoe_train.data.manifest import read_manifest
+from timemoe_train.data.corpus import read_manifest
 from timemoe_train.data.shards import ShardStore
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .format import CheckpointError
-from .manifest import DigestWriter
+from .digests import DigestWriter
 
 MODEL = "model"  # fp32 (master) weights
 MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's, by DeepSpeed's optimizer-state key

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import DataConfig
 from .errors import DataError
-from .manifest import read_manifest
+from .corpus import read_manifest
 from .plan_cache import load_plan
 from .stream import SampleStream
 

@@ -22,7 +22,7 @@ from data_prep.shards import read_stats
 
 from .config import DataConfig
 from .errors import DataError
-from .manifest import Manifest
+from .corpus import Manifest
 from .plan_file import PlanFileError, read_plan_file
 from .shards import chunk_values, open_shard, scan_shards
 from .windows import GROUP_ARRAYS, cut_group

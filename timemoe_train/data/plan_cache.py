@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from .config import DataConfig
 from .errors import DataError
-from .manifest import Manifest
+from .corpus import Manifest
 from .plan import Plan, plan_identity, plan_key, plan_parts
 from .plan_file import PlanFileError, read_plan_file, write_plan_file
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from data_prep.shards import SCHEMA
 
 from .errors import DataError
-from .manifest import Manifest
+from .corpus import Manifest
 
 # Open shards and mapped record batches a process keeps (least recently used go): bounded file descriptors and
 # Python objects however many shards a corpus has.

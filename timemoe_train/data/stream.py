@@ -13,7 +13,7 @@ from data_prep.moments import sequence_moments
 
 from .config import DataConfig
 from .errors import DataError
-from .manifest import Manifest
+from .corpus import Manifest
 from .mixture import Mixture, mixture_probabilities
 from .plan import Plan
 from .shards import ShardStore

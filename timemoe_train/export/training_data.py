@@ -17,10 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from data_prep.manifest import MANIFEST_NAME
+from data_prep.corpus_manifest import MANIFEST_NAME
 
 from ..checkpoint import CONFIG
-from ..checkpoint.manifest import file_digest
+from ..checkpoint.digests import file_digest
 from ..model.hf_layout import TRAINING_DATA
 
 

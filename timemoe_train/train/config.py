@@ -68,6 +68,14 @@ class TrainerConfig:
     # Peak FLOP/s of one device for the MFU estimate; None: looked up for known GPUs, else MFU is not reported.
     peak_flops_per_device: float | None = None
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
+    # Validation (train/validation.py): a prepared corpus of held-out windows, scored every val_interval steps (0:
+    # never) on its first val_batches micro-batches per rank; the lowest val_loss's checkpoint is kept as `best`
+    # (never pruned, what timemoe-export --tag best exports) and the run stops after `patience` validations
+    # without a new best (0: never stops early).
+    val_path: str | None = None
+    val_interval: int = 0
+    val_batches: int = 8
+    patience: int = 0
 
     def __post_init__(self):
         # The one place "auto" becomes a precision: everything downstream (engine, checkpoint meta) sees it.
@@ -83,7 +91,8 @@ class CheckpointConfig:
     dir: str = "checkpoints"  # train.yaml: ${run.dir}/checkpoints
     interval: int = 500  # steps between checkpoints (0: only at the end and on preemption)
     keep_last: int = 3
-    resume: bool = True  # continue from `dir/latest` when it exists
+    # True: continue from `dir/latest`. False: move the previous lineage aside (run dir/previous-<time>/), start over.
+    resume: bool = True
     save_at_end: bool = True
 
 
@@ -200,6 +209,13 @@ class RunConfig:
             (m.attn_impl == "causal" and packs_rows(self.data), "model.attn_impl", m.attn_impl,
              "attends across the pieces of a packed row; with data.packing=true use auto, varlen or flex"),
             (t.device not in ("auto", "cpu", "cuda"), "trainer.device", t.device, "choose auto, cpu or cuda"),
+            (t.val_interval < 0, "trainer.val_interval", t.val_interval, "must be >= 0 (0: no validation)"),
+            (t.val_interval > 0 and not (t.val_path and Path(t.val_path).is_dir()), "trainer.val_path", t.val_path,
+             "trainer.val_interval > 0 needs the directory of a prepared validation corpus"),
+            (t.val_batches < 1, "trainer.val_batches", t.val_batches, "must be a positive integer"),
+            (t.patience < 0, "trainer.patience", t.patience, "must be >= 0 (0: no early stopping)"),
+            (t.patience > 0 and t.val_interval == 0, "trainer.patience", t.patience,
+             "early stopping needs validation: set trainer.val_interval"),
             (data_path is not None and not Path(data_path).is_dir(), "data.path", data_path,
              "no such directory (give the folder timemoe-prep wrote, the one holding manifest.json)"),
             (window is not None and window > m.max_position_embeddings, "data.max_length", window,

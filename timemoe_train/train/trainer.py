@@ -6,18 +6,19 @@ import dataclasses
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import read_meta, tag_for
 from ..data.loader import STOP_SIGNALS
-from ..checkpoint import read_meta
 from ..model.hf_layout import load_hf_state
 from ..model import TimeMoeForPrediction
 from ..parallel import init_parallel
-from .checkpoint import Checkpointer
+from .checkpointer import Checkpointer
 from .config import RunConfig
 from .engine import build_engine, global_grad_norm, learning_rate, set_learning_rate
 from .guard import NonFiniteGuard
@@ -26,6 +27,7 @@ from .metrics import (StepStats, domain_heatmaps, expert_load_metrics, peak_flop
 from .module import TrainModule, initial_hf_state
 from .monitor import Monitor
 from .report import RunReport, layout_change
+from .validation import Validator
 
 _MODEL_INPUTS = {"inputs": "inputs_BT", "labels": "labels_BT", "loss_mask": "loss_mask_BT",
                  "sequence_ids": "sequence_ids_BT"}
@@ -45,11 +47,16 @@ class StopRequest:
     step's all-reduce, so all of them finish that step, save it, shut their loader workers down and exit 0.
 
     A second Ctrl-C exits at once without saving (status 130). Launchers may deliver one signal twice (torchrun
-    forwards what SLURM also sends to every process), so a repeat within a second is the same request."""
+    forwards what SLURM also sends to every process), so a repeat within a second is the same request. Before the
+    first step (`armed` false) there is nothing to save: the process exits at once, status 0. When the launcher
+    itself died (its parent-death signal, see `__main__`), nobody waits for this process any more: it gets
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds, as torchrun would give it, to save and leave."""
 
     def __init__(self):
         self.signum: int | None = None
+        self.armed = False
         self._at = 0.0
+        self._parent = os.getppid()
         self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     @property
@@ -58,6 +65,14 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         now = time.monotonic()
+        if not self.armed:
+            os.write(2, f"timemoe-train: {signal.Signals(signum).name} before the first step: exiting\n".encode())
+            os._exit(0)
+        if os.getppid() != self._parent and self.signum is None:
+            grace = float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+            deadline = threading.Timer(grace, os._exit, (1,))
+            deadline.daemon = True
+            deadline.start()
         if self.signum is None:
             self.signum, self._at = signum, now
         elif signum == signal.SIGINT and now - self._at > 1.0:
@@ -76,7 +91,7 @@ class Trainer:
         """`resume_tag`: on rank 0, the checkpoint to resume from (`timemoe_train.checkpoint.resume.resume_point`, verified before any
         engine start-up); the other ranks receive rank 0's."""
         self.run, self.run_dir, self.config_yaml = run, Path(run_dir), config_yaml
-        self.stop = StopRequest()  # from the start: a signal during set-up stops after the first step, saved
+        self.stop = StopRequest()  # from the start: a signal during set-up ends the process at once
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists, also in a plain one-process run
         p, t = run.parallel, run.trainer
         self.layout = init_parallel(p.expert_parallel_size, p.tensor_parallel_size,
@@ -84,6 +99,7 @@ class Trainer:
         lay = self.layout
         # Before the model and engine: a bad data.path is reported without waiting for their start-up.
         self.loader = build_loader(run.data, lay.dp_rank, lay.dp_size, t.global_batch_size, t.micro_batch_size)
+        self.validator = Validator(run.data, t, lay.dp_rank, lay.dp_size) if t.val_interval else None
         self.device = torch.device("cuda", lay.local_rank) if (
             t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else torch.device("cpu")
         self.gas = run.gradient_accumulation_steps(lay.world_size)
@@ -130,6 +146,8 @@ class Trainer:
         self.step = state["step"]
         self.loader.load_state_dict(state["loader"])
         self.guard.load_state_dict(state["guard"])
+        if self.validator is not None and "validation" in state:
+            self.validator.load_state_dict(state["validation"])
         self.wandb_id = state.get("wandb_id")
         change = layout_change(read_meta(self.checkpointer.root / tag), self._layout_meta())
         self.weights = f"resumed from step {self.step} ({self.checkpointer.root / tag})" + (
@@ -138,6 +156,8 @@ class Trainer:
     def save(self) -> Path:
         state = {"step": self.step, "loader": self.loader.state_dict(), "guard": self.guard.state_dict(),
                  "wandb_id": self.monitor.wandb_id}
+        if self.validator is not None:
+            state["validation"] = self.validator.state_dict()
         meta = {**self._layout_meta(), "model": dataclasses.asdict(self.run.model),
                 "precision": self.run.trainer.precision, "expert_aliases": self.module.expert_aliases}
         path = self.report.checkpoint = self.checkpointer.save(self.step, state, meta, self.config_yaml)
@@ -148,28 +168,43 @@ class Trainer:
     def fit(self) -> None:
         t, c = self.run.trainer, self.run.checkpoint
         batches = iter(self.loader)
+        self.stop.armed = True
         num_domains = len(self.domain_names) if self.run.logger.heatmap_interval else 0
         domain_load = None
         saved_at = self.step
         for line in self.report.start_lines(self.weights):
             self.monitor.message(line)
         try:
-            while self.step < t.max_steps:
+            while self.step < t.max_steps and not (self.validator and self.validator.exhausted):
                 summary, stats, elapsed = self._train_step(batches, num_domains)
                 self.step += 1
-                self.report.final_loss = summary["loss"]
-                self.guard.record(summary["nonfinite"])
-                self._log(summary, elapsed)
+                reduced = summary["reduced"]
+                self.guard.record(reduced.nonfinite)
+                validated = bool(t.val_interval) and (self.step % t.val_interval == 0 or self.step == t.max_steps)
+                if validated:
+                    summary["val_loss"] = self.validator.score(self.engine, self._model_inputs, self.device)
+                best = validated and self.validator.update(self.step, summary["val_loss"])
+                # The step's statistics are read back to the host on logging steps only (and at the last step,
+                # for the end summary's loss).
+                if (validated or reduced.stop or self.step % self.run.logger.interval == 0
+                        or self.step == t.max_steps):
+                    self._log(summary, elapsed)
                 self.guard.check(self.step)
                 if num_domains:
                     domain_load = stats.domain_load_DLE if domain_load is None else domain_load + stats.domain_load_DLE
                     if self.step % self.run.logger.heatmap_interval == 0:
                         self._log_heatmaps(domain_load)
                         domain_load = None
-                if summary["stop"] or (c.interval and self.step % c.interval == 0):
+                if reduced.stop or best or (c.interval and self.step % c.interval == 0):
                     self.save()
                     saved_at = self.step
-                if summary["stop"]:
+                if best:
+                    self.checkpointer.mark_best(tag_for(self.step))
+                if validated:
+                    v = self.validator
+                    self.monitor.message(f"step {self.step}: val_loss {summary['val_loss']:.4f} (best {v.best:.4f} "
+                                         f"at step {v.best_step})" + (", stopping early" if v.exhausted else ""))
+                if reduced.stop:
                     self.stopped = True
                     self.monitor.message(f"stop requested by signal: saved step {self.step}, exiting")
                     break
@@ -187,7 +222,7 @@ class Trainer:
         set_learning_rate(self.engine, learning_rate(self.step, self.run.optim, self.run.trainer.max_steps))
         stats = StepStats(self.run.model, num_domains, self.device)
         self.guard.reset()
-        summary = None
+        reduced = None
         for micro in range(self.gas):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
             self.guard.watch_batch(micro, batch["inputs"], batch["labels"])
@@ -195,13 +230,13 @@ class Trainer:
             stats.add(out, batch)
             self.engine.backward(out.loss)
             if micro == self.gas - 1:  # gradients are complete: every rank decides the same way before stepping
-                summary = stats.reduce(self.guard.nonfinite, self.stop.requested)
-                self.optimizer.veto = summary["nonfinite"]
+                reduced = stats.reduce(self.guard.nonfinite, self.stop.requested)
+                self.optimizer.veto = reduced.nonfinite
             self.engine.step()
         self.optimizer.veto = False
-        if summary["nonfinite"]:
+        if reduced.nonfinite:  # read with the step's flags already; the detail only now
             self._name_bad_points()
-        summary["grad_norm"] = global_grad_norm(self.engine, self.optimizer)
+        summary = {"reduced": reduced, "grad_norm": global_grad_norm(self.engine, self.optimizer)}
         if self.run.model.aux_loss_type == "megatron":
             from ..model.moe_megatron import finish_megatron_step
 
@@ -222,13 +257,19 @@ class Trainer:
             inputs["inputs_BT"] = inputs["inputs_BT"].to(torch.bfloat16)
         return inputs
 
-    def _log(self, s: dict, elapsed: float) -> None:
+    def _log(self, summary: dict, elapsed: float) -> None:
+        """A logging step's record: the one place the step's statistics and norm are read back to the host."""
+        s = {**summary, **summary["reduced"].read()}
+        norm = s["grad_norm"]
+        s["grad_norm"] = None if norm is None else float(norm)
         flops = train_flops(self.run.model, s["points"], s["square_sum"])
         record = {"step": self.step, "loss": s["loss"], "aux_loss": s["aux_loss"],
                   "lr": learning_rate(self.step - 1, self.run.optim, self.run.trainer.max_steps),
                   "grad_norm": s["grad_norm"], "tokens_per_s": s["points"] / elapsed,
                   "mfu": flops / (elapsed * self.layout.world_size * self.peak) if self.peak else None,
-                  "step_time_s": elapsed, "skipped": s["nonfinite"], "skipped_total": self.guard.skipped_total}
+                  "step_time_s": elapsed, "skipped": s["reduced"].nonfinite, "skipped_total": self.guard.skipped_total}
+        if "val_loss" in s:
+            record["val_loss"] = s["val_loss"]
         for h, value in zip(self.run.model.horizon_lengths, s["head_losses"]):
             record[f"head_loss/h{h}"] = value
         for name, value in s.get("megatron_aux", {}).items():
@@ -236,8 +277,8 @@ class Trainer:
         if "megatron_aux" in s:  # megatron's balancing replaced the Time-MoE aux loss
             record["aux_loss"] = s["megatron_aux"].get("load_balancing_loss")
         record.update(expert_load_metrics(s["load_LE"]))
-        if self.step % self.run.logger.interval == 0 or self.step == self.run.trainer.max_steps:
-            self.monitor.log(record)
+        self.report.final_loss = s["loss"]
+        self.monitor.log(record)
 
     def _log_heatmaps(self, domain_load) -> None:
         load_DLE = reduce_domain_load(domain_load)

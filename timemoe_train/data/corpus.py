@@ -1,4 +1,5 @@
-"""The manifest as the loader needs it, read by timemoe-prep's own reader (which checks the schema version)."""
+"""The corpus manifest (`data_prep.corpus_manifest`) as the loader needs it, read by timemoe-prep's own reader (which
+checks the schema version)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_prep.errors import PrepError
-from data_prep.manifest import MANIFEST_NAME, load_manifest, verify_shards
+from data_prep.corpus_manifest import MANIFEST_NAME, load_manifest, verify_shards
 
 from .errors import DataError
 
