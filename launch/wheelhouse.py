@@ -125,7 +125,8 @@ def build(args: argparse.Namespace) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.whl"):  # a wheelhouse holds one version of each package
         old.unlink()
-    brings = {name.strip().lower() for name in args.image_brings.split(",") if name.strip()}
+    canonical = _packaging()[3].canonicalize_name
+    brings = {canonical(name.strip()) for name in args.image_brings.split(",") if name.strip()}
     target = target_options(args.python, args.platform)
     constraints = ["--constraint", str(Path(args.constraint).resolve())] if args.constraint else []
 
@@ -163,7 +164,7 @@ def build(args: argparse.Namespace) -> int:
     total = sum(w.stat().st_size for w in wheels)
     for w in wheels:
         print(f"  {w.stat().st_size / 2**20:7.2f} MiB  {w.name}")
-    print(f"wheelhouse: {len(wheels)} wheels, {total / 2**20:.1f} MiB in {out} (Python {args.python}, "
+    print(f"wheelhouse: {len(wheels)} wheels, {total / 2**20:.1f} MiB (goal: 60) in {out} (Python {args.python}, "
           f"{args.platform}); assumed on the node: {', '.join(f'{n}{s}' for n, s in needs.items())}")
     return 0
 

@@ -237,6 +237,16 @@ _LIBRARY_NOTICES = (
 _LIBRARY_LOGGERS = ("megatron.core.distributed.fsdp", "compilers")
 
 
+def _stop_with_launcher() -> None:
+    """Under torchrun: a SIGTERM (a stop request: save, then exit) when the agent dies, however it dies (kill -9
+    included); without it the workers train on as orphans, writing the run directory nobody watches."""
+    if sys.platform.startswith("linux") and "TORCHELASTIC_RUN_ID" in os.environ:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def version() -> str:
     from importlib.metadata import PackageNotFoundError, version as installed
 
@@ -248,16 +258,6 @@ def version() -> str:
 
     return (f"timemoe-train {of('timemoe-train')} (torch {of('torch')}, deepspeed {of('deepspeed')}, megatron-core "
             f"{of('megatron-core')}, hydra-core {of('hydra-core')})")
-
-
-def _stop_with_launcher() -> None:
-    """Under torchrun: a SIGTERM (a stop request: save, then exit) when the agent dies, however it dies (kill -9
-    included); without it the workers train on as orphans, writing the run directory nobody watches."""
-    if sys.platform.startswith("linux") and "TORCHELASTIC_RUN_ID" in os.environ:
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def main() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import sys
 import threading
+import sys
 import time
 from pathlib import Path
 
@@ -234,7 +234,7 @@ class Trainer:
                 self.optimizer.veto = reduced.nonfinite
             self.engine.step()
         self.optimizer.veto = False
-        if reduced.nonfinite:  # read with the step's flags already; the detail only now
+        if reduced.nonfinite:
             self._name_bad_points()
         summary = {"reduced": reduced, "grad_norm": global_grad_norm(self.engine, self.optimizer)}
         if self.run.model.aux_loss_type == "megatron":
