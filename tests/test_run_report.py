@@ -117,6 +117,15 @@ def test_a_run_in_a_log_file_says_what_it_will_do_and_did(corpus, tmp_path):
     marks = [(r["step"], r.get("restarted_from_step")) for r in records(run_dir)]
     assert marks == [(1, None), (2, None), (3, None), (4, None), (5, 4), (6, None)]
 
+    # The exported weights start a new run, which says so.
+    export = tmp_path / "exported"
+    exported = subprocess.run([str(BIN / "timemoe-export"), str(run_dir / "checkpoints"), str(export)],
+                              capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr
+    assert exported.stdout.startswith(f"exported step 6 ({run_dir / 'checkpoints' / 'step00000006'}) to {export}")
+    started = train(corpus, tmp_path / "from-export", "trainer.max_steps=1", f"trainer.init_from_hf={export}")
+    assert f"weights: initialised from {export}" in said(started)
+
 
 def test_a_step_with_non_finite_data_names_the_shard_and_row(corpus, tmp_path):
     """400 bytes of the shard's values overwritten (NaN bit patterns): the skipped step says where they lie."""
