@@ -54,10 +54,9 @@ def test_learning_rate_warmup_then_cosine_to_min():
     (2, ["parallel=expert", "parallel.zero_stage=3"], "parallel.zero_stage=3: ZeRO-3"),
     (1, ["data.max_length=8192"], "data.max_length=8192: exceeds model.max_position_embeddings=4096"),
     (2, ["parallel=expert", "model.moe_impl=native"], "use parallel=expert (model.moe_impl=megatron"),
-    (2, ["parallel.tensor_parallel_size=2"], "parallel.tensor_parallel_size=2"),
     (1, ["optim.min_lr=0.1"], "optim.min_lr=0.1"),
     (1, ["model.num_experts_per_tok=5"], "model: TimeMoeConfig.num_experts_per_tok=5: exceeds num_experts=4"),
-], ids=["ep-experts", "ep-world", "batch", "zero3-ep", "window", "ep-native", "tp", "min-lr", "model"])
+], ids=["ep-experts", "ep-world", "batch", "zero3-ep", "window", "ep-native", "min-lr", "model"])
 def test_bad_config_fails_before_any_process_group_work(monkeypatch, world, overrides, message):
     import torch.distributed as dist
 
@@ -247,11 +246,16 @@ def test_expert_marker_exposes_megatron_experts_to_deepspeed():
     from deepspeed.moe.utils import is_moe_param
 
     from timemoe_train.model import TimeMoeForPrediction
+    from timemoe_train.parallel import destroy_parallel, init_parallel
     from timemoe_train.train.module import TrainModule
 
     config = TimeMoeConfig.preset("tiny", moe_impl="megatron")
-    model = TimeMoeForPrediction(config)
-    module = TrainModule(model, ep_size=1, with_markers=True)
+    init_parallel()
+    try:
+        model = TimeMoeForPrediction(config)
+        module = TrainModule(model, ep_size=1, with_markers=True)
+    finally:
+        destroy_parallel()
     markers = list(module.expert_markers)
     assert len(markers) == config.num_hidden_layers and all(isinstance(m, MoE) for m in markers)
     experts = {n for n, p in model.named_parameters() if ".experts.local_experts." in n}
