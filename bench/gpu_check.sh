@@ -6,6 +6,8 @@
 #      trains on the GPU when there is one) [+1 min]
 #   2. MFU of base and large, bf16, 4096-point packed windows, timemoe-train on one process [2 x 1.5 min]
 #   3. bench/attention.py and bench/moe_layer.py in bf16 on the device [1.75 min]
+#   4. one micro-batch (base, bf16, flex attention, grouped GEMM: forward, backward, StepStats.add) under
+#      torch.cuda.set_sync_debug_mode("error"): any host sync in the model or the bookkeeping fails it [0.5 min]
 # Run from a checkout with its environment set up (make setup, plus a CUDA torch):  bash bench/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,12 +23,12 @@ p = torch.cuda.get_device_properties(0)
 print(f"device: {p.name}, SM {p.major}.{p.minor}, {p.total_memory / 2**30:.0f} GiB; torch {torch.__version__}")
 EOF
 
-echo "== 1/3 tests marked cuda"
+echo "== 1/4 tests marked cuda"
 timeout 200 "$PY" -m pytest -q -m cuda -p no:cacheprovider \
   tests/test_attention.py tests/test_moe_paths.py tests/test_bf16_cuda.py
 timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_checkpoint_export.py
 
-echo "== 2/3 MFU at 4096-point windows (bf16, attention auto = flex, 1 process)"
+echo "== 2/4 MFU at 4096-point windows (bf16, attention auto = flex, 1 process)"
 for size in base large; do
   run_dir="$OUT/mfu-$size"
   timeout 90 "$PY" -m timemoe_train.train "model=$size" data=synthetic data.max_length=4096 data.max_pieces=8 \
@@ -43,7 +45,35 @@ print(f"  {size}: MFU {100 * mfu:.1f}%  {rate:,.0f} points/s  (median of steps 5
 EOF
 done
 
-echo "== 3/3 kernels in bf16"
+echo "== 3/4 kernels in bf16"
 timeout 60 "$PY" bench/attention.py --device cuda --dtype bfloat16 --rows 8 --repeats 10 --warmup 3
 timeout 45 "$PY" bench/moe_layer.py --device cuda --dtype bfloat16 --tokens 32768
+
+echo "== 4/4 no host sync in a micro-batch (set_sync_debug_mode error)"
+timeout 60 "$PY" - <<'EOF'
+import sys
+import torch
+sys.path.insert(0, "bench")
+from host_syncs import synthetic_batches
+from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
+from timemoe_train.train.metrics import StepStats
+
+config = TimeMoeConfig.preset("base", attn_impl="flex", expert_gemm="grouped_mm")
+model = TimeMoeForPrediction(config).cuda().to(torch.bfloat16).train()
+batch = {k: v.cuda() for k, v in synthetic_batches(1, 4, 1024)[0].items()}
+stats = StepStats(config, 4, torch.device("cuda"))
+
+def micro_batch():
+    out = model(batch["inputs"].to(torch.bfloat16), batch["labels"], batch["loss_mask"], batch["sequence_ids"])
+    stats.add(out, batch)
+    out.loss.backward()
+
+micro_batch()  # compiles FlexAttention, resolves the paths
+torch.cuda.synchronize()
+torch.cuda.set_sync_debug_mode("error")
+micro_batch()
+torch.cuda.set_sync_debug_mode(0)
+torch.cuda.synchronize()
+print("  forward + backward + StepStats.add: no host sync")
+EOF
 echo "gpu check done ($OUT)"

@@ -36,7 +36,7 @@ class ExpertMarker(MoE):
         self.deepspeed_moe.experts.deepspeed_experts = local_experts
         for p in local_experts.parameters():
             p.allreduce, p.group_name = False, self.expert_group_name
-        self._register_state_dict_hook(drop_extra_state)
+        self.register_state_dict_post_hook(drop_extra_state)
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by the engine: create DeepSpeed's expert groups and check they are megatron's."""
