@@ -145,8 +145,6 @@ class Stager:
 
     def finish(self, freq: str | None) -> IndexedDataset:
         self._file.close()
-        if not self._lengths:
-            raise _no_series(self.folder, self._excluded)
         length = np.array(self._lengths, dtype=np.int64)
         stream = Stream(str(self._path), 0, STAGED_DTYPE, int(length.sum()))
         return write_index(
@@ -163,11 +161,6 @@ class Stager:
 
     def abort(self) -> None:
         self._file.close()
-
-
-def _no_series(folder: Path, excluded: list[dict[str, str]]) -> PrepError:
-    why = f"; the leakage guard excluded all {len(excluded)}" if excluded else ""
-    return PrepError(folder, "sequences", 0, f"the dataset holds no series{why}")
 
 
 SCREEN_CHUNK = 1 << 16
@@ -192,8 +185,6 @@ def screen_index(ds: IndexedDataset, guard: LeakageGuard) -> IndexedDataset:
     if not excluded:
         return ds
     folder = Path(ds.folder)
-    if not keep.any():
-        raise _no_series(folder, excluded)
     ids = reader.item_ids(0, ds.sequences)
     (folder / COMPLETE_MARKER).unlink()  # incomplete until rewritten: a resumed job indexes it again
     return write_index(

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from data_prep.corpus_manifest import load_manifest, shard_paths, verify_shards
+from data_prep.corpus_manifest import MANIFEST_NAME, load_manifest, shard_paths, verify_shards
+from data_prep.errors import PrepError
 from data_prep.shards import read_shard
 
 QUANTILES = (0.0, 0.05, 0.5, 0.95, 1.0)
@@ -85,6 +86,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest")
     args = p.parse_args(argv)
     manifest = load_manifest(args.dir)
+    if not manifest["totals"]["sequences"]:
+        raise PrepError(args.dir / MANIFEST_NAME, "totals.sequences", 0, "the corpus holds no sequence: nothing to "
+                        "inspect (prepare it again: timemoe-prep now refuses input that yields none)")
     if args.verify:
         verify_shards(args.dir, manifest)
         print(f"{len(manifest['shards'])} shards match their sha256")

@@ -29,7 +29,7 @@ from typing import Any
 from tqdm import tqdm
 
 from data_prep.build import build_shard, finished_shard
-from data_prep.clean import CleanOptions
+from data_prep.clean import CleanOptions, add_counts, new_counts
 from data_prep.errors import PrepError
 from data_prep.index import IndexedDataset
 from data_prep.leakage import LeakageGuard, default_guard
@@ -112,11 +112,23 @@ def _kept_work(out: Path) -> bool:
     return indexed or any(out.glob("shard-*.arrow"))
 
 
+def spec_file(spec: DatasetSpec) -> str:
+    """The input a dataset is read from, as error messages name it: its file, or the folder holding its files."""
+    if len(spec.files) == 1:
+        return spec.files[0]
+    return os.path.commonpath(spec.files) if spec.files else spec.key
+
+
 def _index_one(source: Source, spec: DatasetSpec, folder: Path, skip: bool,
                guard: LeakageGuard) -> IndexedDataset | PrepError:
     shutil.rmtree(folder, ignore_errors=True)  # leftovers of an interrupted attempt
     try:
-        return source.index(spec, folder, guard)
+        indexed = source.index(spec, folder, guard)
+        if not indexed.sequences:
+            why = (f"the leakage guard excluded all {len(indexed.excluded)} series (--no-leakage-guard keeps them)"
+                   if indexed.excluded else "the input holds no series")
+            raise PrepError(spec_file(spec), "sequences", 0, why)
+        return indexed
     except PrepError as e:
         if not skip:
             raise
@@ -183,6 +195,12 @@ def prepare(source: Source, output: str | Path, options: PrepOptions | None = No
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
+        indexed, skipped = _drop_emptied(indexed, shards, skipped, discovery, options)
+        if not indexed:
+            raise PrepError(source.describe().get("input", out), "sequences", 0,
+                            "no dataset yielded a sequence: " + "; ".join(f"{s['file']}: {s['problem']}"
+                                                                          for s in skipped[:3])
+                            if skipped else "the source holds no dataset")
         manifest = build_manifest(identity, indexed, shards, skipped, discovery.ignored)
         write_manifest(out, manifest)
         shutil.rmtree(work)
@@ -212,6 +230,45 @@ def _index_all(source, discovery, work, pool, options):
         else:
             indexed.append(found[i])
     return indexed, skipped
+
+
+def _why_emptied(stats: dict[str, Any], clean: CleanOptions) -> str:
+    """Why cleaning left nothing of a dataset, from its counts (``data_prep.clean``)."""
+    rules = stats["cleaning"]
+    nonfinite = rules["trimmed_edges"]["points"] + rules["split_at_gaps"]["points"]
+    if nonfinite == stats["input_points"]:
+        return f"all {stats['input_sequences']} series are NaN/inf throughout"
+    parts = []
+    if rules["dropped_short"]["count"]:
+        parts.append(f"{rules['dropped_short']['count']} shorter than --min-length {clean.min_length} points")
+    if rules["dropped_constant"]["count"]:
+        parts.append(f"{rules['dropped_constant']['count']} constant (--keep-constant keeps them)")
+    if nonfinite:
+        parts.append(f"{nonfinite} NaN/inf points removed first")
+    return f"cleaning left none of its {stats['input_sequences']} series: " + ", ".join(parts)
+
+
+def _drop_emptied(indexed, shards, skipped, discovery, options):
+    """Datasets of which cleaning kept no sequence are bad input: the first one stops the job naming its file
+    (the shards stay, so that a corrected command resumes), or with --on-error skip it joins the skipped ones."""
+    specs = {spec.key: spec for spec in discovery.datasets}
+    kept = []
+    for ds in indexed:
+        stats = [s["datasets"][ds.key] for s in shards if ds.key in s["datasets"]]
+        if sum(s["sequences"] for s in stats):
+            kept.append(ds)
+            continue
+        total = {"input_sequences": sum(s["input_sequences"] for s in stats),
+                 "input_points": sum(s["input_points"] for s in stats), "cleaning": new_counts()}
+        for s in stats:
+            add_counts(total["cleaning"], s["cleaning"])
+        error = PrepError(spec_file(specs[ds.key]), "sequences", 0, _why_emptied(total, options.clean))
+        if options.on_error == "raise":
+            raise error
+        skipped.append({"domain": ds.domain, "dataset": ds.dataset, **error.as_record()})
+        for s in shards:
+            s["datasets"].pop(ds.key, None)
+    return kept, skipped
 
 
 def _build_all(indexed, out, work, pool, options):

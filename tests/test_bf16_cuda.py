@@ -56,3 +56,36 @@ def check_curves(fp32: torch.Tensor, bf16: torch.Tensor) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bf16_loss_curve_follows_fp32_on_cuda():
     check_curves(*loss_curves("cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_step_makes_no_host_sync():
+    """A training step of the model on packed rows, as the GPU path runs it (bf16, FlexAttention block mask, the
+    grouped expert GEMM on SM90+, fused AdamW), under torch.cuda.set_sync_debug_mode("error"): any host sync in the
+    block mask, forward, loss, backward or optimizer step raises. The first step compiles (and may sync)."""
+    from test_attention import batch, random_packing
+    from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
+
+    torch.manual_seed(0)
+    config = TimeMoeConfig.preset("tiny", hidden_size=128, num_attention_heads=4, num_experts=8, attn_impl="auto",
+                                  expert_gemm="auto")
+    model = TimeMoeForPrediction(config).cuda().to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    gen = torch.Generator().manual_seed(0)
+    steps = [{k: v.cuda() for k, v in batch(random_packing(4, 512, gen), gen).items()} for _ in range(2)]
+    for inputs in steps:
+        inputs["inputs_BT"], inputs["labels_BT"] = inputs["inputs_BT"].bfloat16(), inputs["labels_BT"].bfloat16()
+    losses = []
+    for i, inputs in enumerate(steps):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if i else 0)
+        try:
+            loss = model(**inputs).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        losses.append(loss.float().item())
+    assert all(torch.isfinite(torch.tensor(losses)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
@@ -29,18 +31,59 @@ def test_mean_and_sample_std_per_arm():
     assert "seasonal naive MSE 0.5000" in md
 
 
-def test_refuses_unfinished_or_foreign_jobs(tmp_path):
-    (tmp_path / "0" / ".hydra").mkdir(parents=True)
-    OmegaConf.save({"trainer": {"seed": 0}, "data": {"path": "d", "holdout_points": 48}},
-                   tmp_path / "0" / ".hydra" / "config.yaml")
-    with pytest.raises(EvalError, match="not a job of experiment=moe_vs_dense"):
+def job_dir(root, name, cfg, finished=True, cwd="/launch"):
+    (root / name / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, root / name / ".hydra" / "config.yaml")
+    OmegaConf.save({"hydra": {"runtime": {"cwd": cwd}}}, root / name / ".hydra" / "hydra.yaml")
+    if finished:
+        (root / name / "checkpoints").mkdir()
+        (root / name / "checkpoints" / "latest").write_text("step00000300")
+
+
+def study_cfg(arm, seed, **changes):
+    cfg = OmegaConf.create({"arm": arm, "arms": {"moe": {"use_dense": False}, "dense": {"use_dense": True}},
+                            "model": {"use_dense": "${arms.${arm}.use_dense}", "hidden_size": 64},
+                            "trainer": {"seed": seed, "max_steps": 300}, "data": {"path": "d", "holdout_points": 48,
+                                                                                  "num_workers": 1},
+                            "logger": {"interval": 10}})
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key.replace("__", "."), value)
+    return cfg
+
+
+def test_other_runs_and_unfinished_jobs_are_left_out_with_a_note(tmp_path):
+    job_dir(tmp_path, "a-plain-run", {"trainer": {"seed": 0}, "data": {"path": "d", "holdout_points": 48}})
+    job_dir(tmp_path, "moe-0", study_cfg("moe", 0))
+    job_dir(tmp_path, "dense-0", study_cfg("dense", 0, data__num_workers=4, logger__interval=1))
+    job_dir(tmp_path, "dense-1", study_cfg("dense", 1), finished=False)
+    jobs, notes = find_jobs(tmp_path)
+    assert [(j["arm"], j["seed"]) for j in jobs] == [("dense", 0), ("moe", 0)]
+    assert jobs[0]["data"] == "/launch/d"  # a relative data.path is the launch directory's (Hydra's runtime.cwd)
+    assert notes == [f"{tmp_path / 'a-plain-run'}: skipped, not a job of experiment=moe_vs_dense (no `arm` in "
+                     ".hydra/config.yaml)",
+                     f"{tmp_path / 'dense-1'}: skipped, no finished checkpoint (checkpoints/latest): still running or "
+                     "stopped"]
+    for name in ("moe-0", "dense-0", "dense-1"):
+        shutil.rmtree(tmp_path / name)
+    with pytest.raises(EvalError, match=r"no finished job of experiment=moe_vs_dense.*\n.*a-plain-run: skipped"):
         find_jobs(tmp_path)
-    OmegaConf.save({"arm": "moe", "trainer": {"seed": 0}, "data": {"path": "d", "holdout_points": 48}},
-                   tmp_path / "0" / ".hydra" / "config.yaml")
-    with pytest.raises(EvalError, match="no finished checkpoint"):
+
+
+@pytest.mark.parametrize("change, key", [({"model__hidden_size": 96}, "model.hidden_size"),
+                                         ({"trainer__max_steps": 600}, "trainer.max_steps"),
+                                         ({"data__holdout_points": 0}, "data.holdout_points")])
+def test_jobs_of_different_studies_are_refused(tmp_path, change, key):
+    job_dir(tmp_path, "moe-0", study_cfg("moe", 0))
+    job_dir(tmp_path, "moe-1", study_cfg("moe", 1, **change))
+    with pytest.raises(EvalError, match=f"moe-1: {key} = .*but .*moe-0 has .*cannot be compared"):
         find_jobs(tmp_path)
-    with pytest.raises(EvalError, match="no job directories"):
-        find_jobs(tmp_path / "0")
+
+
+def test_the_same_relative_data_path_from_another_directory_is_other_data(tmp_path):
+    job_dir(tmp_path, "moe-0", study_cfg("moe", 0))
+    job_dir(tmp_path, "dense-0", study_cfg("dense", 0), cwd="/elsewhere")
+    with pytest.raises(EvalError, match="data.path = '/launch/d', but .*dense-0 has '/elsewhere/d'"):
+        find_jobs(tmp_path)
 
 
 @pytest.mark.parametrize("arm", ["moe", "dense"])

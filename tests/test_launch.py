@@ -209,23 +209,40 @@ main()
 """
 
 
+def sweep(tmp_path: Path, *overrides: str) -> list[dict]:
+    """The jobs the recording app saw for one sweep command, in order."""
+    log = tmp_path / "runs.jsonl"
+    log.unlink(missing_ok=True)
+    out = subprocess.run([sys.executable, str(tmp_path / "app.py"), *overrides], cwd=tmp_path,
+                         env={**os.environ, "SWEEP_LOG": str(log)}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
 def test_experts_lr_sweep(tmp_path):
     (tmp_path / "app.py").write_text(APP)
-    log = tmp_path / "runs.jsonl"
-    out = subprocess.run(
-        [sys.executable, str(tmp_path / "app.py"), f"hydra.searchpath=[file://{REPO}/launch/hydra]",
-         "+sweep=experts_lr", "data.path=/d"],
-        cwd=tmp_path, env={**os.environ, "SWEEP_LOG": str(log)}, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    runs = [json.loads(line) for line in log.read_text().splitlines()]
+    runs = sweep(tmp_path, f"hydra.searchpath=[file://{REPO}/launch/hydra]", "+sweep=experts_lr", "data.path=/d")
     assert sorted((r["experts"], r["lr"]) for r in runs) == sorted((e, lr) for e in (4, 8) for lr in (3e-4, 1e-3, 3e-3))
     assert all(r["data"] == "/d" for r in runs)
-    # every job its own run directory runs/<its overrides>, checkpoints inside: the sweep again resumes each
+    # every job its own directory runs/sweeps/<the sweep's name>/<its overrides>: the sweep again resumes each
     assert len({r["out"] for r in runs}) == 6
+    (sweep_dir,) = {Path(r["out"]).parent for r in runs}
+    assert sweep_dir.parent == tmp_path / "runs" / "sweeps" and (sweep_dir / "multirun.yaml").is_file()
     for r in runs:
         name = Path(r["out"]).name
-        assert Path(r["out"]).parent == tmp_path / "runs" and r["checkpoints"] == f"runs/{name}/checkpoints"
-        assert f"model.num_experts={r['experts']}" in name and "+sweep=experts_lr" in name
+        assert f"model.num_experts-{r['experts']}" in name and "+sweep-experts_lr" in name, name
+
+
+def test_two_sweeps_never_share_a_directory_and_the_same_sweep_finds_its_own(tmp_path):
+    """Hydra writes multirun.yaml into the sweep directory: each sweep command has its own, named after it."""
+    (tmp_path / "app.py").write_text(APP)
+    first = sweep(tmp_path, "-m", "optim.lr=1e-3,3e-3", "data.path=/d")
+    second = sweep(tmp_path, "-m", "model.num_experts=4,8", "data.path=/d")
+    dirs = [{Path(r["out"]).parent for r in runs} for runs in (first, second)]
+    assert all(len(d) == 1 for d in dirs) and dirs[0] != dirs[1], dirs
+    for d, values in zip(dirs, ("1e-3,3e-3", "4,8")):
+        assert values in (next(iter(d)) / "multirun.yaml").read_text()
+    assert sweep(tmp_path, "-m", "optim.lr=1e-3,3e-3", "data.path=/d") == first
 
 
 def test_slurm_cluster_config_is_a_submitit_launcher_override():

@@ -191,8 +191,10 @@ def test_multirun_of_the_trainer_equals_the_runs_done_separately(tmp_path):
     for name, overrides in sweeps.items():
         (tmp_path / name).mkdir()
         cli(tmp_path / name, "-m", *overrides, "optim.lr=0.001,0.003")
-        jobs[name] = sorted(p for p in (tmp_path / name / "runs").iterdir() if p.is_dir() and p.name[0] != ".")
-        assert len(jobs[name]) == 2 and "optim.lr=0.001" in jobs[name][0].name, jobs[name]
+        (sweep_dir,) = (tmp_path / name / "runs" / "sweeps").iterdir()
+        jobs[name] = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name[0] != ".")
+        assert len(jobs[name]) == 2 and "optim.lr-0.001" in jobs[name][0].name, jobs[name]
+        assert all((job / "checkpoints" / "step00000003").is_dir() for job in jobs[name])
     for i, lr in enumerate(("0.001", "0.003")):
         (tmp_path / lr).mkdir()
         cli(tmp_path / lr, *ep1, f"optim.lr={lr}")
@@ -204,3 +206,130 @@ def test_multirun_of_the_trainer_equals_the_runs_done_separately(tmp_path):
         assert (meta["world_size"], meta["ep_size"]) == (2, 2)
         assert losses(jobs["submitit"][i]) == pytest.approx(losses(alone), abs=1e-6), lr
     assert losses(jobs["basic"][0]) != losses(jobs["basic"][1])
+
+
+def test_a_multirun_under_torchrun_runs_every_job_with_all_its_files_in_the_sweep_dir(tmp_path):
+    """Two jobs in the same two torchrun processes, experts split over them: each job builds its process groups on
+    a fresh part of torchrun's store (the second job used to read the first's gloo addresses). Everything a job
+    writes — Hydra's files, metrics.jsonl, the W&B run, checkpoints — lies in its directory under hydra.sweep.dir."""
+    ep2 = [o.replace("expert_parallel_size=1", "expert_parallel_size=2") for o in MULTIRUN if o != "logger=none"]
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "timemoe_train.train",
+                           "-m", *ep2, "optim.lr=0.001,0.003", f"hydra.sweep.dir={sweep}"],
+                          cwd=tmp_path, env=worker_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [j.name.split("optim.lr-")[1][:5] for j in jobs] == ["0.001", "0.003"], jobs
+    for job in jobs:
+        assert (job / ".hydra" / "overrides.yaml").is_file() and (job / "wandb").is_dir(), sorted(job.iterdir())
+        assert [json.loads(line)["step"] for line in (job / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+        meta = json.loads((job / "checkpoints" / "step00000003" / "meta.json").read_text())
+        assert (meta["world_size"], meta["ep_size"]) == (2, 2)
+    assert losses(jobs[0]) != losses(jobs[1])
+    assert (sweep / "multirun.yaml").is_file() and not (tmp_path / "runs").exists()
+
+
+def test_a_printed_run_directory_goes_back_into_the_command_as_it_is(tmp_path):
+    """A generated name holds no `=`, `,`, quote, bracket or space even when the overrides do; `run.dir=<the
+    printed path>` continues that run, and the full overrides are in the run directory."""
+    overrides = [o for o in MULTIRUN if "trainer.max_steps" not in o]
+    first = cli(tmp_path, *overrides, "optim.betas=[0.9, 0.95]", "trainer.max_steps=2")
+    path = Path(start_line(first.stdout).split("(")[1].rstrip(")")).parent
+    assert path.parent == tmp_path / "runs" and not set(path.name) & set("=,'\"[] "), path.name
+    assert "optim.betas=[0.9, 0.95]" in (path / ".hydra" / "overrides.yaml").read_text()
+    again = cli(tmp_path, *overrides, "optim.betas=[0.9,0.95]", "trainer.max_steps=3", f"run.dir={path}")
+    assert start_line(again.stdout) == f"timemoe-train: resuming from step 2 ({path / 'checkpoints' / 'step00000002'})"
+    assert [json.loads(line)["step"] for line in (path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+# --- one lineage and one live run per run directory -----------------------------------------------------------------
+TINY_TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "timemoe_train.train",
+                 *(o for o in MULTIRUN if "max_steps" not in o), "checkpoint.interval=2", "checkpoint.keep_last=2"]
+
+
+def tiny_run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*TINY_TORCHRUN, *args], cwd=cwd, env=worker_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return proc
+
+
+def steps(path: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_resume_false_sets_the_old_lineage_aside_and_the_plain_command_continues_the_new_one(tmp_path):
+    run = tmp_path / "runs" / "x"
+    ckpt = run / "checkpoints"
+    tiny_run(tmp_path, "run.name=x", "trainer.max_steps=6")
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000004", "step00000006"]
+    restart = tiny_run(tmp_path, "run.name=x", "trainer.max_steps=3", "checkpoint.resume=false")
+    (aside,) = run.glob("previous-*")
+    assert f"the previous checkpoints and metrics moved to {aside}" in restart.stdout
+    assert start_line(restart.stdout.split(str(aside))[1]) == f"timemoe-train: starting a new run ({ckpt})"
+    again = tiny_run(tmp_path, "run.name=x", "trainer.max_steps=5")
+    assert start_line(again.stdout) == f"timemoe-train: resuming from step 3 ({ckpt / 'step00000003'})"
+    # The new lineage pruned in its own write order; the old one kept whole, beside it.
+    assert (ckpt / "lineage").read_text().split() == ["step00000004", "step00000005"]
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000004", "step00000005"]
+    assert steps(run / "metrics.jsonl") == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (aside / "checkpoints").glob("step*")) == ["step00000004", "step00000006"]
+    assert steps(aside / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
+
+
+def descendants(pid: int) -> list[int]:
+    found = []
+    for child in children(pid):
+        found += [child, *descendants(child)]
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def started(cwd: Path, *args: str) -> subprocess.Popen:
+    """A long run of TINY_TORCHRUN in `cwd`, returned once it has logged a step."""
+    proc = subprocess.Popen([*TINY_TORCHRUN, "run.name=x", "trainer.max_steps=100000", *args], cwd=cwd,
+                            env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics = cwd / "runs" / "x" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-4000:]
+        time.sleep(0.1)
+    return proc
+
+
+def test_kill_9_of_torchrun_stops_every_process_of_the_run_within_30_s_with_the_step_saved(tmp_path):
+    from timemoe_train.checkpoint.resume import resolve_checkpoint
+
+    proc = started(tmp_path)
+    run = descendants(proc.pid)
+    assert len(run) >= 2, run
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in run) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in run if alive(pid)], "processes of the run outlived its launcher"
+    ckpt = tmp_path / "runs" / "x" / "checkpoints"
+    last = steps(tmp_path / "runs" / "x" / "metrics.jsonl")[-1]
+    assert resolve_checkpoint(ckpt) == f"step{last:08d}"  # the stop request saved the step it was in, whole
+
+
+def test_a_second_launch_on_a_live_run_directory_is_refused_in_one_line(tmp_path):
+    first = started(tmp_path)
+    try:
+        second = subprocess.run([*TINY_TORCHRUN, "run.name=x", "trainer.max_steps=100000"], cwd=tmp_path,
+                                env=worker_env(), capture_output=True, text=True, timeout=300)
+        refusals = [line for line in second.stderr.splitlines() if line.startswith("timemoe-train: RunInUse:")]
+        assert second.returncode != 0 and len(refusals) == 1, second.stderr[-4000:]
+        assert f"{tmp_path / 'runs' / 'x'} is in use by timemoe-train pid " in refusals[0]
+        assert first.poll() is None  # the live run trains on
+    finally:
+        os.killpg(first.pid, signal.SIGTERM)
+        first.communicate(timeout=120)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -70,3 +71,62 @@ def test_inspect_writes_outside_the_corpus(tmp_path):
                             cwd=work, capture_output=True, text=True, timeout=300)
     assert chosen.returncode == 0 and out.stat().st_size > 0, chosen.stderr
     assert sorted(p.name for p in corpus.iterdir()) == before  # nothing written into the corpus folder
+
+
+def wide_csv(path, a, b):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"timestamp": HOURS[:len(a)], "a": a, "b": b}).to_csv(path, index=False)
+    return path
+
+
+NAN40 = [np.nan] * 40
+SOURCES_WITHOUT_A_SEQUENCE = {
+    "header only": (lambda p: (p.write_text("timestamp,a,b\n"), p)[1], "rows = 0: the table has no rows"),
+    "all NaN": (lambda p: wide_csv(p, NAN40, NAN40), "sequences = 0: all 2 series are NaN/inf throughout"),
+    "all too short": (lambda p: wide_csv(p, range(5), range(5, 10)),
+                      "sequences = 0: cleaning left none of its 2 series: 2 shorter than --min-length 16 points"),
+    "all constant": (lambda p: wide_csv(p, [1.0] * 40, [2.0] * 40),
+                     "sequences = 0: cleaning left none of its 2 series: 2 constant (--keep-constant keeps them)"),
+    "all excluded by the leakage guard": (
+        lambda p: pd.read_csv(REPO / "examples" / "data" / "ETTh1.csv").iloc[:300, :3].to_csv(p, index=False) or p,
+        "sequences = 0: the leakage guard excluded all 2 series (--no-leakage-guard keeps them)"),
+}
+
+
+@pytest.mark.parametrize("case", SOURCES_WITHOUT_A_SEQUENCE, ids=list(SOURCES_WITHOUT_A_SEQUENCE))
+def test_a_source_that_yields_no_sequence_fails_naming_the_file_and_why(case, tmp_path):
+    make, why = SOURCES_WITHOUT_A_SEQUENCE[case]
+    path = make(tmp_path / "mine.csv")
+    result = prep("--source", "csv", "--input", str(path), "--output", str(tmp_path / "out"))
+    assert result.returncode == 1, result.stdout
+    [line] = result.stderr.splitlines()
+    assert line == f"timemoe-prep: error: {path}: {why}"
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_an_emptied_dataset_is_skipped_on_request_and_an_all_skipped_corpus_still_fails(tmp_path):
+    good = wide_csv(tmp_path / "in" / "good.csv", np.arange(40.0), np.sin(np.arange(40.0)))
+    wide_csv(tmp_path / "in" / "nan.csv", NAN40, NAN40)
+    manifest = prepare(TableSource("csv", str(tmp_path / "in")), tmp_path / "out",
+                       PrepOptions(workers=1, progress=False, on_error="skip"))
+    assert list(manifest["datasets"]) == ["other/good"] and manifest["totals"]["sequences"] == 2
+    [skipped] = manifest["skipped"]
+    assert skipped["file"].endswith("nan.csv") and "NaN/inf throughout" in skipped["problem"]
+    good.unlink()
+    result = prep("--source", "csv", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out2"),
+                  "--on-error", "skip")
+    assert result.returncode == 1 and "no dataset yielded a sequence: " in result.stderr, result.stderr
+
+
+def test_inspect_of_an_empty_corpus_is_one_line(tmp_path):
+    corpus = tmp_path / "corpus"
+    prepare(TableSource("csv", str(long_csv(tmp_path / "t.csv"))), corpus, OPTIONS)
+    manifest = json.loads((corpus / "manifest.json").read_text())  # as an older timemoe-prep could write it
+    manifest["totals"].update(sequences=0, points=0)
+    (corpus / "manifest.json").write_text(json.dumps(manifest))
+    result = subprocess.run([sys.executable, "-m", "data_prep.cli", "inspect", str(corpus)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"timemoe-prep: error: {corpus / 'manifest.json'}: totals.sequences = 0: "
+                                          "the corpus holds no sequence: nothing to inspect (prepare it again: "
+                                          "timemoe-prep now refuses input that yields none)"]

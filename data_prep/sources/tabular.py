@@ -39,6 +39,7 @@ VALUE_NAMES = ("value", "target", "y")
 FREQ_SAMPLE = 8  # series looked at to infer a dataset's frequency
 
 Series = list[tuple[str, np.ndarray]]
+TimedSeries = list[tuple[str, np.ndarray, pd.Index | None]]  # (name, points, time of each point)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,13 @@ def discover_files(source, suffixes: tuple[str, ...], kind: str) -> Discovery:
 
 def read_series(kind: str, path: Path, layout: TableLayout, freq: str | None) -> tuple[Series, str | None]:
     """All series of one table file, ordered as documented above, with the dataset frequency."""
+    timed, freq = read_timed_series(kind, path, layout, freq)
+    return [(name, points) for name, points, _ in timed], freq
+
+
+def read_timed_series(kind: str, path: Path, layout: TableLayout,
+                      freq: str | None) -> tuple[TimedSeries, str | None]:
+    """`read_series` with the time of every point (None for nested tables, which carry no timestamps)."""
     if path.stat().st_size == 0:
         raise PrepError(path, "file", "", "empty file")
     if kind == "csv":
@@ -131,12 +139,13 @@ def read_series(kind: str, path: Path, layout: TableLayout, freq: str | None) ->
             raise PrepError(path, "csv", None, f"unreadable CSV: {e}") from None
         except pd.errors.EmptyDataError:
             raise PrepError(path, "file", "", "no header and no rows") from None
-        return frame_series(frame, path, layout, freq)
+        return timed_frame_series(frame, path, layout, freq)
     table = _read_arrow_table(kind, path)
     target = table.schema.field("target").type if "target" in table.column_names else None
     if target is not None and (pa.types.is_list(target) or pa.types.is_large_list(target)):
-        return nested_series(table, path, freq)
-    return frame_series(table.to_pandas(), path, layout, freq)
+        series, freq = nested_series(table, path, freq)
+        return [(name, points, None) for name, points in series], freq
+    return timed_frame_series(table.to_pandas(), path, layout, freq)
 
 
 def _read_arrow_table(kind: str, path: Path) -> pa.Table:
@@ -186,6 +195,11 @@ def _require(path: Path, columns: list[str], wanted: list[str]) -> None:
 
 def _first_present(columns: list[str], names: tuple[str, ...]) -> str | None:
     return next((c for c in names if c in columns), None)
+
+
+def timestamp_column(columns: list[str]) -> str | None:
+    """The column taken as the timestamps when none is given (also by timemoe-eval)."""
+    return _first_present(columns, TIMESTAMP_NAMES)
 
 
 def _numeric(column: pd.Series, path: Path, name: str, hint: str = "") -> np.ndarray:
@@ -240,11 +254,20 @@ def frame_series(
     frame: pd.DataFrame, path: Path, layout: TableLayout, freq: str | None
 ) -> tuple[Series, str | None]:
     """Series of a long or wide table (see the module docstring)."""
+    timed, freq = timed_frame_series(frame, path, layout, freq)
+    return [(name, points) for name, points, _ in timed], freq
+
+
+def timed_frame_series(
+    frame: pd.DataFrame, path: Path, layout: TableLayout, freq: str | None
+) -> tuple[TimedSeries, str | None]:
+    """`frame_series` with the time of every point (on the frequency's grid where rows were missing from it):
+    where a forecast of the series continues from."""
     columns = [str(c) for c in frame.columns]
     frame.columns = columns
     if frame.empty:
         raise PrepError(path, "rows", 0, "the table has no rows")
-    ts = layout.timestamp_column or _first_present(columns, TIMESTAMP_NAMES)
+    ts = layout.timestamp_column or timestamp_column(columns)
     if ts is None:
         raise PrepError(path, "column", "timestamp", f"missing (pass --timestamp-column); the columns are {columns}")
     _require(path, columns, [ts])
@@ -287,13 +310,16 @@ def frame_series(
     for key, group in groups:
         key = key if isinstance(key, tuple) else (key,)
         slots = _grid_slots(group["time"], freq)
+        times = pd.Index(group["time"])
+        if slots is not None:
+            times = pd.date_range(times[0], periods=int(slots[-1]) + 1, freq=freq)
         for i, column in enumerate(values):
             name = "/".join([*map(str, key), *([column] if len(values) > 1 or not key_cols else [])])
             points = group[f"v{i}"].to_numpy()
             if slots is not None:
                 points = np.full(int(slots[-1]) + 1, np.nan)
                 points[slots] = group[f"v{i}"].to_numpy()
-            series.append((name, points))
+            series.append((name, points, times))
     return series, freq
 
 

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,28 +204,32 @@ def _check_not_empty(path: Path) -> None:
         raise PrepError(path, "file", "", "empty file")
 
 
+def read_jsonl(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """The series of one ``.jsonl`` file of ``{"sequence": [...]}`` lines (the released fine-tuning format), each
+    named ``<file name>:<line number>``; blank lines are skipped, anything else malformed is a PrepError."""
+    _check_not_empty(path)
+    found = 0
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrepError(path, f"line {line_no}", line[:60], f"malformed JSON: {e.msg}") from None
+            if not isinstance(record, dict) or "sequence" not in record:
+                raise PrepError(path, f"line {line_no}", line[:60], 'expected {"sequence": [...]}')
+            yield f"{path.name}:{line_no}", to_float_array(record["sequence"], path, f"line {line_no}: sequence")
+            found += 1
+    if not found:
+        raise PrepError(path, "file", "", "no sequences (only blank lines)")
+
+
 def _index_jsonl(spec: DatasetSpec, folder: Path, guard: LeakageGuard) -> IndexedDataset:
     stager = Stager(folder, spec.domain, spec.dataset, guard)
     try:
         for name in spec.files:
-            path = Path(name)
-            _check_not_empty(path)
-            found = 0
-            with open(path, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise PrepError(path, f"line {line_no}", line[:60], f"malformed JSON: {e.msg}") from None
-                    if not isinstance(record, dict) or "sequence" not in record:
-                        raise PrepError(path, f"line {line_no}", line[:60], 'expected {"sequence": [...]}')
-                    values = to_float_array(record["sequence"], path, f"line {line_no}: sequence")
-                    stager.add(f"{path.name}:{line_no}", values)
-                    found += 1
-            if not found:
-                raise PrepError(path, "file", "", "no sequences (only blank lines)")
+            stager.add_all(read_jsonl(Path(name)))
         return stager.finish(freq=None)
     except BaseException:
         stager.abort()

@@ -9,9 +9,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from .data import DEFAULT_RATIOS, EvalError
+from ..forecast import BACKENDS, DTYPES, ForecastError
+from .data import DEFAULT_RATIOS
 from .leakage import leakage_warnings
-from .long_horizon import BACKENDS, DTYPES, evaluate_many
+from .long_horizon import evaluate_many
 
 
 def int_list(text: str) -> list[int]:
@@ -37,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
                    help="benchmark CSVs; ETTh1/ETTh2/ETTm1/ETTm2 stems get their month splits")
     p.add_argument("--columns", type=lambda s: s.split(","), default=None,
                    help="comma-separated channels (default: every column except the date column)")
-    p.add_argument("--date-column", default="date")
+    p.add_argument("--date-column", help="default: the first of timestamp, date, ds, time, datetime present (as "
+                   "timemoe-prep finds its timestamp column)")
     p.add_argument("--horizons", type=int_list, default=[96, 192, 336, 720],
                    help="comma-separated (default: all four of the paper); narrow with e.g. --horizons 96")
     p.add_argument("--context-lengths", type=int_list, default=None,
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             columns=args.columns, date_column=args.date_column, max_windows=args.max_windows,
             batch_size=args.batch_size, season_length=args.season_length, split_ratios=args.split_ratios,
             device=args.device, dtype=args.dtype, backend=args.backend, out_dir=out, progress=not args.no_progress)
-    except EvalError as e:
+    except ForecastError as e:  # EvalError is one
         print(f"timemoe-eval: error: {e}", file=sys.stderr)
         return 2
     print(Path(results["files"]["markdown"]).read_text())

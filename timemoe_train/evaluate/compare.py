@@ -1,15 +1,18 @@
 """`python -m timemoe_train.evaluate.compare RUNS_DIR --csv ETTh1.csv`: the report of `experiment=moe_vs_dense`.
 
-RUNS_DIR is the multirun directory: one sub-directory per job (Hydra's `.hydra/config.yaml` says its `arm` and
-seed, `checkpoints/` holds its final checkpoint). Each job is exported to the HF layout, then scored
+RUNS_DIR is the sweep directory (hydra.sweep.dir): one sub-directory per job (Hydra's `.hydra/config.yaml` says its
+`arm` and seed, `checkpoints/` holds its final checkpoint). Other runs and unfinished jobs there are left out with a
+note; jobs that differ in anything trained but their arm and seed are refused. Each job is exported to the HF
+layout, then scored
 
 - zero-shot on each CSV (the long-horizon protocol of `timemoe-eval`, horizon 96, context `--csv-context`), and
 - on the held-out tails of its own corpus: the last `data.holdout_points` points of every sequence, which its
   training never saw, forecast from the `--context` points before them; errors in units of each window's std,
   averaged per domain, then over domains so that no domain outweighs the others.
 
-Writes report.md (mean ± std over seeds per arm, with activated and total parameter counts), report.json (every
-job's figures) and report.png.
+Writes report.md (mean ± std over seeds per arm, with activated and total parameter counts, moe − dense per figure
+and the MoE layers' expert load), report.json (every job's figures and loss curve) and report.png (the training loss
+curves and every figure).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from ..data.errors import DataError
+from ..data.corpus import read_manifest
 from ..data.shards import ShardStore
 from ..export.cli import export
 from ..model import TimeMoeForPrediction
@@ -36,22 +41,69 @@ from .long_horizon import evaluate_long_horizon
 METRICS = ("mse", "mae")
 
 
-def find_jobs(runs_dir: Path) -> list[dict]:
-    jobs = []
+# Keys in which the jobs of one study differ: its arm and seed (model.use_dense and model.intermediate_size follow
+# the arm through interpolations, which the saved configs keep unresolved), and the keys that change nothing trained
+# (configs/train.yaml's list, the same one that keeps them out of run names) but trainer.max_steps: a run may be
+# extended, yet arms trained for different numbers of steps are not a comparison.
+_TRAIN_YAML = Path(__file__).resolve().parents[2] / "configs" / "train.yaml"
+_STUDY_KEYS = ("arm", "trainer.seed")
+
+
+def untrained_keys() -> list[str]:
+    keys = OmegaConf.load(_TRAIN_YAML).hydra.job.config.override_dirname.exclude_keys
+    return [k for k in keys if k != "trainer.max_steps"]
+
+
+def flat(cfg, prefix: str = "") -> dict:
+    """{dotted key: value} of every leaf of a config (interpolations as written)."""
+    out = {}
+    for key in cfg:
+        node = cfg._get_node(key)
+        if OmegaConf.is_dict(node) and not OmegaConf.is_interpolation(cfg, key):
+            out |= flat(node, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = OmegaConf.to_container(node) if OmegaConf.is_list(node) else node._value()
+    return out
+
+
+def _varies(key: str, free: list[str]) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in (*_STUDY_KEYS, *free))
+
+
+def find_jobs(runs_dir: Path) -> tuple[list[dict], list[str]]:
+    """The finished jobs of experiment=moe_vs_dense in runs_dir, and a note for each directory left out (another
+    experiment's run, an unfinished job). Refuses jobs that differ in anything trained but their arm and seed."""
+    jobs, notes, free = [], [], untrained_keys()
     for cfg_path in sorted(runs_dir.glob("*/.hydra/config.yaml")):
         job_dir = cfg_path.parents[1]
         cfg = OmegaConf.load(cfg_path)
-        if "arm" not in cfg:
-            raise EvalError(f"{cfg_path}: no `arm` key: not a job of experiment=moe_vs_dense")
+        if "arm" not in cfg or "arms" not in cfg:
+            notes.append(f"{job_dir}: skipped, not a job of experiment=moe_vs_dense (no `arm` in .hydra/config.yaml)")
+            continue
         if not (job_dir / "checkpoints" / "latest").exists():
-            raise EvalError(f"{job_dir}: no finished checkpoint (checkpoints/latest); did the job complete?")
-        jobs.append({"dir": job_dir, "arm": str(cfg.arm), "seed": int(cfg.trainer.seed),
-                     "data": str(cfg.data.path), "holdout": int(cfg.data.holdout_points)})
+            notes.append(f"{job_dir}: skipped, no finished checkpoint (checkpoints/latest): still running or stopped")
+            continue
+        hydra_yaml = job_dir / ".hydra" / "hydra.yaml"
+        # A relative data.path is relative to where the job was launched, which Hydra records.
+        cwd = Path(OmegaConf.load(hydra_yaml).hydra.runtime.cwd) if hydra_yaml.exists() else Path.cwd()
+        data = str(cwd / cfg.data.path)
+        jobs.append({"dir": job_dir, "arm": str(cfg.arm), "seed": int(cfg.trainer.seed), "data": data,
+                     "holdout": int(cfg.data.holdout_points),
+                     "config": {k: v for k, v in flat(cfg).items() if not _varies(k, free)} | {"data.path": data}})
     if not jobs:
-        raise EvalError(f"{runs_dir}: no job directories (*/.hydra/config.yaml)")
-    if len({(j["data"], j["holdout"]) for j in jobs}) != 1:
-        raise EvalError(f"{runs_dir}: the jobs were trained on different data or hold-outs; they cannot be compared")
-    return jobs
+        raise EvalError(f"{runs_dir}: no finished job of experiment=moe_vs_dense (*/.hydra/config.yaml with "
+                        f"checkpoints/latest); pass the sweep's directory (hydra.sweep.dir)"
+                        + "".join(f"\n  {n}" for n in notes))
+    first = jobs[0]
+    for job in jobs[1:]:
+        for key in sorted(first["config"].keys() | job["config"].keys()):
+            a, b = first["config"].get(key, "<unset>"), job["config"].get(key, "<unset>")
+            if a != b:
+                raise EvalError(f"{job['dir']}: {key} = {b!r}, but {first['dir']} has {a!r}: jobs of different "
+                                f"studies cannot be compared (pass one sweep's directory)")
+    for job in jobs:
+        del job["config"]
+    return jobs, notes
 
 
 def held_out_windows(data: str, holdout: int, context: int):
@@ -60,7 +112,7 @@ def held_out_windows(data: str, holdout: int, context: int):
     Each window is z-scored by its own mean/std, held-out points included: forecasts are affine-equivariant
     (`forecast()` rescales its context), so this only sets the unit of the errors, and one that a flat context
     cannot blow up (the prescriptions of a new drug: years of zeros, then sales)."""
-    store = ShardStore(data)
+    store = ShardStore.scan(read_manifest(data))
     chosen = np.flatnonzero(store.length_S >= context + holdout)
     if holdout < 1 or not len(chosen):
         raise EvalError(f"{data}: no sequence holds context {context} + held-out {holdout} points "
@@ -91,14 +143,23 @@ class LastValue:
         return last_value(context_BT, horizon)
 
 
-def final_loss(job_dir: Path) -> float | None:
-    """The forecasting loss (mean over the horizon heads, without the MoE's balance term) of the last 20 steps:
-    one step's loss is noisy."""
+def training_log(job_dir: Path, last: int = 50) -> dict:
+    """From the job's metrics.jsonl: the forecasting loss of every step (mean over the horizon heads, without the
+    MoE's balance term); its median over the last `last` steps, as one batch can hold a window whose loss is 10⁵
+    times the rest (a flat context before a jump: both arms meet it at the same step); and each MoE layer's share
+    of routed points per expert over those steps (a collapsed router sends most points to a few experts)."""
     path = job_dir / "metrics.jsonl"
     steps = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    losses = [np.mean([v for k, v in m.items() if k.startswith("head_loss/")]) for m in steps
-              if any(k.startswith("head_loss/") for k in m)]
-    return float(np.mean(losses[-20:])) if losses else None
+    curve = [float(np.mean([v for k, v in m.items() if k.startswith("head_loss/")])) for m in steps
+             if any(k.startswith("head_loss/") for k in m)]
+    load = {}
+    for key in sorted({k for m in steps for k in m if k.startswith("expert_load/")},
+                      key=lambda k: int(k.removeprefix("expert_load/layer"))):
+        shares = [m[key] for m in steps[-last:] if m.get(key) and sum(m[key]) > 0]  # a dense layer routes nothing
+        if shares:
+            load[key.removeprefix("expert_load/")] = np.mean(shares, 0).tolist()
+    return {"loss_curve": curve, "train_loss": float(np.median(curve[-last:])) if curve else None,
+            "expert_load": load}
 
 
 def score_jobs(jobs: list[dict], csvs: list[str], max_windows: int, context: int, csv_context: int,
@@ -110,7 +171,7 @@ def score_jobs(jobs: list[dict], csvs: list[str], max_windows: int, context: int
         model = TimeMoeForPrediction.from_pretrained(hf).eval()
         job["activated_params"] = active_params_per_token(model.config)
         job["total_params"] = sum(p.numel() for p in model.parameters())
-        job["train_loss"] = final_loss(job["dir"])
+        job |= training_log(job["dir"])
         job["protocol"] = {"horizon": 96, "csv_context": csv_context, "max_windows": max_windows,
                            "held_out_context": context}
         with torch.no_grad():
@@ -129,7 +190,7 @@ def score_jobs(jobs: list[dict], csvs: list[str], max_windows: int, context: int
 
 def columns(jobs: list[dict]) -> list[tuple[str, callable]]:
     """(header, job -> value) of every compared figure."""
-    out = [("train forecast loss (last 20 steps)", lambda j: j["train_loss"])]
+    out = [("train forecast loss (median of the last 50 steps)", lambda j: j["train_loss"])]
     for name in jobs[0]["zero_shot"]:
         out += [(f"{name} h96 {m.upper()}", lambda j, n=name, m=m: j["zero_shot"][n][m]) for m in METRICS]
     out += [(f"held-out {m.upper()}", lambda j, m=m: j["held_out"][m]) for m in METRICS]
@@ -147,7 +208,18 @@ def summarise(jobs: list[dict]) -> dict:
     return arms
 
 
-def markdown(jobs: list[dict], arms: dict, command: str) -> str:
+def moe_minus_dense(arms: dict) -> dict[str, tuple[float, bool]]:
+    """Per figure: moe's mean less dense's, and whether that gap exceeds one std (the larger of the two arms')."""
+    if not {"moe", "dense"} <= arms.keys():
+        return {}
+    out = {}
+    for head, (moe, moe_std) in arms["moe"]["figures"].items():
+        dense, dense_std = arms["dense"]["figures"][head]
+        out[head] = (moe - dense, abs(moe - dense) > max(moe_std, dense_std))
+    return out
+
+
+def markdown(jobs: list[dict], arms: dict, command: str, notes: list[str] = ()) -> str:
     heads = [h for h, _ in columns(jobs)]
     lines = ["# MoE vs dense at equal activated parameters", "",
              f"`{command}`; mean ± sample std over seeds. Lower is better everywhere.", "",
@@ -157,6 +229,10 @@ def markdown(jobs: list[dict], arms: dict, command: str) -> str:
         cells = [f"{a['figures'][h][0]:.4f} ± {a['figures'][h][1]:.4f}" for h in heads]
         lines.append(f"| {arm} | {','.join(map(str, a['seeds']))} | {a['activated_params']:,} | "
                      f"{a['total_params']:,} | " + " | ".join(cells) + " |")
+    gaps = moe_minus_dense(arms)
+    if gaps:
+        lines.append("| moe − dense | | | | " + " | ".join(
+            f"{gaps[h][0]:+.4f}{' (> 1 std)' if gaps[h][1] else ''}" for h in heads) + " |")
     j = jobs[0]
     if "protocol" in j:
         p = j["protocol"]
@@ -172,13 +248,35 @@ def markdown(jobs: list[dict], arms: dict, command: str) -> str:
     lines += ["", f"Held-out: the last {j['holdout']} points of each of {j['held_out']['series']} corpus sequences "
                   f"(never trained on: data.holdout_points), in units of each window's std; mean over domains "
                   f"({', '.join(j['held_out']['per_domain'])})."]
+    routed = [x for x in jobs if x.get("expert_load")]
+    if routed:
+        lines += ["", "Expert load over the last 50 steps, per layer: the largest expert's share × the number of "
+                      "experts (1: balanced; E: every point to one expert), and experts with under 1/(10·E) of the "
+                      "points:"]
+        for x in routed:
+            lines.append(f"- {x['arm']} seed {x['seed']}: " + "; ".join(
+                f"{layer} {max(v) * len(v):.2f} ({sum(f < 0.1 / len(v) for f in v)} idle)"
+                for layer, v in x["expert_load"].items()))
+    if notes:
+        lines += ["", "Left out:"] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
-def plot(jobs: list[dict], arms: dict, path: Path) -> None:
-    heads = [h for h, _ in columns(jobs)]
-    fig = Figure(figsize=(3 * len(heads), 3.2), layout="constrained")
-    for ax, (head, f) in zip(fig.subplots(1, len(heads), squeeze=False)[0], columns(jobs)):
+def plot(jobs: list[dict], arms: dict, path: Path, smooth: int = 25) -> None:
+    """The training loss curves of every job (moving median over `smooth` steps: see training_log), then one panel
+    per figure: each arm's mean ± std and its seeds."""
+    heads = columns(jobs)
+    fig = Figure(figsize=(3 * len(heads) + 5, 3.2), layout="constrained")
+    curves, *panels = fig.subplots(1, len(heads) + 1, squeeze=False, width_ratios=[5 / 3] + [1] * len(heads))[0]
+    for i, arm in enumerate(arms):
+        for j in (j for j in jobs if j["arm"] == arm and j.get("loss_curve")):
+            w = min(smooth, len(j["loss_curve"]))
+            loss = np.median(np.lib.stride_tricks.sliding_window_view(j["loss_curve"], w), axis=1)
+            curves.plot(np.arange(len(loss)) + w, loss, color=f"C{i}", lw=0.8,
+                        label=f"{arm} seed {j['seed']}")
+    curves.set(xlabel="step", title=f"train forecast loss ({smooth}-step median)")
+    curves.legend(fontsize=7)
+    for ax, (head, f) in zip(panels, heads):
         for i, arm in enumerate(arms):
             mean, std = arms[arm]["figures"][head]
             ax.bar(i, mean, yerr=std, color=f"C{i}", alpha=0.6, capsize=4)
@@ -205,15 +303,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = args.out or args.runs_dir / "report"
     try:
-        jobs = score_jobs(find_jobs(args.runs_dir), args.csv, args.max_windows, args.context, args.csv_context,
-                          not args.no_progress)
-    except EvalError as e:
+        jobs, notes = find_jobs(args.runs_dir)
+        for note in notes:
+            print(f"compare: {note}", file=sys.stderr)
+        jobs = score_jobs(jobs, args.csv, args.max_windows, args.context, args.csv_context, not args.no_progress)
+    except (EvalError, DataError) as e:
         print(f"compare: error: {e}", file=sys.stderr)
         return 2
     arms = summarise(jobs)
+    for arm, a in arms.items():
+        print(f"{arm}: {a['activated_params']:,} activated weights per point, {a['total_params']:,} in all "
+              f"(seeds {', '.join(map(str, a['seeds']))})")
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m timemoe_train.evaluate.compare " + " ".join(sys.argv[1:] if argv is None else argv)
-    (out / "report.md").write_text(markdown(jobs, arms, command))
+    (out / "report.md").write_text(markdown(jobs, arms, command, notes))
     (out / "report.json").write_text(json.dumps({"arms": arms, "jobs": jobs}, indent=2) + "\n")
     plot(jobs, arms, out / "report.png")
     print((out / "report.md").read_text())

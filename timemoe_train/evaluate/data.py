@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data_prep.sources.tabular import timestamp_column
+from ..forecast import ForecastError
+
 HOURS_PER_MONTH = 30 * 24
 ETT_MONTHS = (12, 4, 4)
 # Rows per hour of the ETT variants; the file stem decides which one a CSV is.
@@ -23,8 +26,8 @@ DEFAULT_RATIOS = (0.7, 0.1, 0.2)  # train, val, test
 SEASONS = {5 * 60: 288, 10 * 60: 144, 15 * 60: 96, 30 * 60: 48, 3600: 24, 86400: 7, 7 * 86400: 52}
 
 
-class EvalError(ValueError):
-    pass
+class EvalError(ForecastError):
+    """Bad input to timemoe-eval (a model directory it cannot load raises the ForecastError itself)."""
 
 
 @dataclass
@@ -33,9 +36,17 @@ class Series:
     columns: list[str]
     values_TC: np.ndarray  # float64, raw
     season_length: int | None  # from the date column's spacing; None when it cannot be told
+    date_column: str | None  # None: the file has none
+    name: str | None = None  # the dataset's name in reports; None: the file's stem
+
+    @property
+    def dataset(self) -> str:
+        return self.name or self.path.stem
 
 
-def read_csv(path: str | Path, columns: list[str] | None = None, date_column: str = "date") -> Series:
+def read_csv(path: str | Path, columns: list[str] | None = None, date_column: str | None = None) -> Series:
+    """The channels of a benchmark CSV. The date column, when not given, is found as timemoe-prep finds its
+    timestamp column (the first of timestamp, date, ds, time, datetime)."""
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"{path}: CSV file not found")
@@ -43,6 +54,10 @@ def read_csv(path: str | Path, columns: list[str] | None = None, date_column: st
         df = pd.read_csv(path)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
         raise EvalError(f"{path}: not a readable CSV ({e})") from None
+    if date_column is None:
+        date_column = timestamp_column(list(df.columns))
+    elif date_column not in df.columns:
+        raise EvalError(f"{path}: no column {date_column!r} (--date-column); the file has {list(df.columns)}")
     if columns:
         missing = [c for c in columns if c not in df.columns]
         if missing:
@@ -50,7 +65,7 @@ def read_csv(path: str | Path, columns: list[str] | None = None, date_column: st
     else:
         columns = [c for c in df.columns if c != date_column]
     if not columns:
-        raise EvalError(f"{path}: no value columns besides {date_column!r}")
+        raise EvalError(f"{path}: no value columns" + (f" besides {date_column!r}" if date_column else ""))
     values = {}
     for c in columns:
         col = pd.to_numeric(df[c], errors="coerce")
@@ -59,8 +74,8 @@ def read_csv(path: str | Path, columns: list[str] | None = None, date_column: st
             raise EvalError(f"{path}: column {c!r} has a missing or non-numeric value {df[c].iloc[bad[0]]!r} at "
                             f"data row {bad[0] + 1} ({bad.size} such rows)")
         values[c] = col.to_numpy(np.float64)
-    season = infer_season_length(df[date_column]) if date_column in df.columns else None
-    return Series(path, list(columns), np.stack([values[c] for c in columns], axis=1), season)
+    season = infer_season_length(df[date_column]) if date_column else None
+    return Series(path, list(columns), np.stack([values[c] for c in columns], axis=1), season, date_column)
 
 
 def infer_season_length(dates: pd.Series) -> int | None:
@@ -83,18 +98,35 @@ class Borders:
 
 
 def split_borders(n_rows: int, dataset: str, ratios: tuple[float, float, float] = DEFAULT_RATIOS,
-                  source: str = "series") -> Borders:
-    rows_per_hour = ETT_ROWS_PER_HOUR.get(dataset.lower())
+                  source: str = "series", rows_per_hour: float | None = None) -> Borders:
+    """The ETT borders when `rows_per_hour` is given or the stem names an ETT file, else the `ratios` ones."""
+    rows_per_hour = rows_per_hour or ETT_ROWS_PER_HOUR.get(dataset.lower())
     if rows_per_hour is not None:
-        n_train, n_val, n_test = (m * HOURS_PER_MONTH * rows_per_hour for m in ETT_MONTHS)
-        if n_rows < n_train + n_val + n_test:
-            raise EvalError(f"{source}: {dataset} needs {n_train + n_val + n_test} rows for its 12/4/4-month splits, "
-                            f"the file has {n_rows}")
-    else:
-        if len(ratios) != 3 or min(ratios) <= 0 or abs(sum(ratios) - 1) > 1e-6:
-            raise EvalError(f"split ratios {ratios}: need three positive fractions (train, val, test) summing to 1")
-        n_train, n_test = int(n_rows * ratios[0]), int(n_rows * ratios[2])
-        n_val = n_rows - n_train - n_test
+        return ett_borders(n_rows, rows_per_hour, f"{source}: {dataset}")
+    return ratio_borders(n_rows, ratios)
+
+
+def ett_borders(n_rows: int, rows_per_hour: float, source: str = "series") -> Borders:
+    """12 / 4 / 4 months of 30 days at `rows_per_hour`; rows past the 20 months belong to no split."""
+    n_train, n_val, n_test = (round(m * HOURS_PER_MONTH * rows_per_hour) for m in ETT_MONTHS)
+    if n_rows < n_train + n_val + n_test:
+        raise EvalError(f"{source} needs {n_train + n_val + n_test} rows for its 12/4/4-month splits, "
+                        f"it has {n_rows}")
+    return Borders((0, n_train), (n_train, n_train + n_val), (n_train + n_val, n_train + n_val + n_test))
+
+
+def check_ratios(ratios) -> tuple[float, float, float]:
+    if len(ratios) != 3 or min(ratios) <= 0 or abs(sum(ratios) - 1) > 1e-6:
+        raise EvalError(f"split ratios {tuple(ratios)}: need three positive fractions (train, val, test) summing "
+                        "to 1")
+    return tuple(ratios)
+
+
+def ratio_borders(n_rows: int, ratios: tuple[float, float, float]) -> Borders:
+    """num_train = int(ratio_train · n), num_test = int(ratio_test · n), val the rest."""
+    ratios = check_ratios(ratios)
+    n_train, n_test = int(n_rows * ratios[0]), int(n_rows * ratios[2])
+    n_val = n_rows - n_train - n_test
     return Borders((0, n_train), (n_train, n_train + n_val), (n_train + n_val, n_train + n_val + n_test))
 
 

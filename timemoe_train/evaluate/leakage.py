@@ -5,6 +5,9 @@
     by name only  its stem matches the guard's name rule (the ETT family), but this file's content was not hashed
     not guarded   the record names neither: series copied from the CSV may have been trained on
     unknown       no readable record (a released model, one exported before the record existed, a model object)
+    held out      fine-tuned (timemoe-finetune) on this very file's rows before its test split only, from a base
+                  model whose own status on it is guarded or held out
+    not held out  fine-tuned on this file's rows that the evaluated test split includes
 
 Evaluation goes on whatever the status; the report carries it and the CLI warns.
 """
@@ -20,12 +23,14 @@ from pathlib import Path
 from ..checkpoint.digests import file_digest
 from ..model.hf_layout import TRAINING_DATA
 
-WARN = ("not guarded", "by name only")
+WARN = ("not guarded", "by name only", "not held out")
 
 
-def leakage_status(model, csv: Path, digest: Callable[[], str]) -> dict[str, str]:
+def leakage_status(model, csv: Path, digest: Callable[[], str], test_start: int | None = None,
+                   rows: int | None = None) -> dict[str, str]:
     """{"status", "detail"} of one model (a directory or a loaded model) on one CSV; `digest()` gives the CSV's
-    sha256, called only when the model's record has a guard to compare it with."""
+    sha256, called only when the model's record has a guard to compare it with; `test_start`: the first row of
+    the evaluated test split (a fine-tuned model must not have read it) of the CSV's `rows` rows."""
     if not isinstance(model, (str, Path)):
         return {"status": "unknown", "detail": "a model object: no training_data.json to read"}
     path = Path(model) / TRAINING_DATA
@@ -35,6 +40,13 @@ def leakage_status(model, csv: Path, digest: Callable[[], str]) -> dict[str, str
         record = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         return {"status": "unknown", "detail": f"{path}: unreadable ({e})"}
+    return record_status(record, path, csv, digest, test_start, rows)
+
+
+def record_status(record: dict, path: Path, csv: Path, digest: Callable[[], str], test_start: int | None,
+                  rows: int | None) -> dict[str, str]:
+    if "split" in record:
+        return fine_tuned_status(record, path, csv, digest, test_start, rows)
     guard, corpus = record.get("leakage_guard"), record.get("corpus")
     if guard is None:
         if record.get("manifest_sha256") is None:  # the corpus could not be read at export
@@ -54,11 +66,12 @@ def leakage_status(model, csv: Path, digest: Callable[[], str]) -> dict[str, str
     return {"status": "not guarded", "detail": f"corpus {corpus} was guarded against other benchmarks only"}
 
 
-def leakage_report(items, csv: Path) -> dict[str, dict[str, str]]:
+def leakage_report(items, csv: Path, test_start: int | None = None,
+                   rows: int | None = None) -> dict[str, dict[str, str]]:
     """Label -> status, for `model_items`' (label, model) pairs; the CSV is hashed once at most, however many
     models there are."""
     digest = functools.cache(lambda: file_digest(Path(csv))[1])
-    return {label: leakage_status(model, csv, digest) for label, model in items}
+    return {label: leakage_status(model, csv, digest, test_start, rows) for label, model in items}
 
 
 def leakage_lines(results: dict) -> list[str]:
@@ -71,3 +84,28 @@ def leakage_warnings(results: dict) -> list[str]:
     return [f"WARNING: `{label}` on {d['dataset']} is {s['status']}: its scores may be inflated by training on "
             f"the test data; re-run timemoe-prep with --benchmarks {d['csv']}, then retrain and re-export"
             for d in results["datasets"] for label, s in d["leakage"].items() if s["status"] in WARN]
+
+
+def fine_tuned_status(record: dict, path: Path, csv: Path, digest: Callable[[], str], test_start: int | None,
+                      rows: int | None) -> dict[str, str]:
+    """A timemoe-finetune output: its own split of its fine-tuning file (the series of `rows` points, or all of
+    them when none has that length), then its base model's record."""
+    split = record["split"]
+    base_record = record.get("fine_tuned_from", {}).get("training_data")
+    base = ({"status": "unknown", "detail": "the base model has no training_data.json"} if base_record is None
+            else record_status(base_record, path, csv, digest, test_start, rows))
+    if split.get("sha256") != digest():
+        if base["status"] == "unknown":
+            return base
+        return {"status": "not guarded", "detail": f"fine-tuned on {split.get('file')} without a leakage guard; "
+                                                   f"the base model: {base['detail']}"}
+    groups = [g for g in split["series"] if g["length"] == rows] or split["series"]
+    read_until = max(g["val"][1] for g in groups)
+    if test_start is None or test_start < read_until:
+        return {"status": "not held out", "detail": f"fine-tuned on rows [0, {read_until}) of this file, which the "
+                                                    f"evaluated test split (from row {test_start}) overlaps"}
+    own = (f"fine-tuned on this file's rows before {read_until} only (train and val of --split "
+           f"{split['split']}); the test split from row {test_start} was never read by training")
+    if base["status"] in ("guarded", "held out"):
+        return {"status": "held out", "detail": f"{own}; the base model: {base['detail']}"}
+    return {"status": base["status"], "detail": f"{own}; but the base model: {base['detail']}"}

@@ -13,36 +13,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointError
-from ..model import ConfigError, TimeMoeForPrediction
+from ..forecast import load_model
 from .baselines import last_value, seasonal_naive
-from .data import DEFAULT_RATIOS, EvalError, fit_scaler, num_test_windows, read_csv, split_borders, window_starts
+from .data import DEFAULT_RATIOS, EvalError, Series, fit_scaler, num_test_windows, read_csv, split_borders, window_starts
 from .leakage import leakage_report
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-BACKENDS = ("native", "remote")
 BASELINES = ("seasonal_naive", "last_value")
-
-
-def load_model(model_dir: str | Path, backend: str = "native", device: str = "cpu", dtype: str = "float32"):
-    """Any HF-layout directory, ours or the released format. "remote" runs the directory's own modeling code
-    through transformers (trust_remote_code), as a serving stack would."""
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise EvalError(f"{path}: model directory not found")
-    if backend not in BACKENDS or dtype not in DTYPES:
-        raise EvalError(f"backend={backend!r}, dtype={dtype!r}: choose a backend from {BACKENDS} and a dtype from "
-                        f"{tuple(DTYPES)}")
-    try:
-        if backend == "native":
-            model = TimeMoeForPrediction.from_pretrained(path)
-        else:
-            import transformers
-
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
-    except (ConfigError, CheckpointError, OSError, ValueError) as e:
-        raise EvalError(f"model directory {path}: {e}") from None
-    return model.to(device=device, dtype=DTYPES[dtype]).eval()
 
 
 def pair_horizons(horizons, context_lengths) -> list[tuple[int, int]]:
@@ -103,7 +79,8 @@ def evaluate_many(models, csvs, *, out_dir: str | Path | None = None, backend: s
         raise EvalError(f"CSVs {[str(c) for c in csvs]}: two share the name {names}; the report needs distinct stems")
     for d in datasets:
         d["models"] = record
-        d["leakage"] = leakage_report(model_items(models), Path(d["csv"]))  # `nets` no longer know their folders
+        # `nets` no longer know their folders
+        d["leakage"] = leakage_report(model_items(models), Path(d["csv"]), d["borders"]["test"][0], d["length"])
     results = {"models": record, "datasets": datasets}
     if out_dir is not None:
         from .report import write_report
@@ -114,21 +91,25 @@ def evaluate_many(models, csvs, *, out_dir: str | Path | None = None, backend: s
 
 def evaluate_long_horizon(model, csv: str | Path, *, horizons=(96, 192, 336, 720),
                           context_lengths=(512, 1024, 2048, 3072), columns: list[str] | None = None,
-                          date_column: str = "date", max_windows: int | None = None, batch_size: int = 64,
-                          season_length: int | None = None, split_ratios=DEFAULT_RATIOS, device: str = "cpu",
+                          date_column: str | None = None, max_windows: int | None = None, batch_size: int = 64,
+                          season_length: int | None = None, split_ratios=DEFAULT_RATIOS,
+                          ett_rows_per_hour: float | None = None, device: str = "cpu",
                           dtype: str = "float32", backend: str = "native", out_dir: str | Path | None = None,
                           progress: bool = True) -> dict:
-    """Evaluate `model` (see `named_models`: one, a list or a mapping) on `csv`. Returns the results dict; with
-    `out_dir`, also writes results.json, results.md and forecasts_<dataset>.png."""
+    """Evaluate `model` (see `named_models`: one, a list or a mapping) on `csv` (a path, or channels already read
+    as a `Series`: its `path` is what the leakage status hashes). Returns the results dict; with
+    `out_dir`, also writes results.json, results.md and forecasts_<dataset>.png. `ett_rows_per_hour`: the ETT
+    borders at that sampling rate whatever the file's name (by default ETT stems get them, others `split_ratios`)."""
     started = time.perf_counter()
     pairs = pair_horizons(horizons, context_lengths)
-    series = read_csv(csv, columns, date_column)
+    series = csv if isinstance(csv, Series) else read_csv(csv, columns, date_column)
     source = str(series.path)
-    borders = split_borders(len(series.values_TC), series.path.stem, tuple(split_ratios), source)
+    borders = split_borders(len(series.values_TC), series.dataset, tuple(split_ratios), source, ett_rows_per_hour)
     season = season_length or series.season_length
     if season is None:
-        raise EvalError(f"{source}: the season length of the seasonal-naive baseline cannot be told from a "
-                        f"{date_column!r} column; pass --season-length")
+        told = f"its {series.date_column!r} column" if series.date_column else "a date column (none found)"
+        raise EvalError(f"{source}: the season length of the seasonal-naive baseline cannot be told from {told}; "
+                        "pass --season-length")
     if batch_size < 1:
         raise EvalError(f"--batch-size {batch_size}: must be at least 1")
     if min(c for _, c in pairs) < season:
@@ -140,7 +121,7 @@ def evaluate_long_horizon(model, csv: str | Path, *, horizons=(96, 192, 336, 720
     nets = named_models(model, backend, device, dtype)
     rows, samples = [], []
     with tqdm(total=sum(len(s) for s in starts.values()) * scaled_CT.shape[0], unit="window",
-              disable=not progress, desc=f"eval {series.path.stem}") as bar:
+              disable=not progress, desc=f"eval {series.dataset}") as bar:
         for (horizon, context_len), start_N in starts.items():
             forecasters = make_forecasters(nets, horizon, season)
             metrics = score(forecasters, scaled_CT, start_N, context_len, horizon, season, batch_size, bar)
@@ -151,9 +132,10 @@ def evaluate_long_horizon(model, csv: str | Path, *, horizons=(96, 192, 336, 720
                                    forecasters))
 
     results = {
-        "dataset": series.path.stem, "csv": source,
+        "dataset": series.dataset, "csv": source,
         "models": describe_models(model),
-        "leakage": leakage_report(model_items(model), series.path),
+        "leakage": leakage_report(model_items(model), series.path, borders.test[0], len(series.values_TC)),
+        "length": len(series.values_TC),  # rows of each channel
         "backend": backend, "dtype": dtype, "columns": series.columns, "season_length": season,
         "borders": {"train": list(borders.train), "val": list(borders.val), "test": list(borders.test)},
         "scaler": {"mean": mean_C.tolist(), "std": std_C.tolist()},

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -27,30 +28,54 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from ..data.errors import DataError
 from ..checkpoint import CheckpointError, read_meta
 from ..model.config import ConfigError
-from .config import RunConfig, TrainConfigError
+from .config import RunConfig, TrainConfigError, typed_values
 from .monitor import scrub
+from .run_dir import RunInUse, RunLock, set_aside
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-USER_ERRORS = (TrainConfigError, ConfigError, DataError, CheckpointError, FileNotFoundError)
+
+def _config_dir() -> Path:
+    """A checkout's configs/ (what `make setup` installs in editable mode), else the copy inside the installed
+    package (setup.py puts it there). `--config-dir` still adds a user's own directory to Hydra's search path."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs" / "train.yaml").is_file():
+        return checkout / "configs"
+    return Path(__file__).resolve().parents[1] / "configs"
+
+
+CONFIG_DIR = _config_dir()
+USER_ERRORS = (TrainConfigError, ConfigError, DataError, CheckpointError, FileNotFoundError, RunInUse)
 _MAX_NAME = 100
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
 def run_name() -> str:
     """A directory name from the command's overrides (Hydra's `job.override_dirname`, which leaves out the keys
-    listed in train.yaml that do not change what is trained): the same command always gets the same name.
-    "default" without overrides, and for a config composed outside a Hydra app (`hydra.compose`)."""
+    listed in train.yaml that do not change what is trained, and joins key-value with `-` and items with `__`):
+    the same command always gets the same name, e.g. `model.num_experts-4__optim.lr-0.001`. "default" without
+    overrides, and for a config composed outside a Hydra app (`hydra.compose`)."""
     from hydra.core.hydra_config import HydraConfig
 
-    override_dirname = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
+    return readable_name(HydraConfig.get().job.override_dirname if HydraConfig.initialized() else "")
+
+
+def readable_name(override_dirname: str) -> str:
+    """`override_dirname` with every character a shell or Hydra's override grammar treats specially (`=`, `,`,
+    `/`, quotes, spaces, brackets, ...) turned into `_`, so that `run.dir=<path>` takes the printed path as it is.
+    When that changed anything, or the name is too long for a file system, a hash of the original keeps two
+    different commands in different directories."""
     if not override_dirname:
         return "default"
-    name = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", override_dirname).strip("_")
-    if len(name) > _MAX_NAME:  # file systems limit names to 255 bytes; the hash keeps long ones distinct
-        name = f"{name[:_MAX_NAME - 11]}-{hashlib.sha1(override_dirname.encode()).hexdigest()[:10]}"
+    name = _UNSAFE.sub("_", override_dirname).strip("_")
+    if name != override_dirname or len(name) > _MAX_NAME:
+        name = f"{name[:_MAX_NAME - 9]}-{hashlib.sha1(override_dirname.encode()).hexdigest()[:8]}"
     return name
 
 
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+# hydra.sweep.dir's name for the sweep, from the sweep's own override_dirname (value lists included). Cached, and
+# OmegaConf caches by the argument's text: Hydra copies the sweep's cache into every job's config, where the same
+# text then gives the sweep's name, not the job's.
+OmegaConf.register_new_resolver("sweep_name", readable_name, replace=True, use_cache=True)
 
 
 def run_config(cfg: DictConfig) -> RunConfig:
@@ -58,7 +83,9 @@ def run_config(cfg: DictConfig) -> RunConfig:
     groups = {}
     for name in ("model", "data", "parallel", "optim", "trainer", "checkpoint", "logger"):
         try:
-            groups[name] = hydra.utils.instantiate(cfg[name], _convert_="all")
+            values = OmegaConf.to_container(cfg[name], resolve=True, throw_on_missing=True)
+            target = hydra.utils.get_class(values["_target_"])
+            groups[name] = hydra.utils.instantiate(typed_values(target, values, name), _convert_="all")
         except hydra.errors.InstantiationException as e:
             cause = e.__cause__ or e
             raise TrainConfigError(f"{name}: {cause}") from None
@@ -75,8 +102,28 @@ def start_message(checkpoint, tag: str | None) -> str:
     return f"timemoe-train: resuming from step {read_meta(root / tag)['step']} ({root / tag})"
 
 
+def finished_step(run: RunConfig, tag: str | None) -> int | None:
+    """The step of rank 0's resume point when the run already reached trainer.max_steps, else None; every rank
+    gets rank 0's answer before DeepSpeed is even imported, so that a finished run ends at once."""
+    done = None
+    if tag is not None:
+        step = read_meta(Path(run.checkpoint.dir).resolve() / tag)["step"]
+        done = step if step >= run.trainer.max_steps else None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        from ..parallel import init_process_group
+
+        init_process_group()
+        answer = [done]
+        dist.broadcast_object_list(answer, src=0)
+        done = answer[0]
+    return done
+
+
 def make_trainer(cfg: DictConfig, run_dir: str | Path):
-    """Validate the composed config (before any process-group work), then build the trainer."""
+    """Validate the composed config (before any process-group work), then build the trainer; None when the run
+    has already reached trainer.max_steps."""
     try:
         container = scrub(OmegaConf.to_container(cfg, resolve=True))
     except OmegaConfBaseException as e:
@@ -86,8 +133,24 @@ def make_trainer(cfg: DictConfig, run_dir: str | Path):
     from ..checkpoint.resume import resume_point  # file work only: said before DeepSpeed is imported
 
     tag = None
-    if int(os.environ.get("RANK", "0")) == 0:  # verified once, before any engine start-up; broadcast later
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:  # verified once, before any engine start-up; broadcast later
+        # A restart by torchrun (--max-restarts) continues what this launch began, also under resume=false.
+        if not run.checkpoint.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+            aside = set_aside(Path(run_dir), Path(run.checkpoint.dir))
+            if aside is not None:
+                print(f"timemoe-train: checkpoint.resume=false: the previous checkpoints and metrics moved to "
+                      f"{aside.resolve()}", flush=True)
         tag = resume_point(run.checkpoint)
+    done = finished_step(run, tag)
+    if done is not None:
+        if main_rank:
+            where = Path(run.checkpoint.dir).resolve() / tag
+            print(f"timemoe-train: already at step {done} of trainer.max_steps={run.trainer.max_steps} ({where}): "
+                  f"nothing to train; raise trainer.max_steps to continue, or export it: timemoe-export {where} "
+                  f"{Path(run_dir).resolve() / 'export'}", flush=True)
+        return None
+    if main_rank:
         print(start_message(run.checkpoint, tag), flush=True)
     from .trainer import Trainer  # torch.distributed, DeepSpeed and megatron load only for a valid config
 
@@ -97,13 +160,24 @@ def make_trainer(cfg: DictConfig, run_dir: str | Path):
 def train(cfg: DictConfig, run_dir: str | Path) -> bool:
     """One run; True when a stop signal ended it (after saving). Whatever happens, the process-wide state it set
     up is torn down, so that the next job of a multirun can start."""
-    trainer = make_trainer(cfg, run_dir)
-    finished = False
+    lock = RunLock(Path(run_dir)) if int(os.environ.get("RANK", "0")) == 0 else None
     try:
-        trainer.fit()
-        finished = True
+        trainer = make_trainer(cfg, run_dir)
+        if trainer is None:  # already finished: only finished_step's process group to tear down
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            return False
+        finished = False
+        try:
+            trainer.fit()
+            finished = True
+        finally:
+            trainer.close(finished)  # a barrier only after a run every rank finished
     finally:
-        trainer.close(finished)  # a barrier only after a run every rank finished
+        if lock is not None:
+            lock.release()
     return trainer.stopped
 
 
@@ -122,8 +196,11 @@ def _app(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     _submitit_distributed_env()
+    # The directory Hydra gave this job: run.dir itself for one run; hydra.sweep.dir/<run.name> for a job of a
+    # multirun, where checkpoints (${run.dir}/checkpoints) must follow the job's .hydra/, metrics and W&B files.
+    cfg.run.dir = HydraConfig.get().runtime.output_dir
     try:
-        stopped = train(cfg, HydraConfig.get().runtime.output_dir)
+        stopped = train(cfg, cfg.run.dir)
     except USER_ERRORS as e:
         _user_error(f"{type(e).__name__}: {e}")
     if stopped:  # also the end of a multirun: the signal asked this process to stop
@@ -160,7 +237,34 @@ _LIBRARY_NOTICES = (
 _LIBRARY_LOGGERS = ("megatron.core.distributed.fsdp", "compilers")
 
 
+def _stop_with_launcher() -> None:
+    """Under torchrun: a SIGTERM (a stop request: save, then exit) when the agent dies, however it dies (kill -9
+    included); without it the workers train on as orphans, writing the run directory nobody watches."""
+    if sys.platform.startswith("linux") and "TORCHELASTIC_RUN_ID" in os.environ:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    def of(package):
+        try:
+            return installed(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"timemoe-train {of('timemoe-train')} (torch {of('torch')}, deepspeed {of('deepspeed')}, megatron-core "
+            f"{of('megatron-core')}, hydra-core {of('hydra-core')})")
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:  # ours, not Hydra's (which names Hydra only)
+        print(version())
+        return
+    _stop_with_launcher()
     for message in _LIBRARY_NOTICES:
         warnings.filterwarnings("ignore", message=message)
     for name in _LIBRARY_LOGGERS:

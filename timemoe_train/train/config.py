@@ -7,6 +7,7 @@ bad combination with one message naming the key and its value.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 
 from ..model.config import TimeMoeConfig
 
@@ -64,6 +67,14 @@ class TrainerConfig:
     # Peak FLOP/s of one device for the MFU estimate; None: looked up for known GPUs, else MFU is not reported.
     peak_flops_per_device: float | None = None
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
+    # Validation (train/validation.py): a prepared corpus of held-out windows, scored every val_interval steps (0:
+    # never) on its first val_batches micro-batches per rank; the lowest val_loss's checkpoint is kept as `best`
+    # (never pruned, what timemoe-export --tag best exports) and the run stops after `patience` validations
+    # without a new best (0: never stops early).
+    val_path: str | None = None
+    val_interval: int = 0
+    val_batches: int = 8
+    patience: int = 0
 
     def __post_init__(self):
         # The one place "auto" becomes a precision: everything downstream (engine, checkpoint meta) sees it.
@@ -79,7 +90,8 @@ class CheckpointConfig:
     dir: str = "checkpoints"  # train.yaml: ${run.dir}/checkpoints
     interval: int = 500  # steps between checkpoints (0: only at the end and on preemption)
     keep_last: int = 3
-    resume: bool = True  # continue from `dir/latest` when it exists
+    # True: continue from `dir/latest`. False: move the previous lineage aside (run dir/previous-<time>/), start over.
+    resume: bool = True
     save_at_end: bool = True
 
 
@@ -102,10 +114,12 @@ class WandbConfig:
 @dataclass
 class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    interval: int = 1  # steps between metrics.jsonl / W&B records and progress lines
+    interval: int = 1  # steps between metrics.jsonl / W&B records (and updates of the progress bar)
     # Steps between per-domain expert-load heatmaps (accumulated over that window); 0 disables them.
     heatmap_interval: int = 100
-    progress: bool = True
+    progress: bool = True  # a bar on a terminal, plain lines in a log file
+    # Steps between those plain lines (a multiple of `interval`); the last step always has one.
+    progress_interval: int = 10
 
 
 def packs_rows(data_cfg) -> bool:
@@ -113,29 +127,31 @@ def packs_rows(data_cfg) -> bool:
     return getattr(data_cfg, "packing", True)
 
 
-_SCALARS = (bool, int, float, str)
+def _type_name(hint) -> str:
+    if isinstance(hint, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(hint))
+    return hint.__name__ if isinstance(hint, type) else str(hint)
 
 
-def check_types(obj, prefix: str) -> None:
-    """Hydra fills a dataclass without looking at its annotations: `trainer.max_steps=abc` arrives as a str.
-    Reject values that are not of a field's scalar type (an int is a float too; a bool is not an int)."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value, key = getattr(obj, f.name), f"{prefix}.{f.name}"
-        if dataclasses.is_dataclass(value):
-            check_types(value, key)
-            continue
-        hint = hints[f.name]
-        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-        scalars = tuple(a for a in allowed if a in _SCALARS)
-        if len(scalars) != len(allowed) - (type(None) in allowed) or not scalars:
-            continue  # containers and Any: not checked here
-        if value is None and type(None) in allowed:
-            continue
-        ok = any(type(value) is a or (a is float and type(value) is int) for a in scalars)
-        if not ok:
-            names = " or ".join(a.__name__ for a in scalars) + (" or null" if type(None) in allowed else "")
-            raise TrainConfigError(f"{key}={value!r}: must be {names}")
+def typed_values(cls, values: dict, prefix: str) -> dict:
+    """A group's values (a resolved Hydra container, `_target_` kept) with every field of the dataclass `cls`
+    checked and converted by OmegaConf's structured-config validation: Hydra's instantiate alone would fill the
+    dataclass whatever the types (`data.packing=maybe`, `trainer.max_steps="5"`). A value that does not fit its
+    field's annotation raises one line naming the key, the value and the type."""
+    if not dataclasses.is_dataclass(cls):
+        return values
+    hints = typing.get_type_hints(cls)
+    nested = {k for k in values if dataclasses.is_dataclass(hints.get(k)) and isinstance(values[k], dict)}
+    flat = {k: v for k, v in values.items() if k != "_target_" and k not in nested}
+    try:
+        converted = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(cls), flat))
+    except ValidationError as e:
+        field = re.match(r"[^.\[]+", e.full_key or "").group(0)
+        raise TrainConfigError(f"{prefix}.{field}={flat.get(field)!r}: must be {_type_name(hints[field])}") from None
+    out = {**values, **{k: converted[k] for k in flat}}
+    for k in nested:
+        out[k] = typed_values(hints[k], values[k], f"{prefix}.{k}")
+    return out
 
 
 @dataclass
@@ -158,8 +174,6 @@ class RunConfig:
         from ..parallel import ParallelLayoutError, validate_layout
 
         p, t, o, c, lg, m = self.parallel, self.trainer, self.optim, self.checkpoint, self.logger, self.model
-        for name in ("parallel", "optim", "trainer", "checkpoint", "logger"):
-            check_types(getattr(self, name), name)
         try:
             validate_layout(world_size, p.expert_parallel_size, None if m.use_dense else m.num_experts)
         except ParallelLayoutError as e:  # its message starts with the offending key of the parallel group
@@ -192,6 +206,13 @@ class RunConfig:
             (m.attn_impl == "causal" and packs_rows(self.data), "model.attn_impl", m.attn_impl,
              "attends across the pieces of a packed row; with data.packing=true use auto, varlen or flex"),
             (t.device not in ("auto", "cpu", "cuda"), "trainer.device", t.device, "choose auto, cpu or cuda"),
+            (t.val_interval < 0, "trainer.val_interval", t.val_interval, "must be >= 0 (0: no validation)"),
+            (t.val_interval > 0 and not (t.val_path and Path(t.val_path).is_dir()), "trainer.val_path", t.val_path,
+             "trainer.val_interval > 0 needs the directory of a prepared validation corpus"),
+            (t.val_batches < 1, "trainer.val_batches", t.val_batches, "must be a positive integer"),
+            (t.patience < 0, "trainer.patience", t.patience, "must be >= 0 (0: no early stopping)"),
+            (t.patience > 0 and t.val_interval == 0, "trainer.patience", t.patience,
+             "early stopping needs validation: set trainer.val_interval"),
             (data_path is not None and not Path(data_path).is_dir(), "data.path", data_path,
              "no such directory (give the folder timemoe-prep wrote, the one holding manifest.json)"),
             (window is not None and window > m.max_position_embeddings, "data.max_length", window,
@@ -205,6 +226,8 @@ class RunConfig:
             (c.keep_last < 1, "checkpoint.keep_last", c.keep_last, "must be >= 1"),
             (lg.wandb.mode not in WANDB_MODES, "logger.wandb.mode", lg.wandb.mode, f"choose one of {WANDB_MODES}"),
             (lg.interval < 1, "logger.interval", lg.interval, "must be >= 1"),
+            (lg.progress_interval < 1 or lg.progress_interval % lg.interval, "logger.progress_interval",
+             lg.progress_interval, f"must be a positive multiple of logger.interval ({lg.interval})"),
             (lg.heatmap_interval < 0, "logger.heatmap_interval", lg.heatmap_interval, "must be >= 0 (0: off)"),
         ]
         for broken, key, value, why in rules:

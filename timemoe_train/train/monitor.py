@@ -11,9 +11,12 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
+
+from .report import ProgressLines
 
 _SECRET_KEY = re.compile(r"(api_?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
 
@@ -70,9 +73,17 @@ class Monitor:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = open(self.run_dir / "metrics.jsonl", "a")
+        path = self.run_dir / "metrics.jsonl"
+        # A launch that continues a run marks its first record: records of steps after its checkpoint that an
+        # earlier launch wrote (before a crash or kill) are repeated after the mark, and the later copy counts.
+        self.restarted_from = start_step if path.exists() and path.stat().st_size else None
+        self.metrics = open(path, "a")
+        # A bar on a terminal; in a log file plain lines instead (a bar there is one line of carriage returns).
+        terminal = sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                        disable=not cfg.progress)
+                        disable=not (cfg.progress and terminal))
+        self.lines = ProgressLines(total_steps, start_step, cfg.progress_interval) if cfg.progress and not terminal \
+            else None
         settings = wandb_settings(cfg.wandb, self.run_dir)
         if settings["mode"] != "disabled":
             import wandb
@@ -85,6 +96,8 @@ class Monitor:
         if not self.enabled:
             return
         record = {k: _json_safe(v) for k, v in record.items()}
+        if self.restarted_from is not None:
+            record["restarted_from_step"], self.restarted_from = self.restarted_from, None
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
         if self.wandb is not None:
@@ -97,6 +110,9 @@ class Monitor:
                  f"{record['tokens_per_s']:.0f} pts/s",
                  f"mfu {100 * record['mfu']:.1f}%" if record.get("mfu") is not None else None]
         self.bar.set_postfix_str(" | ".join(p for p in parts if p), refresh=False)
+        line = self.lines and self.lines.line(record)
+        if line:
+            print(line, flush=True)
 
     def log_figure(self, step: int, name: str, fig) -> None:
         """Save a matplotlib figure as `<run dir>/<name>/step<step>.png` and send it to W&B under `name`."""

@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import threading
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import read_meta, tag_for
 from ..data.loader import STOP_SIGNALS
 from ..model.hf_layout import load_hf_state
 from ..model import TimeMoeForPrediction
@@ -23,6 +26,8 @@ from .metrics import (StepStats, domain_heatmaps, expert_load_metrics, peak_flop
                       train_flops)
 from .module import TrainModule, initial_hf_state
 from .monitor import Monitor
+from .report import RunReport, layout_change
+from .validation import Validator
 
 _MODEL_INPUTS = {"inputs": "inputs_BT", "labels": "labels_BT", "loss_mask": "loss_mask_BT",
                  "sequence_ids": "sequence_ids_BT"}
@@ -42,11 +47,16 @@ class StopRequest:
     step's all-reduce, so all of them finish that step, save it, shut their loader workers down and exit 0.
 
     A second Ctrl-C exits at once without saving (status 130). Launchers may deliver one signal twice (torchrun
-    forwards what SLURM also sends to every process), so a repeat within a second is the same request."""
+    forwards what SLURM also sends to every process), so a repeat within a second is the same request. Before the
+    first step (`armed` false) there is nothing to save: the process exits at once, status 0. When the launcher
+    itself died (its parent-death signal, see `__main__`), nobody waits for this process any more: it gets
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds, as torchrun would give it, to save and leave."""
 
     def __init__(self):
         self.signum: int | None = None
+        self.armed = False
         self._at = 0.0
+        self._parent = os.getppid()
         self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     @property
@@ -55,6 +65,14 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         now = time.monotonic()
+        if not self.armed:
+            os.write(2, f"timemoe-train: {signal.Signals(signum).name} before the first step: exiting\n".encode())
+            os._exit(0)
+        if os.getppid() != self._parent and self.signum is None:
+            grace = float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+            deadline = threading.Timer(grace, os._exit, (1,))
+            deadline.daemon = True
+            deadline.start()
         if self.signum is None:
             self.signum, self._at = signum, now
         elif signum == signal.SIGINT and now - self._at > 1.0:
@@ -73,13 +91,14 @@ class Trainer:
         """`resume_tag`: on rank 0, the checkpoint to resume from (`timemoe_train.checkpoint.resume.resume_point`, verified before any
         engine start-up); the other ranks receive rank 0's."""
         self.run, self.run_dir, self.config_yaml = run, Path(run_dir), config_yaml
-        self.stop = StopRequest()  # from the start: a signal during set-up stops after the first step, saved
+        self.stop = StopRequest()  # from the start: a signal during set-up ends the process at once
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists, also in a plain one-process run
         p, t = run.parallel, run.trainer
         self.layout = init_parallel(p.expert_parallel_size, num_experts=run.model.num_experts)
         lay = self.layout
         # Before the model and engine: a bad data.path is reported without waiting for their start-up.
         self.loader = build_loader(run.data, lay.dp_rank, lay.dp_size, t.global_batch_size, t.micro_batch_size)
+        self.validator = Validator(run.data, t, lay.dp_rank, lay.dp_size) if t.val_interval else None
         self.device = torch.device("cuda", lay.local_rank) if (
             t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else torch.device("cpu")
         self.gas = run.gradient_accumulation_steps(lay.world_size)
@@ -92,7 +111,7 @@ class Trainer:
                               lay.ep_rank, lay.ep_size)
         self.module = TrainModule(model, lay.ep_size, with_markers=p.zero_stage < 3).to(self.device)
         torch.manual_seed(t.seed * 7919 + lay.rank)  # dropout and anything else random differs per rank
-        self.guard = NonFiniteGuard(self.module, t.max_bad_steps, self.device)
+        self.guard = NonFiniteGuard(self.module, t.max_bad_steps, self.device, self.gas)
         self.engine, self.optimizer = build_engine(self.module, run, self.gas,
                                                    lay.ep_group if lay.ep_size > 1 else None)
         if run.model.aux_loss_type == "megatron":
@@ -104,9 +123,11 @@ class Trainer:
         self.checkpointer = Checkpointer(run.checkpoint, self.engine, self.module, lay.rank, lay.world_size)
         self.step = 0
         self.wandb_id = None
+        self.weights = f"initialised from {t.init_from_hf}" if t.init_from_hf else f"random (trainer.seed={t.seed})"
         self._resume(resume_tag)
         self.monitor = Monitor(self.run_dir, run.logger, lay.is_main, config_dict, t.max_steps, self.step,
                                self.wandb_id)
+        self.report = RunReport(self)
         self.peak = peak_flops(t.peak_flops_per_device)
         self.stopped = False  # fit() ended on a stop signal, after saving
 
@@ -127,14 +148,21 @@ class Trainer:
         self.step = state["step"]
         self.loader.load_state_dict(state["loader"])
         self.guard.load_state_dict(state["guard"])
+        if self.validator is not None and "validation" in state:
+            self.validator.load_state_dict(state["validation"])
         self.wandb_id = state.get("wandb_id")
+        change = layout_change(read_meta(self.checkpointer.root / tag), self._layout_meta())
+        self.weights = f"resumed from step {self.step} ({self.checkpointer.root / tag})" + (
+            f"; {change}" if change else "")
 
     def save(self) -> Path:
         state = {"step": self.step, "loader": self.loader.state_dict(), "guard": self.guard.state_dict(),
                  "wandb_id": self.monitor.wandb_id}
+        if self.validator is not None:
+            state["validation"] = self.validator.state_dict()
         meta = {**self._layout_meta(), "model": dataclasses.asdict(self.run.model),
                 "precision": self.run.trainer.precision, "expert_aliases": self.module.expert_aliases}
-        path = self.checkpointer.save(self.step, state, meta, self.config_yaml)
+        path = self.report.checkpoint = self.checkpointer.save(self.step, state, meta, self.config_yaml)
         self.monitor.message(f"checkpoint {path}")
         return path
 
@@ -142,15 +170,26 @@ class Trainer:
     def fit(self) -> None:
         t, c = self.run.trainer, self.run.checkpoint
         batches = iter(self.loader)
+        self.stop.armed = True
         num_domains = len(self.domain_names) if self.run.logger.heatmap_interval else 0
         domain_load = None
         saved_at = self.step
+        for line in self.report.start_lines(self.weights):
+            self.monitor.message(line)
         try:
-            while self.step < t.max_steps:
+            while self.step < t.max_steps and not (self.validator and self.validator.exhausted):
                 summary, stats, elapsed = self._train_step(batches, num_domains)
                 self.step += 1
-                self.guard.record(summary["reduced"].nonfinite)
-                if self.step % self.run.logger.interval == 0 or self.step == t.max_steps:
+                reduced = summary["reduced"]
+                self.guard.record(reduced.nonfinite)
+                validated = bool(t.val_interval) and (self.step % t.val_interval == 0 or self.step == t.max_steps)
+                if validated:
+                    summary["val_loss"] = self.validator.score(self.engine, self._model_inputs, self.device)
+                best = validated and self.validator.update(self.step, summary["val_loss"])
+                # The step's statistics are read back to the host on logging steps only (and at the last step,
+                # for the end summary's loss).
+                if (validated or reduced.stop or self.step % self.run.logger.interval == 0
+                        or self.step == t.max_steps):
                     self._log(summary, elapsed)
                 self.guard.check(self.step)
                 if num_domains:
@@ -158,18 +197,27 @@ class Trainer:
                     if self.step % self.run.logger.heatmap_interval == 0:
                         self._log_heatmaps(domain_load)
                         domain_load = None
-                if summary["reduced"].stop or (c.interval and self.step % c.interval == 0):
+                if reduced.stop or best or (c.interval and self.step % c.interval == 0):
                     self.save()
                     saved_at = self.step
-                if summary["reduced"].stop:
+                if best:
+                    self.checkpointer.mark_best(tag_for(self.step))
+                if validated:
+                    v = self.validator
+                    self.monitor.message(f"step {self.step}: val_loss {summary['val_loss']:.4f} (best {v.best:.4f} "
+                                         f"at step {v.best_step})" + (", stopping early" if v.exhausted else ""))
+                if reduced.stop:
                     self.stopped = True
                     self.monitor.message(f"stop requested by signal: saved step {self.step}, exiting")
-                    return
-            if c.save_at_end and saved_at != self.step:
-                self.save()
+                    break
+            else:
+                if c.save_at_end and saved_at != self.step:
+                    self.save()
         finally:
             getattr(batches, "close", lambda: None)()  # the loader's workers leave now, not at garbage collection
             self.monitor.close()
+        if self.layout.is_main:  # after W&B's own closing lines
+            print("\n".join(self.report.end_lines(self.stopped)), flush=True)
 
     def _train_step(self, batches, num_domains: int):
         start = time.perf_counter()
@@ -179,20 +227,31 @@ class Trainer:
         reduced = None
         for micro in range(self.gas):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+            self.guard.watch_batch(micro, batch["inputs"], batch["labels"])
             out = self.engine(**self._model_inputs(batch))
             stats.add(out, batch)
             self.engine.backward(out.loss)
             if micro == self.gas - 1:  # gradients are complete: every rank decides the same way before stepping
-                reduced = stats.reduce(self.guard.grads_nonfinite, self.stop.requested)
+                reduced = stats.reduce(self.guard.nonfinite, self.stop.requested)
                 self.optimizer.veto = reduced.nonfinite
             self.engine.step()
         self.optimizer.veto = False
+        if reduced.nonfinite:
+            self._name_bad_points()
         summary = {"reduced": reduced, "grad_norm": global_grad_norm(self.engine, self.optimizer)}
         if self.run.model.aux_loss_type == "megatron":
             from ..model.moe_megatron import finish_megatron_step
 
             summary["megatron_aux"] = finish_megatron_step(self.module.model, self.gas)
         return summary, stats, time.perf_counter() - start
+
+    def _name_bad_points(self) -> None:
+        """A skipped step: where this rank's non-finite inputs or targets came from (shard and row)."""
+        where = getattr(self.loader, "where", None)
+        for micro, row, point in self.guard.bad_points():
+            source = where(self.step * self.gas + micro, row, point) if where else "synthetic data"
+            print(f"timemoe-train: rank {self.layout.rank}: step {self.step + 1} skipped: non-finite data in "
+                  f"micro-batch {micro} row {row}, point {point}: {source}", file=sys.stderr, flush=True)
 
     def _model_inputs(self, batch: dict) -> dict:
         inputs = {arg: batch[key] for key, arg in _MODEL_INPUTS.items()}
@@ -211,6 +270,8 @@ class Trainer:
                   "grad_norm": s["grad_norm"], "tokens_per_s": s["points"] / elapsed,
                   "mfu": flops / (elapsed * self.layout.world_size * self.peak) if self.peak else None,
                   "step_time_s": elapsed, "skipped": s["reduced"].nonfinite, "skipped_total": self.guard.skipped_total}
+        if "val_loss" in s:
+            record["val_loss"] = s["val_loss"]
         for h, value in zip(self.run.model.horizon_lengths, s["head_losses"]):
             record[f"head_loss/h{h}"] = value
         for name, value in s.get("megatron_aux", {}).items():
@@ -218,6 +279,7 @@ class Trainer:
         if "megatron_aux" in s:  # megatron's balancing replaced the Time-MoE aux loss
             record["aux_loss"] = s["megatron_aux"].get("load_balancing_loss")
         record.update(expert_load_metrics(s["load_LE"]))
+        self.report.final_loss = s["loss"]
         self.monitor.log(record)
 
     def _log_heatmaps(self, domain_load) -> None:

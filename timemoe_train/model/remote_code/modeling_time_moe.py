@@ -1,9 +1,13 @@
 """Time-MoE for `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
 
 Shipped inside every export next to `config.json` and `model.safetensors` (released TimeMoE-50M/200M names).
-Depends on torch and transformers only: serving stacks load it without timemoe-train installed. Written in the
-style of the released inference code (per-expert mask loop, eager attention with an explicit causal mask,
-rotate-half RoPE) so that it doubles as an independent reference for timemoe-train's own model.
+Depends on torch and transformers only: serving stacks load it without timemoe-train installed. It computes what
+the released inference code computes (rotate-half RoPE, fp32 softmax and router, top-k not renormalised), equal
+within float rounding, but faster: `scaled_dot_product_attention` with SDPA's own causal kernel for a context (no
+mask in memory), experts run sparsely on their own tokens sorted by expert, RoPE computed once per forward, and a
+roll-out computes the last layer and the head for the last point only. It runs in the weights' dtype (bf16 on a
+GPU: `from_pretrained(dir, trust_remote_code=True, dtype=torch.bfloat16)`); `torch.compile` works per decoder layer
+(`for layer in model.model.layers: layer.compile()`).
 Runs with transformers 4.40 and 5.x: the KV cache is a plain tuple of (key, value) per layer and RoPE is computed
 from positions on every call, so no cache class and no non-persistent buffer is involved.
 
@@ -13,7 +17,6 @@ Usage (users z-normalise each series over its context, or call `forecast`, which
     forecast_BH = model.forecast(context_BT, 96)                   # de-normalised
 """
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -63,20 +66,14 @@ class TimeMoeRMSNorm(nn.Module):
         return self.weight * hidden_states.to(input_dtype)
 
 
-class TimeMoeRotaryEmbedding(nn.Module):
-    """cos/sin of the rotate-half RoPE for explicit positions, in fp32, then cast to the activations' dtype."""
-
-    def __init__(self, head_dim: int, base: float):
-        super().__init__()
-        self.head_dim = head_dim
-        self.base = base
-
-    def forward(self, position_ids, dtype):
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=position_ids.device).float()
-        inv_freq = 1.0 / (self.base ** (exponent / self.head_dim))
-        freqs = position_ids.float()[..., None] * inv_freq  # [B, T, head_dim / 2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+def rotary_cos_sin(position_ids, head_dim: int, base: float, dtype):
+    """cos/sin of the rotate-half RoPE at explicit positions ([T] or [B, T] -> [..., T, head_dim]), computed in
+    fp32 once per forward for every layer, then cast to the activations' dtype."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float()
+    inv_freq = 1.0 / (base ** (exponent / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def rotate_half(x):
@@ -84,17 +81,44 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary_pos_emb(q, k, cos, sin):
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
 def repeat_kv(hidden_states, n_rep: int):
-    """[B, kv_heads, S, d] -> [B, kv_heads * n_rep, S, d] for grouped-query attention."""
+    """[B, kv_heads, S, d] -> [B, kv_heads * n_rep, S, d] for grouped-query attention (SDPA's own GQA needs a
+    newer torch than the transformers 4.40 era brings)."""
     if n_rep == 1:
         return hidden_states
     b, kv_heads, s, d = hidden_states.shape
     return hidden_states[:, :, None].expand(b, kv_heads, n_rep, s, d).reshape(b, kv_heads * n_rep, s, d)
+
+
+@dataclass
+class AttentionMask:
+    """How the queries of one forward see the keys, shared by every layer: `causal` (no cache: SDPA's own causal
+    kernel, no mask in memory), or `mask`, bool [T, S] (new points after a cache: lower-right causal) or additive
+    [B, 1, T, S] (padding columns given, masked as the released code does), or neither (one query sees all)."""
+
+    mask: Optional[torch.Tensor] = None
+    causal: bool = False
+
+    @classmethod
+    def build(cls, attention_mask, batch_size: int, q_len: int, past_len: int, dtype, device):
+        total = past_len + q_len
+        if attention_mask is None:
+            if q_len == 1:
+                return cls()
+            if past_len == 0:
+                return cls(causal=True)
+            return cls(torch.ones(q_len, total, dtype=torch.bool, device=device).tril(diagonal=past_len))
+        if attention_mask.shape != (batch_size, total):
+            raise ValueError(f"attention_mask must be [batch, past + time] = {(batch_size, total)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        allowed = torch.ones(q_len, total, dtype=torch.bool, device=device).tril(diagonal=past_len)
+        allowed = allowed[None, None] & attention_mask.bool()[:, None, None, :]
+        zero = torch.zeros((), dtype=dtype, device=device)
+        return cls(torch.where(allowed, zero, torch.finfo(dtype).min))
+
+    def last_row(self) -> "AttentionMask":
+        """For the last query alone: it sees every key, except padding."""
+        return AttentionMask(None if self.mask is None or self.mask.dim() == 2 else self.mask[..., -1:, :])
 
 
 class TimeMoeMLP(nn.Module):
@@ -111,7 +135,11 @@ class TimeMoeMLP(nn.Module):
 
 
 class TimeMoeSparseExpertsLayer(nn.Module):
-    """Σ_topk p_i·expert_i(x) + sigmoid(shared_expert_gate(x))·shared_expert(x); top-k not renormalised."""
+    """Σ_topk p_i·expert_i(x) + sigmoid(shared_expert_gate(x))·shared_expert(x); top-k not renormalised.
+
+    Sparse: the (token, choice) pairs are sorted by expert, so each expert runs one GEMM over a contiguous block
+    of exactly its tokens; the block sizes are read once per layer (not once per expert), and the outputs return
+    to their tokens through one permutation and one batched [1, K] x [K, D] product per token."""
 
     def __init__(self, config: TimeMoeConfig):
         super().__init__()
@@ -125,24 +153,23 @@ class TimeMoeSparseExpertsLayer(nn.Module):
 
     def forward(self, hidden_states):
         batch_size, seq_len, hidden_dim = hidden_states.shape
-        hidden_states = hidden_states.view(-1, hidden_dim)
-        router_logits = self.gate(hidden_states)
-        routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
-        routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
-        routing_weights = routing_weights.to(hidden_states.dtype)
+        x_ND = hidden_states.reshape(-1, hidden_dim)
+        router_logits = self.gate(x_ND)
+        probs_NE = F.softmax(router_logits, dim=1, dtype=torch.float)
+        weights_NK, experts_NK = torch.topk(probs_NE, self.top_k, dim=-1)
 
-        final_hidden_states = torch.zeros_like(hidden_states)
-        # [E, top_k, tokens]: which tokens picked expert e as their k-th choice.
-        expert_mask = F.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
-        for expert_idx, expert in enumerate(self.experts):
-            choice, token = torch.where(expert_mask[expert_idx])
-            if token.numel() == 0:
-                continue
-            expert_out = expert(hidden_states[token]) * routing_weights[token, choice, None]
-            final_hidden_states.index_add_(0, token, expert_out.to(hidden_states.dtype))
+        choices_M = experts_NK.flatten()
+        order_M = torch.argsort(choices_M, stable=True)  # (token, choice) pairs grouped by expert
+        counts_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_ND.device)
+        counts_E.scatter_add_(0, choices_M, torch.ones_like(choices_M))  # on the device, unlike bincount
+        x_MD = x_ND[order_M // self.top_k]
+        y_MD = torch.cat([expert(x_mD) for expert, x_mD in zip(self.experts, x_MD.split(counts_E.tolist()))])
+        y_NKD = torch.empty_like(y_MD).index_copy_(0, order_M, y_MD).view(-1, self.top_k, hidden_dim)
+        # The released code casts the routing weights to the activations' dtype before mixing.
+        routed_ND = torch.bmm(weights_NK.to(y_NKD.dtype).unsqueeze(1), y_NKD).squeeze(1)
 
-        shared = torch.sigmoid(self.shared_expert_gate(hidden_states)) * self.shared_expert(hidden_states)
-        return (final_hidden_states + shared).view(batch_size, seq_len, hidden_dim), router_logits
+        shared_ND = torch.sigmoid(self.shared_expert_gate(x_ND)) * self.shared_expert(x_ND)
+        return (routed_ND + shared_ND).view(batch_size, seq_len, hidden_dim), router_logits
 
 
 class TimeMoeAttention(nn.Module):
@@ -159,26 +186,29 @@ class TimeMoeAttention(nn.Module):
         self.k_proj = nn.Linear(self.hidden_size, kv_dim, bias=True)
         self.v_proj = nn.Linear(self.hidden_size, kv_dim, bias=True)
         self.o_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
-        self.rotary_emb = TimeMoeRotaryEmbedding(self.head_dim, config.rope_theta)
 
-    def forward(self, hidden_states, attention_mask, position_ids, past_key_value=None):
+    def forward(self, hidden_states, rope, mask: AttentionMask, past_key_value=None, last_only: bool = False):
+        """rope: (cos, sin) broadcasting to [B, heads, T, head_dim]. last_only: keys and values of every point
+        (the cache needs them), the query of the last point alone (all that a roll-out reads)."""
         bsz, q_len, _ = hidden_states.shape
-        query = self.q_proj(hidden_states).view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
         key = self.k_proj(hidden_states).view(bsz, q_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(bsz, q_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
-        cos, sin = self.rotary_emb(position_ids, query.dtype)
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        key = key * cos + rotate_half(key) * sin
+        if last_only:
+            hidden_states, cos, sin, mask = hidden_states[:, -1:], cos[..., -1:, :], sin[..., -1:, :], mask.last_row()
+        query = self.q_proj(hidden_states).view(bsz, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        query = query * cos + rotate_half(query) * sin
         if past_key_value is not None:
             key = torch.cat([past_key_value[0], key], dim=2)
             value = torch.cat([past_key_value[1], value], dim=2)
         present = (key, value)
 
         key, value = repeat_kv(key, self.num_key_value_groups), repeat_kv(value, self.num_key_value_groups)
-        attn_weights = torch.matmul(query, key.transpose(2, 3)) / math.sqrt(self.head_dim)
-        attn_weights = attn_weights + attention_mask
-        attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-        attn_weights = F.dropout(attn_weights, p=self.attention_dropout, training=self.training)
-        attn_output = torch.matmul(attn_weights, value).transpose(1, 2).reshape(bsz, q_len, self.hidden_size)
+        attn_output = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask.mask, is_causal=mask.causal,
+            dropout_p=self.attention_dropout if self.training else 0.0)
+        attn_output = attn_output.transpose(1, 2).reshape(bsz, -1, self.hidden_size)
         return self.o_proj(attn_output), present
 
 
@@ -193,9 +223,11 @@ class TimeMoeDecoderLayer(nn.Module):
         self.input_layernorm = TimeMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = TimeMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden_states, attention_mask, position_ids, past_key_value=None):
-        attn_out, present = self.self_attn(self.input_layernorm(hidden_states), attention_mask, position_ids,
-                                           past_key_value)
+    def forward(self, hidden_states, rope, mask, past_key_value=None, last_only: bool = False):
+        attn_out, present = self.self_attn(self.input_layernorm(hidden_states), rope, mask, past_key_value,
+                                           last_only)
+        if last_only:
+            hidden_states = hidden_states[:, -1:]
         hidden_states = hidden_states + attn_out
         ffn_out = self.ffn_layer(self.post_attention_layernorm(hidden_states))
         router_logits = None
@@ -222,20 +254,6 @@ class TimeMoePreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
 
 
-def build_attention_mask(attention_mask, batch_size, q_len, past_len, dtype, device):
-    """Additive mask [B, 1, T, past + T]: causal, offset by the cache, plus padding columns from a [B, S] 0/1 mask."""
-    total = past_len + q_len
-    allowed = torch.ones(q_len, total, dtype=torch.bool, device=device).tril(diagonal=past_len)
-    allowed = allowed[None, None].expand(batch_size, 1, q_len, total)
-    if attention_mask is not None:
-        if attention_mask.shape != (batch_size, total):
-            raise ValueError(f"attention_mask must be [batch, past + time] = {(batch_size, total)}, "
-                             f"got {tuple(attention_mask.shape)}")
-        allowed = allowed & attention_mask.bool()[:, None, None, :]
-    zero = torch.zeros((), dtype=dtype, device=device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)
-
-
 class TimeMoeModel(TimeMoePreTrainedModel):
     def __init__(self, config: TimeMoeConfig):
         super().__init__(config)
@@ -244,23 +262,28 @@ class TimeMoeModel(TimeMoePreTrainedModel):
         self.norm = TimeMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
+                last_only: bool = False):
+        """last_only: the hidden state of the last point alone ([B, 1, D]; the cache still covers every point)."""
         if input_ids.dim() == 2:
             input_ids = input_ids.unsqueeze(-1)  # [B, T] values of a univariate series -> [B, T, 1]
         batch_size, seq_len, _ = input_ids.shape
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + seq_len, device=input_ids.device)
-            position_ids = position_ids.unsqueeze(0).expand(batch_size, seq_len)
 
         hidden_states = self.embed_layer(input_ids.to(self.embed_layer.emb_layer.weight.dtype))
-        mask = build_attention_mask(attention_mask, batch_size, seq_len, past_len, hidden_states.dtype,
-                                    hidden_states.device)
+        if position_ids is None:  # [T]: the same positions in every row
+            position_ids = torch.arange(past_len, past_len + seq_len, device=input_ids.device)
+        cos, sin = rotary_cos_sin(position_ids, self.config.hidden_size // self.config.num_attention_heads,
+                                  self.config.rope_theta, hidden_states.dtype)
+        rope = (cos, sin) if position_ids.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
+        mask = AttentionMask.build(attention_mask, batch_size, seq_len, past_len, hidden_states.dtype,
+                                   hidden_states.device)
         all_router_logits, next_cache = [], []
         for i, layer in enumerate(self.layers):
             past = None if past_key_values is None else past_key_values[i]
-            hidden_states, router_logits, present = layer(hidden_states, mask, position_ids, past)
+            hidden_states, router_logits, present = layer(hidden_states, rope, mask, past,
+                                                          last_only and i == len(self.layers) - 1)
             if router_logits is not None:
                 all_router_logits.append(router_logits)
             next_cache.append(present)
@@ -352,9 +375,9 @@ class TimeMoeForPrediction(TimeMoePreTrainedModel):
         step = inputs.to(self.device, dtype)
         outputs, remaining, cache = [], max_new_tokens, None
         while remaining > 0:
-            out = self(step, past_key_values=cache, use_cache=True, max_horizon_length=remaining)
-            step = out.logits[:, -1, :]
-            cache = out.cache
+            # Only the last point's output is read: the last layer and the head skip the others.
+            hidden_states, _, cache = self.model(step, past_key_values=cache, use_cache=True, last_only=True)
+            step = self.lm_heads[self.head_index(remaining)](hidden_states[:, -1])
             outputs.append(step.float())
             remaining -= step.shape[1]
         return torch.cat([inputs.to(self.device, torch.float32)] + outputs, dim=1)

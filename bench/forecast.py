@@ -1,0 +1,128 @@
+"""Forecast speed of the exported modeling code against the released code's way of computing, same weights, side by
+side in one run (repeats interleaved: the machine may be shared), medians reported.
+
+- exported:  the remote code every export ships (timemoe_train/model/remote_code/modeling_time_moe.py)
+- reference: bench/reference/modeling_time_moe.py, computing what the released code computes the way it computes
+             it (eager attention with an additive mask, a Python loop over experts with `torch.where` +
+             `index_add_`, every head at every position): the export's code before it was made fast.
+Both are loaded from the same export directory through `AutoModelForCausalLM.from_pretrained(...,
+trust_remote_code=True)`, the reference as its own copy of that directory with its modeling file swapped in.
+Random base-size weights (routing close to uniform, like a trained model's balanced experts), context 512,
+batches 8 and 32, horizons 96 (64 + 32) and 720 (11 x 64 + 8 + 8); CPU fp32, and CUDA bf16 when present.
+The last line is the CPU speed-up, the geometric mean over the batch sizes.
+
+    python bench/forecast.py [--preset base] [--batches 8,32] [--repeats 3] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
+
+REFERENCE = Path(__file__).parent / "reference" / "modeling_time_moe.py"
+HORIZONS = (96, 720)
+
+
+def export_pair(preset: str, root: Path) -> tuple[Path, Path]:
+    """One export with random weights, and its copy running the reference modeling code."""
+    torch.manual_seed(0)
+    exported, reference = root / f"exported_{preset}", root / f"reference_{preset}"
+    TimeMoeForPrediction(TimeMoeConfig.preset(preset)).save_pretrained(exported)
+    shutil.copytree(exported, reference)
+    shutil.copyfile(REFERENCE, reference / "modeling_time_moe.py")
+    return exported, reference
+
+
+def load(directory: Path, device: str, dtype: torch.dtype):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=dtype)
+    return model.to(device).eval()
+
+
+def contexts(batch: int, length: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(batch)
+    t = torch.arange(length, dtype=torch.float32)
+    season = torch.sin(2 * math.pi * t / 24) * torch.rand(batch, 1, generator=g) * 3
+    return 10 + season + torch.randn(batch, length, generator=g).cumsum(1) * 0.3
+
+
+def timed(model, context_BT: torch.Tensor, horizon: int) -> float:
+    sync = torch.cuda.synchronize if context_BT.is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    model.forecast(context_BT, horizon)
+    sync()
+    return time.perf_counter() - start
+
+
+def measure(models: dict, device: str, batches, context_length: int, repeats: int) -> dict:
+    """(batch, horizon) -> name -> median seconds; one warm-up each, then repeats interleaved."""
+    out = {}
+    for batch in batches:
+        context_BT = contexts(batch, context_length).to(device)
+        for horizon in HORIZONS:
+            times = {name: [] for name in models}
+            for name, model in models.items():
+                model.forecast(context_BT[:1], horizon)
+            for _ in range(repeats):
+                for name, model in models.items():
+                    times[name].append(timed(model, context_BT, horizon))
+            out[batch, horizon] = {name: statistics.median(t) for name, t in times.items()}
+            row = out[batch, horizon]
+            print(f"  batch {batch:3d}  h {horizon:4d}   reference {row['reference']:7.2f} s   exported "
+                  f"{row['exported']:7.2f} s   x{row['reference'] / row['exported']:.2f}", flush=True)
+    return out
+
+
+def profile(model, context_BT: torch.Tensor, horizon: int, rows: int = 15) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        model.forecast(context_BT, horizon)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="base")
+    p.add_argument("--batches", default="8,32")
+    p.add_argument("--context-length", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="also print the top ops of the exported roll-out "
+                                                          "(batch 8, h 96)")
+    args = p.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    torch.set_grad_enabled(False)
+    with tempfile.TemporaryDirectory() as tmp:
+        exported, reference = export_pair(args.preset, Path(tmp))
+        devices = [("cpu", torch.float32)] + ([("cuda", torch.bfloat16)] if torch.cuda.is_available() else [])
+        results = {}
+        for device, dtype in devices:
+            models = {"reference": load(reference, device, dtype), "exported": load(exported, device, dtype)}
+            print(f"{device} {str(dtype).removeprefix('torch.')}, preset {args.preset}, context "
+                  f"{args.context_length}, {args.repeats} repeats, medians "
+                  f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)", flush=True)
+            results[device] = measure(models, device, batches, args.context_length, args.repeats)
+            if args.profile and device == "cpu":
+                profile(models["exported"], contexts(8, args.context_length), 96)
+            del models
+        print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    cpu = results["cpu"]
+    speedup = {h: math.exp(statistics.mean(math.log(cpu[b, h]["reference"] / cpu[b, h]["exported"])
+                                           for b in batches)) for h in HORIZONS}
+    print(f"forecast speed-up: h96 {speedup[96]:.2f}x, h720 {speedup[720]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

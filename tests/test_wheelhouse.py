@@ -1,0 +1,172 @@
+"""launch/wheelhouse.py: a wheelhouse built for this machine's Python installs with `--no-index` into a fresh venv over
+an interpreter that holds only torch, and the installed commands, run from a directory with no checkout, prepare a
+corpus and train the tiny model on 2 processes to a saved checkpoint with the configs inside the package. The
+install refuses an interpreter without what the wheelhouse assumes; the build ships exactly what the brought
+packages do not cover."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from timemoe_train.checkpoint import read_meta
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "launch" / "wheelhouse.py"
+# Downloads and the built DeepSpeed/antlr4 wheels survive between runs (CI reaches PyPI; a re-run reads the cache).
+CACHE = REPO / ".cache" / "wheelhouse"
+
+spec = importlib.util.spec_from_file_location("wheelhouse", SCRIPT)
+wheelhouse = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(wheelhouse)
+
+
+def requirement_closure(name: str) -> list[metadata.Distribution]:
+    """`name`'s installed distribution and every one it requires, in this interpreter (which must meet them: pip
+    checks an installed torch's requirements too)."""
+    found, todo = {}, [Requirement(name)]
+    while todo:
+        req = todo.pop()
+        dist = metadata.distribution(req.name)
+        assert req.specifier.contains(dist.version, prereleases=True), \
+            f"this interpreter has {req.name} {dist.version}, torch needs {req}: pip install '{req}'"
+        key = canonicalize_name(dist.metadata["Name"])
+        if key not in found:
+            found[key] = dist
+            todo += [r for r in map(Requirement, dist.requires or []) if not r.marker or r.marker.evaluate({"extra": ""})]
+    return list(found.values())
+
+
+def torch_only_python(root: Path) -> Path:
+    """A venv standing in for a CUDA image's interpreter: torch, what torch requires and pip, linked from this
+    interpreter's site-packages, and nothing else."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    python = root / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    for dist in [*requirement_closure("torch"), metadata.distribution("pip")]:
+        for top in {f.parts[0] for f in dist.files if f.parts[0] != ".."}:
+            if not (site / top).exists():
+                (site / top).symlink_to(dist.locate_file(top))
+    return python
+
+
+def clean_env(venv: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "LOCAL_RANK", "RANK",
+                                                            "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))  # DeepSpeed's JIT ops
+    return {**env, "DS_BUILD_OPS": "0", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **extra}
+
+
+def run(cmd: list, cwd: Path, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.mark.slow
+def test_offline_install_over_torch_only_trains_from_no_checkout(tmp_path):
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    out = tmp_path / "wheelhouse"
+    build = run([sys.executable, SCRIPT, "build", "--python", python, "--image-brings", "torch", "--out", out,
+                 "--cache", CACHE], REPO, {**os.environ}, timeout=900)
+    summary = build.stdout.strip().splitlines()[-1]
+    assert summary.startswith("wheelhouse: ") and "assumed on the node: torch>=" in summary, summary
+    names = {w.name.split("-")[0].lower() for w in out.glob("*.whl")}
+    assert {"timemoe_train", "deepspeed", "megatron_core", "hydra_core", "omegaconf", "antlr4_python3_runtime",
+            "wandb", "datasets", "submitit", "hydra_submitit_launcher", "numpy", "pyarrow"} <= names
+    assert "torch" not in names and "sympy" not in names  # brought, and needed by torch alone
+    # The wheelhouse travels alone: its own copy of the installer, its list of what the image must bring.
+    moved = shutil.move(out, tmp_path / "elsewhere")
+    image = torch_only_python(tmp_path / "image")
+    venv = tmp_path / "venv"
+    work = tmp_path / "work"  # no checkout here or above
+    work.mkdir()
+    env = clean_env(venv)
+    run([image, Path(moved) / "wheelhouse.py", "install", "--venv", venv], work, env, timeout=900)
+
+    where = run([venv / "bin" / "python", "-c", "import timemoe_train, torch; print(timemoe_train.__file__); "
+                 "print(torch.__file__)"], work, env, timeout=120).stdout.split()
+    assert Path(where[0]).is_relative_to(venv) and not Path(where[1]).is_relative_to(venv)  # torch: the image's
+
+    rng = np.random.default_rng(0)
+    t = np.arange(4000)
+    pd.DataFrame({"date": pd.date_range("2020-01-01", periods=t.size, freq="h").astype(str),
+                  **{f"c{i}": np.sin(2 * np.pi * t / 24 + i) + rng.normal(0, 0.1, t.size) for i in range(3)}}
+                 ).to_csv(work / "series.csv", index=False)
+    run([venv / "bin" / "timemoe-prep", "--source", "csv", "--input", "series.csv", "--output", "prepared",
+         "--workers", "1", "--no-progress"], work, env, timeout=300)
+    assert (work / "prepared" / "manifest.json").is_file()
+
+    train = run([venv / "bin" / "python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                 venv / "bin" / "timemoe-train", "model=tiny", "data.path=prepared", "data.max_length=48",
+                 "trainer.global_batch_size=8", "trainer.micro_batch_size=2", "trainer.max_steps=4",
+                 "checkpoint.interval=0", "logger=none", "logger.progress=false", "run.name=offline"],
+                work, env, timeout=600)
+    assert "timemoe-train: starting a new run" in train.stdout
+    (tag,) = (work / "runs" / "offline" / "checkpoints").glob("step*")
+    assert read_meta(tag)["step"] == 4
+    assert (tag / "elastic" / ".metadata").is_file()
+
+    # A user's own config directory still joins the packaged ones.
+    (work / "mine" / "model").mkdir(parents=True)
+    (work / "mine" / "model" / "wide.yaml").write_text("defaults:\n  - tiny\n  - _self_\nhidden_size: 48\n")
+    job = run([venv / "bin" / "timemoe-train", "--config-dir", "mine", "model=wide", "data=synthetic", "--cfg",
+               "job"], work, env, timeout=120).stdout
+    assert "hidden_size: 48" in job and "num_experts: 4" in job
+
+
+def test_install_refuses_an_interpreter_without_what_the_image_must_bring(tmp_path):
+    out = tmp_path / "wheelhouse"
+    out.mkdir()
+    shutil.copy2(SCRIPT, out / "wheelhouse.py")
+    (out / wheelhouse.BRINGS_FILE).write_text("# header\ntorch>=99\nno-such-package-here>=1\npip\n")
+    proc = subprocess.run([sys.executable, out / "wheelhouse.py", "install", "--venv", tmp_path / "venv"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2, proc.stderr
+    assert f"torch: {metadata.version('torch')} is installed, the wheelhouse needs torch>=99" in lines[0]
+    assert "no-such-package-here: not installed (the wheelhouse assumes the image brings no-such-package-here>=1)" \
+        in lines[1]
+    assert not (tmp_path / "venv").exists()  # nothing made before the check
+
+
+def _item(name, version, requires=(), requested=False):
+    return {"metadata": {"name": name, "version": version, "requires_dist": list(requires)}, "requested": requested,
+            "download_info": {"url": f"https://example.invalid/{name}-{version}.whl"}}
+
+
+def test_shipped_leaves_out_what_only_brought_packages_need():
+    report = [
+        _item("app", "1", ["torch>=2.10", "Hydra_Core>=1.3", "numpy>=1.26", "winonly; sys_platform == 'win32'",
+                           "extra-thing; extra == 'more'"], requested=True),
+        _item("torch", "2.14", ["sympy", "filelock"]),
+        _item("sympy", "1.0"),
+        _item("filelock", "3.0"),
+        _item("hydra-core", "1.3.8", ["omegaconf~=2.2", "filelock", "numpy>=1.20"]),
+        _item("omegaconf", "2.3"),
+        _item("numpy", "2.0"),
+        _item("hf-xet", "1.6", []),
+    ]
+    report[4]["metadata"]["requires_dist"].append('hf-xet>=1.6; platform_machine == "x86_64"')
+    env = wheelhouse.marker_environment("3.12", "manylinux_2_28_x86_64")
+    ships, needs = wheelhouse.shipped(report, {"torch", "numpy"}, env)
+    assert [i["metadata"]["name"] for i in ships] == ["app", "filelock", "hf-xet", "hydra-core", "omegaconf"]
+    assert needs == {"numpy": str(wheelhouse._packaging()[2].SpecifierSet(">=1.26,>=1.20")), "torch": ">=2.10"}
+    assert wheelhouse.platform_tags("manylinux_2_18_x86_64") == [
+        "manylinux_2_18_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"] + [
+        t for m in range(16, 4, -1) for t in [f"manylinux_2_{m}_x86_64"]
+        + ({12: ["manylinux2010_x86_64"], 5: ["manylinux1_x86_64"]}.get(m, []))]

@@ -1,0 +1,119 @@
+"""What timemoe-forecast reads: every series of a wide or long CSV, a Parquet or Arrow table, or a prepared corpus
+(timemoe-prep's output), through timemoe-prep's own readers, so a file prep accepts is one forecast accepts, with
+the same errors. Each series is cut to its last `context_length` points after its missing points are dealt with:
+leading and trailing ones dropped (the forecast continues from the last real point), interior ones filled linearly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from data_prep.errors import PrepError
+from data_prep.corpus_manifest import MANIFEST_NAME
+from data_prep.sources.tabular import SUFFIXES, TableLayout, read_timed_series
+
+from .model import ForecastError
+
+
+@dataclass
+class Context:
+    item_id: str
+    values: np.ndarray  # float32, finite, at most context_length points
+    last_time: pd.Timestamp | None  # of the last point, when the input has datetimes
+
+
+@dataclass
+class Inputs:
+    contexts: list[Context]
+    freq: str | None
+    notes: list[str] = field(default_factory=list)  # said once each, not once per series
+
+    @property
+    def timestamps(self) -> bool:
+        """Whether forecasts get timestamps (else steps 1..H): datetimes at a known frequency."""
+        return self.freq is not None and all(c.last_time is not None for c in self.contexts)
+
+
+def table_kind(path: Path) -> str:
+    for kind, suffixes in SUFFIXES.items():
+        if path.suffix.lower() in suffixes:
+            return kind
+    raise ForecastError(f"{path}: --input must be a .csv, .parquet or .arrow file or a prepared corpus folder "
+                        f"(with {MANIFEST_NAME})")
+
+
+def finite_tail(path: Path, item_id: str, points: np.ndarray, context_length: int) -> tuple[np.ndarray, int, int]:
+    """(the last context_length points, gaps filled; index of the last real point; points filled)."""
+    finite = np.isfinite(points)
+    kept = np.flatnonzero(finite)
+    if kept.size == 0:
+        raise PrepError(path, f"series {item_id!r}", None, "has no numbers to forecast from")
+    first, last = int(kept[0]), int(kept[-1])
+    start = max(first, last + 1 - context_length)
+    tail = points[start:last + 1].astype(np.float64)
+    holes = ~finite[start:last + 1]
+    if holes.any():  # from the finite points on either side, also those before the tail
+        good = np.flatnonzero(finite[:last + 1])
+        tail[holes] = np.interp(np.flatnonzero(holes) + start, good, points[good])
+    return tail.astype(np.float32), last, int(holes.sum())
+
+
+def read_table(path: Path, layout: TableLayout, freq: str | None, context_length: int) -> Inputs:
+    timed, freq = read_timed_series(table_kind(path), path, layout, freq)
+    contexts, filled = [], 0
+    for item_id, points, times in timed:
+        tail, last, holes = finite_tail(path, item_id, points, context_length)
+        filled += holes
+        last_time = times[last] if times is not None and isinstance(times, pd.DatetimeIndex) else None
+        contexts.append(Context(item_id, tail, last_time))
+    inputs = Inputs(contexts, freq)
+    if filled:
+        inputs.notes.append(f"{path}: {filled} missing points inside the contexts filled linearly")
+    if not inputs.timestamps:
+        why = "no frequency could be inferred (pass --freq)" if freq is None else "no datetime timestamps"
+        inputs.notes.append(f"{path}: {why}: forecasts are numbered by step 1..H instead of timestamps")
+    return inputs
+
+
+def read_corpus(directory: Path, context_length: int) -> Inputs:
+    """Every sequence of a prepared corpus, as `<domain>/<dataset>/<item_id>` (ids are unique per dataset only).
+    Prep has already cleaned them; they carry no timestamps."""
+    from ..data.corpus import read_manifest
+    from ..data.shards import open_shard
+
+    contexts = []
+    for shard in read_manifest(directory).shards:
+        reader = open_shard(shard.path, shard.bytes)
+        for i in range(reader.num_record_batches):
+            batch = reader.get_batch(i).to_pydict()
+            for item_id, domain, dataset, target in zip(batch["item_id"], batch["domain"], batch["dataset"],
+                                                        batch["target"]):
+                name = f"{domain}/{dataset}/{item_id}"
+                tail, _, _ = finite_tail(shard.path, name, np.asarray(target, dtype=np.float32), context_length)
+                contexts.append(Context(name, tail, None))
+    return Inputs(contexts, None, [f"{directory}: a prepared corpus has no timestamps: forecasts are numbered by "
+                                   "step 1..H"])
+
+
+def read_inputs(path: str | Path, layout: TableLayout, freq: str | None, context_length: int) -> Inputs:
+    path = Path(path)
+    if path.is_dir():
+        if not (path / MANIFEST_NAME).is_file():
+            raise ForecastError(f"{path}: a folder given as --input must be a prepared corpus (no {MANIFEST_NAME} "
+                                "in it)")
+        inputs = read_corpus(path, context_length)
+    elif path.is_file():
+        inputs = read_table(path, layout, freq, context_length)
+    else:
+        raise ForecastError(f"{path}: --input not found")
+    if not inputs.contexts:
+        raise ForecastError(f"{path}: holds no series")
+    short = sum(len(c.values) < context_length for c in inputs.contexts)
+    if short:
+        inputs.notes.append(f"{path}: {short} of {len(inputs.contexts)} series are shorter than --context-length "
+                            f"{context_length}: all of each is used")
+    return inputs
