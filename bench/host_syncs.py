@@ -128,6 +128,14 @@ def bookkeeping_syncs(config, batch: dict, num_domains: int = 4) -> HostSyncCoun
     return counter
 
 
+class PrebuiltBatches(list):
+    """The micro-batches built before the run, standing in for the trainer's loader."""
+
+    def __init__(self, batches: list[dict], domain_names: list[str]):
+        super().__init__(batches)
+        self.domain_names = domain_names
+
+
 def trainer_syncs(size: str, micro: int, accumulation: int, max_length: int, extra: tuple = ()) -> tuple:
     """Three steps of a real Trainer; step 2 (not a logging step) counted by phase. Returns (counter, accumulation)."""
     from hydra import compose, initialize_config_dir
@@ -139,7 +147,7 @@ def trainer_syncs(size: str, micro: int, accumulation: int, max_length: int, ext
     batches = synthetic_batches(steps * accumulation, micro, max_length)
     run_dir = Path(tempfile.mkdtemp())
     overrides = [f"model={size}", "data=synthetic", f"data.max_length={max_length}", "logger=none",
-                 "logger.progress=false", f"logger.interval={steps}", "logger.heatmap_interval=0",
+                 "logger.progress=false", f"logger.interval={steps}", f"logger.progress_interval={steps}", "logger.heatmap_interval=0",
                  f"trainer.max_steps={steps}", f"trainer.global_batch_size={micro * accumulation}",
                  f"trainer.micro_batch_size={micro}", "checkpoint.save_at_end=false", "checkpoint.interval=0",
                  "trainer.device=cpu", "trainer.precision=fp32", f"checkpoint.dir={run_dir}/checkpoints",
@@ -147,7 +155,7 @@ def trainer_syncs(size: str, micro: int, accumulation: int, max_length: int, ext
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     trainer = make_trainer(cfg, run_dir)
-    trainer.loader = batches
+    trainer.loader = PrebuiltBatches(batches, trainer.loader.domain_names)
     counter = HostSyncCounter()
     engine = trainer.engine
 

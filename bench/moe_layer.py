@@ -61,6 +61,9 @@ class DenseSwiGLU(SwiGLU):
 
 def build_blocks(config: TimeMoeConfig) -> dict[str, nn.Module]:
     from timemoe_train.model.moe_megatron import MegatronMoELayer
+    from timemoe_train.parallel import init_parallel
+
+    init_parallel(num_experts=config.num_experts)  # megatron's layer needs its groups: a one-process layout
 
     active = config.intermediate_size + config.num_experts_per_tok * config.expert_intermediate_size
     blocks = {

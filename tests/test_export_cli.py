@@ -1,5 +1,6 @@
 """timemoe-export on checkpoint directories written here by hand in the trainer's layout (DeepSpeed's file names,
-the marker names of the expert files, megatron's fused fc1 = [gate_proj; up_proj] from SPEC/ENGINE-NOTES), so the
+the marker names of the expert files, megatron's fused fc1 = [gate_proj; up_proj], gate first as megatron-core's SwiGLU
+splits it), so the
 gathering is checked against the released weights it started from. Real trainer checkpoints are exported in
 test_train_parallel.py."""
 

@@ -1,4 +1,5 @@
-"""The model against independent references: written here from SPEC.md, not from timemoe_train.model."""
+"""The model against independent references: written here from the Time-MoE paper (Shi et al., ICLR 2025) and the
+released TimeMoE-50M/200M checkpoints' parameter list, not from timemoe_train.model."""
 
 import json
 import math
@@ -118,7 +119,7 @@ def test_rope_matches_closed_form():
 
 
 def spec_base_shapes():
-    """SPEC.md's list for the base model, written out from the table."""
+    """The released TimeMoE-50M's parameter names and shapes (its model.safetensors index), written out."""
     H, I, E, k = 384, 1536, 8, 2
     shapes = {"model.embed_layer.emb_layer.weight": [H, 1], "model.embed_layer.gate_layer.weight": [H, 1],
               "model.norm.weight": [H]}

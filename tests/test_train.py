@@ -55,10 +55,9 @@ def test_learning_rate_warmup_then_cosine_to_min():
     (2, ["parallel=expert", "parallel.zero_stage=3"], "parallel.zero_stage=3: ZeRO-3"),
     (1, ["data.max_length=8192"], "data.max_length=8192: exceeds model.max_position_embeddings=4096"),
     (2, ["parallel=expert", "model.moe_impl=native"], "use parallel=expert (model.moe_impl=megatron"),
-    (2, ["parallel.tensor_parallel_size=2"], "parallel.tensor_parallel_size=2"),
     (1, ["optim.min_lr=0.1"], "optim.min_lr=0.1"),
     (1, ["model.num_experts_per_tok=5"], "model: TimeMoeConfig.num_experts_per_tok=5: exceeds num_experts=4"),
-], ids=["ep-experts", "ep-world", "batch", "zero3-ep", "window", "ep-native", "tp", "min-lr", "model"])
+], ids=["ep-experts", "ep-world", "batch", "zero3-ep", "window", "ep-native", "min-lr", "model"])
 def test_bad_config_fails_before_any_process_group_work(monkeypatch, world, overrides, message):
     import torch.distributed as dist
 
@@ -254,11 +253,16 @@ def test_expert_marker_exposes_megatron_experts_to_deepspeed():
     from deepspeed.moe.utils import is_moe_param
 
     from timemoe_train.model import TimeMoeForPrediction
+    from timemoe_train.parallel import destroy_parallel, init_parallel
     from timemoe_train.train.module import TrainModule
 
     config = TimeMoeConfig.preset("tiny", moe_impl="megatron")
-    model = TimeMoeForPrediction(config)
-    module = TrainModule(model, ep_size=1, with_markers=True)
+    init_parallel()
+    try:
+        model = TimeMoeForPrediction(config)
+        module = TrainModule(model, ep_size=1, with_markers=True)
+    finally:
+        destroy_parallel()
     markers = list(module.expert_markers)
     assert len(markers) == config.num_hidden_layers and all(isinstance(m, MoE) for m in markers)
     experts = {n for n, p in model.named_parameters() if ".experts.local_experts." in n}
@@ -292,3 +296,66 @@ def test_help_and_version_say_what_the_tool_is(tmp_path):
     assert versioned.returncode == 0
     assert re.fullmatch(r"timemoe-train \S+ \(torch \S+, deepspeed \S+, megatron-core \S+, hydra-core \S+\)\n",
                         versioned.stdout), versioned.stdout
+
+
+def test_starting_weights_are_the_same_at_every_expert_parallel_size():
+    """Each rank draws only what it owns, each tensor from its own (seed, name) generator: the ranks of EP=2 and
+    EP=4 together hold exactly EP=1's weights, bit for bit, and a rank never holds another's experts."""
+    from timemoe_train.model.hf_layout import expected_shapes
+    from timemoe_train.train.module import initial_hf_state
+
+    config = TimeMoeConfig.preset("tiny")
+    full = initial_hf_state(config, 7, None)
+    assert full.keys() == expected_shapes(config).keys()
+    assert not torch.equal(full["model.layers.0.ffn_layer.experts.0.gate_proj.weight"],
+                           full["model.layers.0.ffn_layer.experts.1.gate_proj.weight"])
+    assert not torch.equal(full["model.layers.0.self_attn.q_proj.weight"],
+                           initial_hf_state(config, 8, None)["model.layers.0.self_attn.q_proj.weight"])
+    for ep_size in (2, 4):
+        per_rank = config.num_experts // ep_size
+        union = {}
+        for ep_rank in range(ep_size):
+            state = initial_hf_state(config, 7, None, ep_rank, ep_size)
+            experts = {int(k.split(".experts.")[1].split(".")[0]) for k in state if ".experts." in k}
+            assert experts == set(range(ep_rank * per_rank, (ep_rank + 1) * per_rank))
+            union.update(state)
+        assert union.keys() == full.keys()
+        assert all(torch.equal(union[k], v) for k, v in full.items()), ep_size
+
+
+def test_init_from_hf_reads_only_the_owned_tensors(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    from timemoe_train.model import TimeMoeForPrediction
+    from timemoe_train.model import hf_layout
+    from timemoe_train.train.module import initial_hf_state
+
+    config = TimeMoeConfig.preset("tiny")
+    saved = TimeMoeForPrediction(config)
+    saved.save_pretrained(tmp_path)
+    read = []
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            self.f = safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.f.get_tensor(name)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(hf_layout, "safe_open", Spy)
+    state = initial_hf_state(config, 0, str(tmp_path), ep_rank=1, ep_size=2)
+    assert sorted(read) == sorted(state)
+    assert not any(f".experts.{e}." in k for k in read for e in range(config.num_experts // 2))
+    expected = saved.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in state.items())

@@ -6,7 +6,8 @@ process, and `destroy_parallel` at the end:
     layout = init_parallel(expert_parallel_size=2, num_experts=config.num_experts)
     sampler = DistributedSampler(dataset, num_replicas=layout.dp_size, rank=layout.dp_rank)
 
-Every rank is a data-parallel replica of the dense weights (dp_size = world / TP); experts are split over
+Every rank is a data-parallel replica of the dense weights (dp_size = world: the Time-MoE model has no
+tensor-parallel layers, every matrix fits one device); experts are split over
 `ep_size` ranks, and each expert's replicas form the expert-data-parallel group (`expert_dp_size` = world / EP)
 over which its gradients are averaged.
 """
@@ -30,7 +31,6 @@ class ParallelLayout:
     rank: int
     local_rank: int
     device: torch.device
-    tp_size: int
     dp_size: int  # data-parallel replicas of the dense weights: what the data loader shards over
     dp_rank: int
     ep_size: int  # ranks the experts are split over
@@ -40,24 +40,17 @@ class ParallelLayout:
     dp_group: dist.ProcessGroup = field(repr=False, compare=False)
     ep_group: dist.ProcessGroup = field(repr=False, compare=False)
     expert_dp_group: dist.ProcessGroup = field(repr=False, compare=False)
-    tp_group: dist.ProcessGroup = field(repr=False, compare=False)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def validate_layout(world_size: int, expert_parallel_size: int = 1, tensor_parallel_size: int = 1,
-                    num_experts: int | None = None) -> None:
+def validate_layout(world_size: int, expert_parallel_size: int = 1, num_experts: int | None = None) -> None:
     """Raise ParallelLayoutError naming the offending values if this layout cannot be built."""
-    for name, value in (("world_size", world_size), ("expert_parallel_size", expert_parallel_size),
-                        ("tensor_parallel_size", tensor_parallel_size)):
+    for name, value in (("world_size", world_size), ("expert_parallel_size", expert_parallel_size)):
         if not isinstance(value, int) or value < 1:
             raise ParallelLayoutError(f"{name}={value!r}: must be a positive integer")
-    if tensor_parallel_size != 1:
-        raise ParallelLayoutError(
-            f"tensor_parallel_size={tensor_parallel_size}: the Time-MoE model has no tensor-parallel layers "
-            "(every matrix fits one device); scale with data and expert parallelism instead")
     if world_size % expert_parallel_size:
         raise ParallelLayoutError(
             f"expert_parallel_size={expert_parallel_size} does not divide the world size {world_size} "
@@ -100,13 +93,14 @@ def init_process_group(backend: str | None = None) -> None:
     _groups_created += 1
 
 
-def init_parallel(expert_parallel_size: int = 1, tensor_parallel_size: int = 1, backend: str | None = None,
+def init_parallel(expert_parallel_size: int = 1, backend: str | None = None,
                   num_experts: int | None = None) -> ParallelLayout:
     """Initialise torch.distributed (gloo on CPU, nccl on GPU, or `backend`) from the torchrun environment — a
-    single-process group when not launched by torchrun — then megatron-core's model-parallel groups.
+    single-process group when not launched by torchrun — then megatron-core's model-parallel groups. Without a
+    GPU, megatron-core's CPU patches (`model.megatron_cpu`) are applied here, until `destroy_parallel`.
 
     Idempotent for the same sizes; different sizes rebuild megatron's groups (all ranks must call it alike)."""
-    validate_layout(_launched_world_size(), expert_parallel_size, tensor_parallel_size, num_experts)
+    validate_layout(_launched_world_size(), expert_parallel_size, num_experts)
     init_process_group(backend)
 
     from megatron.core import parallel_state as ps
@@ -114,13 +108,10 @@ def init_parallel(expert_parallel_size: int = 1, tensor_parallel_size: int = 1, 
     from .model import megatron_cpu
 
     megatron_cpu.apply()
-    same = ps.model_parallel_is_initialized() and (
-        ps.get_tensor_model_parallel_world_size() == tensor_parallel_size
-        and ps.get_expert_model_parallel_world_size() == expert_parallel_size)
+    same = ps.model_parallel_is_initialized() and ps.get_expert_model_parallel_world_size() == expert_parallel_size
     if not same:
         ps.destroy_model_parallel()
-        ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size,
-                                     expert_model_parallel_size=expert_parallel_size)
+        ps.initialize_model_parallel(expert_model_parallel_size=expert_parallel_size)
     return current_layout()
 
 
@@ -136,7 +127,6 @@ def current_layout() -> ParallelLayout:
         rank=dist.get_rank(),
         local_rank=local_rank,
         device=torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu"),
-        tp_size=ps.get_tensor_model_parallel_world_size(),
         dp_size=ps.get_data_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(),
         ep_size=ps.get_expert_model_parallel_world_size(),
@@ -146,7 +136,6 @@ def current_layout() -> ParallelLayout:
         dp_group=ps.get_data_parallel_group(),
         ep_group=ps.get_expert_model_parallel_group(),
         expert_dp_group=ps.get_expert_data_parallel_group(),
-        tp_group=ps.get_tensor_model_parallel_group(),
     )
 
 
@@ -156,7 +145,10 @@ def destroy_parallel() -> None:
 
     from deepspeed.utils import groups as ds_groups
 
+    from .model import megatron_cpu
+
     ps.destroy_model_parallel()
+    megatron_cpu.undo()
     # DeepSpeed keeps its clone of the world group across engines: a second run in this process (the next job of
     # a Hydra multirun) would broadcast over the destroyed one.
     ds_groups._WORLD_GROUP = None

@@ -1,4 +1,4 @@
-"""Time-300B on disk (SPEC.md): ``<domain>/<dataset...>/`` folders holding ``meta.json`` + ``data-{i}-of-{n}.bin``,
+"""Time-300B on disk (as published on the Hugging Face Hub, Maple728/Time-300B): ``<domain>/<dataset...>/`` folders holding ``meta.json`` + ``data-{i}-of-{n}.bin``,
 or ``.jsonl``/``.json`` files of ``{"sequence": [...]}`` lines, or ``.npy`` files.
 
 Naming: the domain is the top-level folder and the dataset is the folder path below it (``nature/era5/1989`` is

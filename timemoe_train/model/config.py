@@ -49,7 +49,7 @@ class TimeMoeConfig:
     tie_word_embeddings: bool = False
     # Training-time choices, not written to config.json.
     moe_impl: str = "native"
-    # "timemoe": SPEC's loss over all layers' router logits at once. "megatron": megatron-core's own balancing
+    # "timemoe": the released models' Switch-style balance loss over all layers' router logits at once. "megatron": megatron-core's own balancing
     # (type/coeff below), only with moe_impl="megatron".
     aux_loss_type: str = "timemoe"
     megatron_load_balancing_type: str = "aux_loss"

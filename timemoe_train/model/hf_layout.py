@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -105,14 +106,25 @@ def save_hf(model, directory: str | Path, dtype: torch.dtype | None = None) -> P
     return out
 
 
-def read_hf_weights(directory: str | Path, config: TimeMoeConfig) -> dict[str, torch.Tensor]:
+def owned_names(config: TimeMoeConfig, ep_rank: int = 0, ep_size: int = 1) -> dict[str, tuple[int, ...]]:
+    """The released tensors EP rank `ep_rank` of `ep_size` holds, with their shapes: everything but the experts
+    of the other ranks."""
+    per_rank = config.num_experts // ep_size
+    mine = {str(e) for e in range(ep_rank * per_rank, (ep_rank + 1) * per_rank)}
+    return {name: shape for name, shape in expected_shapes(config).items()
+            if ".experts." not in name or name.split(".experts.")[1].split(".")[0] in mine}
+
+
+def read_hf_weights(directory: str | Path, config: TimeMoeConfig,
+                    names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """The weights of an HF-layout directory, checked against `config`; `names`: only those tensors are read."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (only safetensors weights are loaded; pickled .bin files are "
                               "refused because unpickling can run arbitrary code)")
     with safe_open(str(path), framework="pt") as f:
         check_state_dict({k: f.get_slice(k).get_shape() for k in f.keys()}, config, str(path))
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in (f.keys() if names is None else names)}
 
 
 def load_hf_state(model, hf_state: dict[str, torch.Tensor], ep_rank: int = 0, ep_size: int = 1):

@@ -1,8 +1,9 @@
 """Patches that let megatron-core's MoE layer run where it was not written to run.
 
-Tested with megatron-core 0.16.1 and torch 2.13.0 (+cpu build), gloo, 1–4 processes. Every patch is applied at
-most once per process (`apply()` is idempotent) and only to the names listed here; re-check them when either
-version changes.
+Tested with megatron-core 0.16.1 and torch 2.13.0 (+cpu build), gloo, 1–4 processes. Nothing is patched at
+import: `timemoe_train.parallel.init_parallel` calls `apply()` when it sets up megatron's groups and
+`destroy_parallel` calls `undo()`, which puts every name back. `apply()` is idempotent and touches only the names
+listed here; re-check them when either version changes.
 
 Applied everywhere (`apply()` always runs this part):
 - `moe_utils.te_general_gemm = None` when it is missing. megatron-core 0.16.1 defines that name only inside its
@@ -28,7 +29,8 @@ import logging
 
 import torch
 
-_applied = False
+_originals: dict[tuple[object, str], object] = {}  # (owner, name) -> the value before apply()
+_MISSING = object()
 
 
 class _NoStream:
@@ -80,36 +82,62 @@ def _move_splits_to_numpy(tensor, as_numpy: bool = False, record_stream: bool = 
     return tensor
 
 
+def _set(owner, name: str, value) -> None:
+    _originals.setdefault((owner, name), getattr(owner, name, _MISSING))
+    setattr(owner, name, value)
+
+
+def _cpu_rng_filter(record) -> bool:
+    # The tracker warns when the CPU generator moves inside a fork; here the forked generator *is* the CPU one.
+    return "CPU RNG state changed" not in record.getMessage()
+
+
 def _apply_cpu_patches() -> None:
     from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.Stream = _NoStream
-    torch.cuda.Event = _NoStream
-    torch.cuda.current_stream = lambda device=None: _NoStream()
-    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    _set(torch.cuda, "current_device", lambda: "cpu")
+    _set(torch.cuda, "Stream", _NoStream)
+    _set(torch.cuda, "Event", _NoStream)
+    _set(torch.cuda, "current_stream", lambda device=None: _NoStream())
+    _set(torch.cuda, "stream", lambda stream=None: contextlib.nullcontext())
 
-    mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
-    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
-    mrandom.CudaRNGStatesTracker = _cpu_rng_tracker_class(mrandom.CudaRNGStatesTracker)
+    _set(mrandom, "_get_cuda_rng_state", lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state())
+    _set(mrandom, "_set_cuda_rng_state",
+         lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state))
+    _set(mrandom, "CudaRNGStatesTracker", _cpu_rng_tracker_class(mrandom.CudaRNGStatesTracker))
     mrandom.initialize_rng_tracker(force_reset=True)
-    # The tracker warns when the CPU generator moves inside a fork; here the forked generator *is* the CPU one.
-    logging.getLogger(mrandom.__name__).addFilter(lambda record: "CPU RNG state changed" not in record.getMessage())
+    logging.getLogger(mrandom.__name__).addFilter(_cpu_rng_filter)
 
-    moe_utils.maybe_move_tensor_to_cpu = _move_splits_to_numpy
-    token_dispatcher.maybe_move_tensor_to_cpu = _move_splits_to_numpy
+    _set(moe_utils, "maybe_move_tensor_to_cpu", _move_splits_to_numpy)
+    _set(token_dispatcher, "maybe_move_tensor_to_cpu", _move_splits_to_numpy)
 
 
 def apply() -> None:
-    """Make megatron-core's MoE layer importable and runnable in this process (idempotent)."""
-    global _applied
-    if _applied:
+    """Make megatron-core's MoE layer runnable in this process (idempotent), until `undo()`."""
+    if _originals:
         return
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
+        _set(moe_utils, "te_general_gemm", None)
     if not torch.cuda.is_available():
         _apply_cpu_patches()
-    _applied = True
+
+
+def undo() -> None:
+    """Put back every name `apply()` replaced (idempotent)."""
+    if not _originals:
+        return
+    from megatron.core.tensor_parallel import random as mrandom
+
+    for (owner, name), value in _originals.items():
+        if value is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, value)
+    tracker_patched = (mrandom, "CudaRNGStatesTracker") in _originals
+    _originals.clear()
+    if tracker_patched:
+        mrandom.initialize_rng_tracker(force_reset=True)
+        logging.getLogger(mrandom.__name__).removeFilter(_cpu_rng_filter)

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionLayout, attend, packed_positions, resolve_attn_impl
 from .config import TimeMoeConfig
+from .init import init_tensor_
 from .moe import build_ffn
 
 logger = logging.getLogger(__name__)
@@ -214,20 +215,9 @@ class TimeMoeForPrediction(nn.Module):
         self.model = TimeMoeModel(config)
         self.lm_heads = nn.ModuleList(
             TimeMoeOutputLayer(config.hidden_size, h, config.input_size) for h in config.horizon_lengths)
-        self.apply(self._init_weights)
-        if config.embed_init_std is not None:
-            for p in self.model.embed_layer.parameters():
-                nn.init.normal_(p, mean=0.0, std=config.embed_init_std)
-
-    def _init_weights(self, module):
-        std = self.config.initializer_range
-        for name, p in module.named_parameters(recurse=False):
-            if isinstance(module, RMSNorm):
-                continue
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            else:
-                nn.init.normal_(p, mean=0.0, std=std)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                init_tensor_(p, name, config)
 
     def forward(self, inputs_BT, labels_BT=None, loss_mask_BT=None, sequence_ids_BT=None,
                 past_key_values=None, use_cache=False) -> TimeMoeOutput:

@@ -8,7 +8,8 @@ One program for every device; the expert kernels follow `model.megatron_use_te`:
 TE's grouped GEMM (`TEGroupedMLP`) when switched on (CUDA with TransformerEngine; an error otherwise).
 
 Aux loss (`config.aux_loss_type`):
-- "timemoe": megatron's balancing is off; the model computes SPEC's loss from the returned logits.
+- "timemoe": megatron's balancing is off; the model computes the released models' balance loss from the
+  returned logits.
 - "megatron": megatron's `megatron_load_balancing_type` (coefficient `router_aux_loss_factor`, applied per
   layer as megatron does) and z-loss (`megatron_z_loss_coeff`) are attached to the router outputs through
   `MoEAuxLossAutoScaler`, so they reach the gradient without being added to the returned loss. With gradient
@@ -22,17 +23,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import megatron_cpu
+from megatron.core import parallel_state
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+from megatron.core.transformer.moe import moe_utils
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.transformer_config import TransformerConfig
+
 from .config import ConfigError, TimeMoeConfig
-
-megatron_cpu.apply()
-
-from megatron.core import parallel_state  # noqa: E402  (megatron needs the patches above first)
-from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec  # noqa: E402
-from megatron.core.transformer.moe import moe_utils  # noqa: E402
-from megatron.core.transformer.moe.moe_layer import MoELayer  # noqa: E402
-from megatron.core.transformer.moe.router import TopKRouter  # noqa: E402
-from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
 _AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
 
@@ -54,7 +52,8 @@ def uses_te_grouped_experts(config: TimeMoeConfig) -> bool:
 
 
 def transformer_config(config: TimeMoeConfig) -> TransformerConfig:
-    """The megatron settings that reproduce the Time-MoE MoE layer (ENGINE-NOTES.md)."""
+    """The megatron settings that reproduce the Time-MoE MoE layer: softmax scores over all experts before the top-k
+    and no renormalisation, SwiGLU experts, a sigmoid-gated shared expert, no token dropping."""
     megatron_aux = config.aux_loss_type == "megatron"
     balancing = config.megatron_load_balancing_type if megatron_aux else "none"
     if megatron_aux and config.megatron_expert_bias:
@@ -120,16 +119,13 @@ class _LogitsRouter(TopKRouter):
 class MegatronMoELayer(MoELayer):
     """megatron-core's MoELayer with Time-MoE's routing and experts; interface of `moe.build_ffn` blocks.
 
-    Needs megatron's parallel groups: when `parallel.init_parallel` was not called, a single-process layout is
-    set up on first use (EP=1)."""
+    Needs megatron's parallel groups, which it never creates itself: `timemoe_train.parallel.init_parallel()`
+    first (in one plain process too: it then builds a one-process layout)."""
 
     def __init__(self, config: TimeMoeConfig):
-        from ..parallel import init_parallel
-
         if not parallel_state.model_parallel_is_initialized():
-            init_parallel(num_experts=config.num_experts)
-        if parallel_state.get_tensor_model_parallel_world_size() != 1:
-            raise ConfigError("tensor parallelism > 1: the Time-MoE model has no tensor-parallel layers")
+            raise RuntimeError("moe_impl='megatron' needs megatron's parallel groups: call "
+                               "timemoe_train.parallel.init_parallel() first (or load the model with moe_impl='native')")
         te = uses_te_grouped_experts(config)
         spec = get_moe_module_spec(use_te=te, num_experts=config.num_experts, moe_grouped_gemm=te)
         spec.submodules.router = _LogitsRouter
@@ -137,7 +133,7 @@ class MegatronMoELayer(MoELayer):
         # One tracker slot for every layer: build_ffn does not know the layer index. finish_megatron_step divides
         # the sum by the number of layers, which is the per-layer mean megatron itself logs.
         self.set_layer_number(1)
-        self.register_state_dict_post_hook(_drop_empty_extra_state)
+        self.register_state_dict_post_hook(drop_extra_state)
         self.register_load_state_dict_post_hook(_ignore_missing_extra_state)
 
     def forward(self, x_BTD: torch.Tensor):
@@ -154,13 +150,11 @@ class MegatronMoELayer(MoELayer):
         return y_TBD.transpose(0, 1), logits_NE
 
 
-def _drop_empty_extra_state(module, state_dict, prefix, local_metadata):
-    # megatron's linear layers save a `_extra_state` of None (TE: fp8 metadata, empty without fp8); the released
-    # layout and deepspeed's per-expert files have no place for them.
+def drop_extra_state(module, state_dict, prefix, local_metadata):
+    """A state-dict hook: megatron's linear layers save an `_extra_state` (None; TE's fp8 metadata, empty without
+    fp8), for which the released layout and DeepSpeed's per-expert files have no place."""
     for key in [k for k in state_dict if k.endswith("._extra_state")]:
-        value = state_dict[key]
-        if value is None or (torch.is_tensor(value) and value.numel() == 0):
-            del state_dict[key]
+        del state_dict[key]
 
 
 def _ignore_missing_extra_state(module, incompatible_keys):

@@ -54,8 +54,6 @@ def megatron_to_hf(state_dict: dict, config: TimeMoeConfig, ep_rank: int = 0, ep
     per_rank = _experts_per_rank(config, ep_rank, ep_size)
     out = {}
     for key, value in state_dict.items():
-        if key.endswith("_extra_state"):
-            continue  # megatron's serialisation metadata, not weights
         head, sep, rest = key.partition("ffn_layer.")
         if not sep:
             out[key] = value

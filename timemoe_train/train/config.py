@@ -32,7 +32,6 @@ class TrainConfigError(ValueError):
 @dataclass
 class ParallelConfig:
     expert_parallel_size: int = 1
-    tensor_parallel_size: int = 1
     # DeepSpeed ZeRO stage. 0-2 work with expert parallelism; 3 (parameter partitioning) only without it.
     zero_stage: int = 1
     offload_optimizer: bool = False  # optimizer state and step on the CPU (DeepSpeed's CPU Adam)
@@ -176,13 +175,11 @@ class RunConfig:
 
         p, t, o, c, lg, m = self.parallel, self.trainer, self.optim, self.checkpoint, self.logger, self.model
         try:
-            validate_layout(world_size, p.expert_parallel_size, p.tensor_parallel_size,
-                            None if m.use_dense else m.num_experts)
+            validate_layout(world_size, p.expert_parallel_size, None if m.use_dense else m.num_experts)
         except ParallelLayoutError as e:  # its message starts with the offending key of the parallel group
             raise TrainConfigError(f"parallel.{e}") from None
         ep = p.expert_parallel_size
-        dp_size = world_size // p.tensor_parallel_size
-        per_step = max(1, t.micro_batch_size) * dp_size
+        per_step = max(1, t.micro_batch_size) * world_size  # every process is a data-parallel replica
         window = getattr(self.data, "max_length", None)
         data_path = getattr(self.data, "path", None)
         rules = [  # (broken, key, value, why), checked in order
@@ -201,7 +198,7 @@ class RunConfig:
               for k in ("max_steps", "global_batch_size", "micro_batch_size", "max_bad_steps")),
             (t.global_batch_size % per_step, "trainer.global_batch_size", t.global_batch_size,
              f"must be a multiple of trainer.micro_batch_size ({t.micro_batch_size}) x data-parallel size "
-             f"({dp_size}) = {per_step}"),
+             f"({world_size}) = {per_step}"),
             (t.precision not in PRECISIONS, "trainer.precision", t.precision, f"choose auto or one of {PRECISIONS}"),
             (t.precision == "bf16" and p.zero_stage == 0, "trainer.precision", t.precision,
              "bf16 needs parallel.zero_stage >= 1: at stage 0 DeepSpeed can only accumulate and all-reduce the "
@@ -238,6 +235,5 @@ class RunConfig:
                 raise TrainConfigError(f"{key}={value!r}: {why}")
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
-        dp_size = world_size // self.parallel.tensor_parallel_size
-        return self.trainer.global_batch_size // (self.trainer.micro_batch_size * dp_size)
+        return self.trainer.global_batch_size // (self.trainer.micro_batch_size * world_size)
 

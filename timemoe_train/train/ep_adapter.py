@@ -18,6 +18,8 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 from torch import nn
 
+from ..model.moe_megatron import drop_extra_state
+
 TESTED_VERSIONS = {"deepspeed": "0.19.8", "megatron-core": "0.16.1"}
 MARKER_PATH = "deepspeed_moe.experts.deepspeed_experts"
 
@@ -34,7 +36,7 @@ class ExpertMarker(MoE):
         self.deepspeed_moe.experts.deepspeed_experts = local_experts
         for p in local_experts.parameters():
             p.allreduce, p.group_name = False, self.expert_group_name
-        self._register_state_dict_hook(drop_extra_state)
+        self.register_state_dict_post_hook(drop_extra_state)
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by the engine: create DeepSpeed's expert groups and check they are megatron's."""
@@ -49,12 +51,6 @@ class ExpertMarker(MoE):
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("ExpertMarker only labels megatron's experts for DeepSpeed; the MoE layer runs them")
-
-
-def drop_extra_state(module, state_dict, prefix, local_metadata):
-    """megatron's `_extra_state` entries (None without fp8) have no place in DeepSpeed's per-expert files."""
-    for key in [k for k in state_dict if k.endswith("._extra_state")]:
-        del state_dict[key]
 
 
 def check_versions() -> None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import torch
 from torch import nn
 
 from ..checkpoint import MODEL_PREFIX
-from ..model.hf_layout import read_hf_weights
+from ..model.hf_layout import owned_names, read_hf_weights
+from ..model.init import draw_released
 from ..model import TimeMoeConfig, TimeMoeForPrediction
 from .config import TrainConfigError
 
@@ -35,7 +35,8 @@ class TrainModule(nn.Module):
         layers = megatron_moe_layers(model) if with_markers else []
         if not layers:
             return
-        from .ep_adapter import ExpertMarker, check_versions, drop_extra_state
+        from ..model.moe_megatron import drop_extra_state
+        from .ep_adapter import ExpertMarker, check_versions
 
         check_versions()
         self.expert_markers = nn.ModuleList(
@@ -44,7 +45,7 @@ class TrainModule(nn.Module):
         self.expert_aliases = {n: canonical[id(p)] for n, p in self.named_parameters(remove_duplicate=False)
                                if n.startswith(MARKERS_PREFIX)}
         self._register_state_dict_hook(_drop_canonical_expert_names)
-        self._register_state_dict_hook(drop_extra_state)
+        self.register_state_dict_post_hook(drop_extra_state)
 
     def forward(self, **batch):
         return self.model(**batch)
@@ -93,9 +94,12 @@ def local_expert_modules(layer: nn.Module) -> nn.ModuleList:
     return holders
 
 
-def initial_hf_state(config: TimeMoeConfig, seed: int, init_from_hf: str | None) -> dict[str, torch.Tensor]:
-    """The starting weights under the released names, the same for every parallel layout: those of an HF-layout
-    directory, or a native model drawn from `seed`."""
+def initial_hf_state(config: TimeMoeConfig, seed: int, init_from_hf: str | None, ep_rank: int = 0,
+                     ep_size: int = 1) -> dict[str, torch.Tensor]:
+    """The starting weights EP rank `ep_rank` of `ep_size` holds, under the released names, the same for every
+    parallel layout: read from an HF-layout directory (only those tensors), or each drawn from its own
+    generator seeded by (`seed`, its name). No rank reads or draws what another rank holds."""
+    owned = owned_names(config, ep_rank, ep_size)
     if init_from_hf:
         saved = TimeMoeConfig.load(init_from_hf)
         differ = {k: (getattr(saved, k), getattr(config, k)) for k in ARCHITECTURE_KEYS
@@ -104,9 +108,6 @@ def initial_hf_state(config: TimeMoeConfig, seed: int, init_from_hf: str | None)
             raise TrainConfigError(
                 f"trainer.init_from_hf={init_from_hf!r}: its config.json differs from the model config in "
                 + ", ".join(f"{k} (checkpoint {a!r}, run {b!r})" for k, (a, b) in sorted(differ.items())))
-        return read_hf_weights(init_from_hf, config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        native = TimeMoeForPrediction(dataclasses.replace(config, moe_impl="native", aux_loss_type="timemoe"))
-    return native.state_dict()
+        return read_hf_weights(init_from_hf, config, owned)
+    return draw_released(config, seed, owned)
 

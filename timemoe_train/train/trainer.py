@@ -94,8 +94,7 @@ class Trainer:
         self.stop = StopRequest()  # from the start: a signal during set-up ends the process at once
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists, also in a plain one-process run
         p, t = run.parallel, run.trainer
-        self.layout = init_parallel(p.expert_parallel_size, p.tensor_parallel_size,
-                                    num_experts=run.model.num_experts)
+        self.layout = init_parallel(p.expert_parallel_size, num_experts=run.model.num_experts)
         lay = self.layout
         # Before the model and engine: a bad data.path is reported without waiting for their start-up.
         self.loader = build_loader(run.data, lay.dp_rank, lay.dp_size, t.global_batch_size, t.micro_batch_size)
@@ -104,8 +103,11 @@ class Trainer:
             t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else torch.device("cpu")
         self.gas = run.gradient_accumulation_steps(lay.world_size)
 
-        # Under megatron, this rank's experts only.
-        model = load_hf_state(TimeMoeForPrediction(run.model), initial_hf_state(run.model, t.seed, t.init_from_hf),
+        # Built without storage, then given only what this rank owns (under megatron, its own experts).
+        with torch.device("meta"):
+            model = TimeMoeForPrediction(run.model)
+        model = load_hf_state(model.to_empty(device="cpu"),
+                              initial_hf_state(run.model, t.seed, t.init_from_hf, lay.ep_rank, lay.ep_size),
                               lay.ep_rank, lay.ep_size)
         self.module = TrainModule(model, lay.ep_size, with_markers=p.zero_stage < 3).to(self.device)
         torch.manual_seed(t.seed * 7919 + lay.rank)  # dropout and anything else random differs per rank
