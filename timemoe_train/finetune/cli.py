@@ -55,7 +55,8 @@ def parser() -> argparse.ArgumentParser:
                    help="report: N evenly spaced test windows per horizon and channel (default 200; 0: all)")
     p.add_argument("--season-length", type=int, default=None,
                    help="seasonal-naive period of the report (default: from the sampling rate, e.g. 24 hourly)")
-    p.add_argument("--nproc", type=int, default=1, help="training processes (torchrun --nproc_per_node)")
+    p.add_argument("--nproc", type=int, default=2,
+                   help="training processes (torchrun --nproc_per_node; default 2, data-parallel)")
     return p
 
 
