@@ -71,9 +71,9 @@ def finetuned(tmp_path_factory):
     csv = marked_csv(root / "marked.csv")
     base = with_record(tiny_base(root / "base"), [csv])  # a base whose corpus kept this file out
     out = root / "out"
-    result = run(base, "--data", csv, "--out", out, "--split", SPLIT, "--horizons", HORIZON, "--context-length",
-                 CONTEXT, "--max-windows", 8, "trainer.max_steps=6", "trainer.val_interval=2", "trainer.val_batches=2",
-                 "optim.warmup_steps=2", "optim.lr=1e-3", "logger.progress=false")
+    result = run(base, "--data", csv, "--out", out, "--split", SPLIT, "--nproc", 1, "--horizons", HORIZON,
+                 "--context-length", CONTEXT, "--max-windows", 8, "trainer.max_steps=6", "trainer.val_interval=2",
+                 "trainer.val_batches=2", "optim.warmup_steps=2", "optim.lr=1e-3", "logger.progress=false")
     assert result.returncode == 0, result.stderr[-3000:]
     return {"root": root, "csv": csv, "base": base, "out": out, "stdout": result.stdout,
             "report": json.loads((out / "finetune_report.json").read_text())}

@@ -18,11 +18,13 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from ..data.loader import STOP_SIGNALS
 from ..evaluate.cli import int_list
 from ..model.config import HF_CONFIG_KEYS, ConfigError, TimeMoeConfig
 from ..model.hf_layout import TRAINING_DATA
@@ -55,7 +57,8 @@ def parser() -> argparse.ArgumentParser:
                    help="report: N evenly spaced test windows per horizon and channel (default 200; 0: all)")
     p.add_argument("--season-length", type=int, default=None,
                    help="seasonal-naive period of the report (default: from the sampling rate, e.g. 24 hourly)")
-    p.add_argument("--nproc", type=int, default=1, help="training processes (torchrun --nproc_per_node)")
+    p.add_argument("--nproc", type=int, default=2,
+                   help="training processes (torchrun --nproc_per_node; default 2, data-parallel)")
     return p
 
 
@@ -97,6 +100,25 @@ def check_weights(model_dir: Path) -> None:
 def train_command(nproc: int, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "timemoe_train.train", *overrides]
+
+
+def train(command: list[str], nproc: int) -> tuple[bool, int]:
+    """Run timemoe-train under torchrun; a stop signal sent to this process is passed on (the trainer saves and
+    exits 0), so that a scheduler that signals only this command still stops the run cleanly. (stopped, status)"""
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    child = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": threads})
+    stopped = []
+
+    def forward(signum, frame):
+        stopped.append(signum)
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    try:
+        return bool(stopped), child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,11 +172,10 @@ def main(argv: list[str] | None = None) -> int:
 
     command = train_command(args.nproc, overrides)
     print("$", " ".join(command), flush=True)
-    status = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get(
-        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))}).returncode
-    if status != 0:
-        print(f"timemoe-finetune: training exited with status {status}; the same command resumes it",
-              file=sys.stderr)
+    stopped, status = train(command, args.nproc)
+    if stopped or status != 0:
+        why = "stopped by a signal, after saving" if stopped else f"exited with status {status}"
+        print(f"timemoe-finetune: training {why}; the same command resumes it", file=sys.stderr)
         return status
 
     from ..export.cli import export
