@@ -99,11 +99,16 @@ def main() -> None:
     p.add_argument("--batches", default="8,32")
     p.add_argument("--context-length", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default torch's); 1 keeps a machine shared with other jobs from "
+                        "stalling multi-threaded kernels at their barriers")
     p.add_argument("--profile", action="store_true", help="also print the top ops of the exported roll-out "
                                                           "(batch 8, h 96)")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         exported, reference = export_pair(args.preset, Path(tmp))
         devices = [("cpu", torch.float32)] + ([("cuda", torch.bfloat16)] if torch.cuda.is_available() else [])
@@ -111,7 +116,7 @@ def main() -> None:
         for device, dtype in devices:
             models = {"reference": load(reference, device, dtype), "exported": load(exported, device, dtype)}
             print(f"{device} {str(dtype).removeprefix('torch.')}, preset {args.preset}, context "
-                  f"{args.context_length}, {args.repeats} repeats, medians "
+                  f"{args.context_length}, {torch.get_num_threads()} threads, {args.repeats} repeats, medians "
                   f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)", flush=True)
             results[device] = measure(models, device, batches, args.context_length, args.repeats)
             if args.profile and device == "cpu":
