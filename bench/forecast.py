@@ -5,13 +5,14 @@ side in one run (repeats interleaved: the machine may be shared), medians report
 - reference: bench/reference/modeling_time_moe.py, computing what the released code computes the way it computes
              it (eager attention with an additive mask, a Python loop over experts with `torch.where` +
              `index_add_`, every head at every position): the export's code before it was made fast.
-Both are loaded from the same export directory through `AutoModelForCausalLM.from_pretrained(...,
-trust_remote_code=True)`, the reference as its own copy of that directory with its modeling file swapped in.
+Times are CPU seconds of the process on CPU (see `timed`), wall seconds on a GPU. Both are loaded from the same
+export directory through `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`, the reference as its
+own copy of that directory with its modeling file swapped in.
 Random base-size weights (routing close to uniform, like a trained model's balanced experts), context 512,
 batches 8 and 32, horizons 96 (64 + 32) and 720 (11 x 64 + 8 + 8); CPU fp32, and CUDA bf16 when present.
 The last line is the CPU speed-up, the geometric mean over the batch sizes.
 
-    python bench/forecast.py [--preset base] [--batches 8,32] [--repeats 3] [--profile]
+    python bench/forecast.py [--preset base] [--batches 8,32] [--repeats 3] [--threads N] [--profile]
 """
 
 from __future__ import annotations
@@ -58,17 +59,22 @@ def contexts(batch: int, length: int) -> torch.Tensor:
 
 
 def timed(model, context_BT: torch.Tensor, horizon: int) -> float:
-    sync = torch.cuda.synchronize if context_BT.is_cuda else (lambda: None)
-    sync()
-    start = time.perf_counter()
+    """GPU: wall seconds. CPU: this process's CPU seconds, which on a machine shared with other jobs measure the
+    forecast and not how much of the machine those jobs took meanwhile (the wall time of a whole run says both)."""
+    if context_BT.is_cuda:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.forecast(context_BT, horizon)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+    start = time.process_time()
     model.forecast(context_BT, horizon)
-    sync()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def measure(models: dict, device: str, batches, context_length: int, repeats: int) -> dict:
     """(batch, horizon) -> name -> median seconds; one warm-up each, then repeats interleaved."""
-    out = {}
+    out, started = {}, time.perf_counter()
     for batch in batches:
         context_BT = contexts(batch, context_length).to(device)
         for horizon in HORIZONS:
@@ -81,7 +87,8 @@ def measure(models: dict, device: str, batches, context_length: int, repeats: in
             out[batch, horizon] = {name: statistics.median(t) for name, t in times.items()}
             row = out[batch, horizon]
             print(f"  batch {batch:3d}  h {horizon:4d}   reference {row['reference']:7.2f} s   exported "
-                  f"{row['exported']:7.2f} s   x{row['reference'] / row['exported']:.2f}", flush=True)
+                  f"{row['exported']:7.2f} s   x{row['reference'] / row['exported']:.2f}   (wall so far "
+                  f"{time.perf_counter() - started:.0f} s)", flush=True)
     return out
 
 
@@ -99,11 +106,16 @@ def main() -> None:
     p.add_argument("--batches", default="8,32")
     p.add_argument("--context-length", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default torch's); 1 keeps a machine shared with other jobs from "
+                        "stalling multi-threaded kernels at their barriers")
     p.add_argument("--profile", action="store_true", help="also print the top ops of the exported roll-out "
                                                           "(batch 8, h 96)")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         exported, reference = export_pair(args.preset, Path(tmp))
         devices = [("cpu", torch.float32)] + ([("cuda", torch.bfloat16)] if torch.cuda.is_available() else [])
@@ -111,7 +123,7 @@ def main() -> None:
         for device, dtype in devices:
             models = {"reference": load(reference, device, dtype), "exported": load(exported, device, dtype)}
             print(f"{device} {str(dtype).removeprefix('torch.')}, preset {args.preset}, context "
-                  f"{args.context_length}, {args.repeats} repeats, medians "
+                  f"{args.context_length}, {torch.get_num_threads()} threads, {args.repeats} repeats, medians "
                   f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)", flush=True)
             results[device] = measure(models, device, batches, args.context_length, args.repeats)
             if args.profile and device == "cpu":

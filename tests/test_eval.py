@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from timemoe_train.evaluate import EvalError, evaluate_long_horizon, evaluate_many
+from timemoe_train.forecast import ForecastError  # what a model directory that cannot be loaded raises
 from timemoe_train.evaluate.cli import main as eval_main
 from timemoe_train.evaluate.report import dataset_rows
 from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
@@ -158,9 +159,9 @@ def test_bad_inputs_are_named(tmp_path, model_dir):
     pd.read_csv(ETTH1).iloc[:10_000].to_csv(short, index=False)
     with pytest.raises(EvalError, match=r"ETTh1\.csv: ETTh1 needs 14400 rows .* has 10000"):
         evaluate_long_horizon(model_dir, short, progress=False)
-    with pytest.raises(EvalError, match="no config.json"):
+    with pytest.raises(ForecastError, match="no config.json"):
         evaluate_long_horizon(tmp_path, ETTH1, horizons=[96], context_lengths=[128], max_windows=1, progress=False)
-    with pytest.raises(EvalError, match="model directory not found"):
+    with pytest.raises(ForecastError, match="model directory not found"):
         evaluate_long_horizon(tmp_path / "missing", ETTH1, horizons=[96], context_lengths=[128], progress=False)
     bad = tmp_path / "bad.csv"
     bad.write_text("date,x\n2020-01-01 00:00:00,1.0\n2020-01-01 01:00:00,oops\n")

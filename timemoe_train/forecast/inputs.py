@@ -80,7 +80,7 @@ def read_table(path: Path, layout: TableLayout, freq: str | None, context_length
 
 
 def read_corpus(directory: Path, context_length: int) -> Inputs:
-    """Every sequence of a prepared corpus, as `<domain>/<dataset>/<item_id>` (ids are unique per dataset only).
+    """Every sequence of a prepared corpus under its item id (prep writes them as `<domain>/<dataset>/<id>`).
     Prep has already cleaned them; they carry no timestamps."""
     from ..data.corpus import read_manifest
     from ..data.shards import open_shard
@@ -89,12 +89,10 @@ def read_corpus(directory: Path, context_length: int) -> Inputs:
     for shard in read_manifest(directory).shards:
         reader = open_shard(shard.path, shard.bytes)
         for i in range(reader.num_record_batches):
-            batch = reader.get_batch(i).to_pydict()
-            for item_id, domain, dataset, target in zip(batch["item_id"], batch["domain"], batch["dataset"],
-                                                        batch["target"]):
-                name = f"{domain}/{dataset}/{item_id}"
-                tail, _, _ = finite_tail(shard.path, name, np.asarray(target, dtype=np.float32), context_length)
-                contexts.append(Context(name, tail, None))
+            batch = reader.get_batch(i)
+            for item_id, target in zip(batch.column("item_id").to_pylist(), batch.column("target")):
+                points = target.values.to_numpy(zero_copy_only=False)
+                contexts.append(Context(item_id, finite_tail(shard.path, item_id, points, context_length)[0], None))
     return Inputs(contexts, None, [f"{directory}: a prepared corpus has no timestamps: forecasts are numbered by "
                                    "step 1..H"])
 
