@@ -37,6 +37,11 @@ class Series:
     values_TC: np.ndarray  # float64, raw
     season_length: int | None  # from the date column's spacing; None when it cannot be told
     date_column: str | None  # None: the file has none
+    name: str | None = None  # the dataset's name in reports; None: the file's stem
+
+    @property
+    def dataset(self) -> str:
+        return self.name or self.path.stem
 
 
 def read_csv(path: str | Path, columns: list[str] | None = None, date_column: str | None = None) -> Series:
