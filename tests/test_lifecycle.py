@@ -17,12 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from train_launch import worker_env  # noqa: E402
+from train_launch import cycles_corpus, worker_env  # noqa: E402
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -35,20 +33,9 @@ OVERRIDES = ["model=tiny", "data.max_length=48", "data.num_workers=2", "trainer.
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """Seeded daily cycles with noise, hourly: ETTh1 itself is what the leakage guard keeps out of every corpus."""
     folder = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    t = np.arange(17_420)
-    channels = {f"c{i}": np.sin(2 * np.pi * t / 24 + i) * (i + 1) + np.cumsum(rng.normal(0, 0.1, t.size))
-                for i in range(7)}
-    pd.DataFrame({"date": pd.date_range("2016-07-01", periods=t.size, freq="h").astype(str), **channels}).to_csv(
-        folder / "cycles.csv", index=False)
-    out = folder / "prepared"
-    proc = subprocess.run([str(BIN / "timemoe-prep"), "--source", "csv", "--input", str(folder / "cycles.csv"),
-                           "--output", str(out), "--domain", "energy", "--workers", "1", "--no-progress"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    cycles_corpus(folder, points=17_420, channels=7)
+    return folder / "prepared"
 
 
 def command(corpus: Path) -> list[str]:

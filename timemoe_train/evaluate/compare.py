@@ -162,29 +162,40 @@ def training_log(job_dir: Path, last: int = 50) -> dict:
             "expert_load": load}
 
 
+SCORES = "compare.json"  # a job's scores under one protocol, beside its checkpoints
+
+
+def score_job(job: dict, held: tuple, csvs: list[str], protocol: dict) -> dict:
+    """The job's parameter counts and scores; read back from SCORES when its final checkpoint and the protocol are
+    those it was scored under, so that a report over more seeds (or re-run after a stop) scores only what is new."""
+    key = protocol | {"checkpoint": (job["dir"] / "checkpoints" / "latest").read_text().strip(),
+                      "csvs": [str(Path(c).resolve()) for c in csvs]}
+    cache = job["dir"] / SCORES
+    if cache.exists() and json.loads(cache.read_text())["key"] == key:
+        return json.loads(cache.read_text())["scores"]
+    hf = export(job["dir"] / "checkpoints", job["dir"] / "hf")
+    model = TimeMoeForPrediction.from_pretrained(hf).eval()
+    scores = {"activated_params": active_params_per_token(model.config),
+              "total_params": sum(p.numel() for p in model.parameters()), "zero_shot": {}, "baselines": {}}
+    with torch.no_grad():
+        scores["held_out"] = held_out_scores(model, *held)
+        for csv in csvs:
+            r = evaluate_long_horizon({"model": model}, csv, horizons=(96,), context_lengths=(protocol["csv_context"],),
+                                      max_windows=protocol["max_windows"], progress=False)
+            scores["zero_shot"][r["dataset"]] = r["rows"][0]["metrics"]["model"]
+            scores["baselines"][r["dataset"]] = {k: r["rows"][0]["metrics"][k] for k in ("seasonal_naive", "last_value")}
+    cache.write_text(json.dumps({"key": key, "scores": scores}, indent=2) + "\n")
+    return scores
+
+
 def score_jobs(jobs: list[dict], csvs: list[str], max_windows: int, context: int, csv_context: int,
                progress: bool) -> list[dict]:
     held = held_out_windows(jobs[0]["data"], jobs[0]["holdout"], context)
     held_last_value = held_out_scores(LastValue(), *held)
+    protocol = {"horizon": 96, "csv_context": csv_context, "max_windows": max_windows, "held_out_context": context}
     for job in tqdm(jobs, desc="jobs", unit="job", disable=not progress):
-        hf = export(job["dir"] / "checkpoints", job["dir"] / "hf")
-        model = TimeMoeForPrediction.from_pretrained(hf).eval()
-        job["activated_params"] = active_params_per_token(model.config)
-        job["total_params"] = sum(p.numel() for p in model.parameters())
-        job |= training_log(job["dir"])
-        job["protocol"] = {"horizon": 96, "csv_context": csv_context, "max_windows": max_windows,
-                           "held_out_context": context}
-        with torch.no_grad():
-            job["held_out"] = held_out_scores(model, *held)
-            job["held_out_last_value"] = held_last_value
-            job["zero_shot"] = {}
-            for csv in csvs:
-                r = evaluate_long_horizon({"model": model}, csv, horizons=(96,), context_lengths=(csv_context,),
-                                          max_windows=max_windows, progress=False)
-                job["zero_shot"][r["dataset"]] = r["rows"][0]["metrics"]["model"]
-                job.setdefault("baselines", {})[r["dataset"]] = {k: r["rows"][0]["metrics"][k]
-                                                                for k in ("seasonal_naive", "last_value")}
-        job["dir"] = str(job["dir"])
+        job |= score_job(job, held, csvs, protocol) | training_log(job["dir"])
+        job |= {"protocol": protocol, "held_out_last_value": held_last_value, "dir": str(job["dir"])}
     return jobs
 
 
