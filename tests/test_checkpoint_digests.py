@@ -1,5 +1,5 @@
 """Checkpoint integrity in one process: files hashed as they are written (torch.save and plain bytes), the manifest,
-and `newest_verified` falling back past a missing, truncated or altered file with a warning naming it; when no
+and `resolve_checkpoint` falling back past a missing, truncated or altered file with a warning naming it; when no
 checkpoint verifies, one error naming every bad file."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from timemoe_train.checkpoint import MANIFEST, CheckpointCorrupt, CheckpointError, DigestWriter, verify
 from timemoe_train.checkpoint.digests import write_manifest
-from timemoe_train.checkpoint.resume import CheckpointWarning, newest_verified
+from timemoe_train.checkpoint.resume import CheckpointWarning, resolve_checkpoint
 
 
 def write_checkpoint(root, step: int):
@@ -62,7 +62,7 @@ def test_newest_damaged_falls_back_to_the_previous_with_a_warning_naming_the_fil
         verify(newest)
     assert err.value.path == newest / name
     with pytest.warns(CheckpointWarning) as warned:
-        assert newest_verified(tmp_path) == "step00000004"
+        assert resolve_checkpoint(tmp_path) == "step00000004"
     assert len(warned) == 1 and f"checkpoint {newest} is not used: {newest / name}: " in str(warned[0].message)
 
 
@@ -70,12 +70,30 @@ def test_no_checkpoint_verifies_is_one_error_naming_every_file(tmp_path):
     flip(write_checkpoint(tmp_path, 4) / "model.pt")
     (write_checkpoint(tmp_path, 8) / MANIFEST).unlink()
     with pytest.warns(CheckpointWarning), pytest.raises(CheckpointError, match="no checkpoint in .* verifies") as err:
-        newest_verified(tmp_path)
+        resolve_checkpoint(tmp_path)
     assert str(tmp_path / "step00000004" / "model.pt") in str(err.value)
     assert str(tmp_path / "step00000008" / MANIFEST) in str(err.value)
 
 
 def test_no_checkpoint_yet_is_a_fresh_start(tmp_path):
-    assert newest_verified(tmp_path / "nothing") is None
+    assert resolve_checkpoint(tmp_path / "nothing") is None
     (tmp_path / ".tmp-step00000004").mkdir()  # an interrupted save is not a checkpoint
-    assert newest_verified(tmp_path) is None
+    assert resolve_checkpoint(tmp_path) is None
+
+
+def test_resume_and_export_follow_latest_then_the_lineage_in_write_order_not_step_order(tmp_path):
+    """After falling back past a damaged step 12 to step 4, the run saved step 8: `latest` and the lineage say 8,
+    although 12 has the higher step. Resume and timemoe-export take the same one, with one function."""
+    from timemoe_train.export.cli import checkpoint_dir
+
+    for step in (4, 12, 8):
+        write_checkpoint(tmp_path, step)
+    (tmp_path / "latest").write_text("step00000008")
+    (tmp_path / "lineage").write_text("step00000004\nstep00000008\n")
+    assert resolve_checkpoint(tmp_path) == "step00000008"
+    assert checkpoint_dir(tmp_path) == (tmp_path, tmp_path / "step00000008")
+    flip(tmp_path / "step00000008" / "model.pt")
+    with pytest.warns(CheckpointWarning, match="step00000008"):
+        assert resolve_checkpoint(tmp_path) == "step00000004"  # the lineage's previous, not the newer-step 12
+    with pytest.warns(CheckpointWarning):
+        assert checkpoint_dir(tmp_path) == (tmp_path, tmp_path / "step00000004")

@@ -222,3 +222,16 @@ def test_several_models_and_csvs_in_one_call_equal_the_separate_runs(tmp_path, m
     assert md_rows == expected_rows
     assert all((out / f"forecasts_{name}.png").is_file() for name in ("ETTh1", "toy"))
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("name", ["timestamp", "ds", "datetime"])
+def test_the_date_column_is_found_as_prep_finds_its_timestamps(tmp_path, model_dir, name):
+    n = 600
+    t = np.arange(n)
+    csv = tmp_path / "toy.csv"
+    pd.DataFrame({name: pd.date_range("2020-01-01", periods=n, freq="D").astype(str),
+                  "a": np.sin(2 * np.pi * t / 7), "b": np.cos(t / 5.0)}).to_csv(csv, index=False)
+    r = evaluate_long_horizon(model_dir, csv, horizons=[24], context_lengths=[96], max_windows=1, progress=False)
+    assert r["season_length"] == 7 and r["columns"] == ["a", "b"]
+    with pytest.raises(EvalError, match=rf"toy\.csv: no column 'date' \(--date-column\); the file has \['{name}'"):
+        evaluate_long_horizon(model_dir, csv, date_column="date", progress=False)

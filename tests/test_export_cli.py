@@ -69,7 +69,8 @@ def write_megatron_checkpoint(root, hf: dict, config: TimeMoeConfig, ep_size: in
                for layer in range(config.num_hidden_layers) for i in range(per_rank)
                for lin in ("linear_fc1", "linear_fc2")}
     model = {**config.__dict__, "moe_impl": "megatron"}
-    (d / "meta.json").write_text(json.dumps({"world_size": ep_size, "ep_size": ep_size, "zero_stage": 1,
+    (d / "meta.json").write_text(json.dumps({"step": int(tag.removeprefix("step")), "world_size": ep_size,
+                                             "ep_size": ep_size, "zero_stage": 1,
                                              "model": model, "precision": "fp32", "expert_aliases": aliases}))
     (root / "latest").write_text(tag)
     return d
@@ -154,3 +155,25 @@ def test_export_records_the_corpus_and_the_benchmarks_its_guard_kept_out(tmp_pat
     (d / "config.yaml").unlink()
     record = json.loads((export(tmp_path / "ckpt", tmp_path / "noconfig") / "training_data.json").read_text())
     assert record["corpus"] is None and "config.yaml: no data.path to read" in record["note"]
+
+
+def test_cli_says_the_step_writes_files_everyone_can_read_and_overwrites_only_with_force(tmp_path, config):
+    write_megatron_checkpoint(tmp_path / "ckpt", released_weights(config), config, 2, tag="step00000007")
+    out = tmp_path / "hf"
+    cli = [sys.executable, "-m", "timemoe_train.export.cli", str(tmp_path / "ckpt"), str(out)]
+    umask = "umask 077 && exec " + " ".join(cli)  # a private umask: the export is still readable by everyone
+    first = subprocess.run(["sh", "-c", umask], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines()[0] == f"exported step 7 ({tmp_path / 'ckpt' / 'step00000007'}) to {out}"
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {"0o644"}
+    assert oct(out.stat().st_mode & 0o777) == "0o755"
+
+    weights = (out / "model.safetensors").read_bytes()
+    again = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and again.stdout == ""
+    assert again.stderr.splitlines() == [f"timemoe-export: {out}: not empty (config.json, configuration_time_moe.py, "
+                                         "model.safetensors, modeling_time_moe.py, ...); pass --force to replace an "
+                                         "earlier export, or choose another directory"]
+    assert (out / "model.safetensors").read_bytes() == weights
+    forced = subprocess.run([*cli, "--force"], capture_output=True, text=True, timeout=300)
+    assert forced.returncode == 0 and forced.stdout.startswith("exported step 7 "), forced.stderr

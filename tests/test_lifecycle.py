@@ -240,3 +240,96 @@ def test_a_printed_run_directory_goes_back_into_the_command_as_it_is(tmp_path):
     again = cli(tmp_path, *overrides, "optim.betas=[0.9,0.95]", "trainer.max_steps=3", f"run.dir={path}")
     assert start_line(again.stdout) == f"timemoe-train: resuming from step 2 ({path / 'checkpoints' / 'step00000002'})"
     assert [json.loads(line)["step"] for line in (path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+# --- one lineage and one live run per run directory -----------------------------------------------------------------
+TINY_TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "timemoe_train.train",
+                 *(o for o in MULTIRUN if "max_steps" not in o), "checkpoint.interval=2", "checkpoint.keep_last=2"]
+
+
+def tiny_run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*TINY_TORCHRUN, *args], cwd=cwd, env=worker_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return proc
+
+
+def steps(path: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_resume_false_sets_the_old_lineage_aside_and_the_plain_command_continues_the_new_one(tmp_path):
+    run = tmp_path / "runs" / "x"
+    ckpt = run / "checkpoints"
+    tiny_run(tmp_path, "run.name=x", "trainer.max_steps=6")
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000004", "step00000006"]
+    restart = tiny_run(tmp_path, "run.name=x", "trainer.max_steps=3", "checkpoint.resume=false")
+    (aside,) = run.glob("previous-*")
+    assert f"the previous checkpoints and metrics moved to {aside}" in restart.stdout
+    assert start_line(restart.stdout.split(str(aside))[1]) == f"timemoe-train: starting a new run ({ckpt})"
+    again = tiny_run(tmp_path, "run.name=x", "trainer.max_steps=5")
+    assert start_line(again.stdout) == f"timemoe-train: resuming from step 3 ({ckpt / 'step00000003'})"
+    # The new lineage pruned in its own write order; the old one kept whole, beside it.
+    assert (ckpt / "lineage").read_text().split() == ["step00000004", "step00000005"]
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000004", "step00000005"]
+    assert steps(run / "metrics.jsonl") == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (aside / "checkpoints").glob("step*")) == ["step00000004", "step00000006"]
+    assert steps(aside / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
+
+
+def descendants(pid: int) -> list[int]:
+    found = []
+    for child in children(pid):
+        found += [child, *descendants(child)]
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def started(cwd: Path, *args: str) -> subprocess.Popen:
+    """A long run of TINY_TORCHRUN in `cwd`, returned once it has logged a step."""
+    proc = subprocess.Popen([*TINY_TORCHRUN, "run.name=x", "trainer.max_steps=100000", *args], cwd=cwd,
+                            env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics = cwd / "runs" / "x" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-4000:]
+        time.sleep(0.1)
+    return proc
+
+
+def test_kill_9_of_torchrun_stops_every_process_of_the_run_within_30_s_with_the_step_saved(tmp_path):
+    from timemoe_train.checkpoint.resume import resolve_checkpoint
+
+    proc = started(tmp_path)
+    run = descendants(proc.pid)
+    assert len(run) >= 2, run
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in run) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in run if alive(pid)], "processes of the run outlived its launcher"
+    ckpt = tmp_path / "runs" / "x" / "checkpoints"
+    last = steps(tmp_path / "runs" / "x" / "metrics.jsonl")[-1]
+    assert resolve_checkpoint(ckpt) == f"step{last:08d}"  # the stop request saved the step it was in, whole
+
+
+def test_a_second_launch_on_a_live_run_directory_is_refused_in_one_line(tmp_path):
+    first = started(tmp_path)
+    try:
+        second = subprocess.run([*TINY_TORCHRUN, "run.name=x", "trainer.max_steps=100000"], cwd=tmp_path,
+                                env=worker_env(), capture_output=True, text=True, timeout=300)
+        refusals = [line for line in second.stderr.splitlines() if line.startswith("timemoe-train: RunInUse:")]
+        assert second.returncode != 0 and len(refusals) == 1, second.stderr[-4000:]
+        assert f"{tmp_path / 'runs' / 'x'} is in use by timemoe-train pid " in refusals[0]
+        assert first.poll() is None  # the live run trains on
+    finally:
+        os.killpg(first.pid, signal.SIGTERM)
+        first.communicate(timeout=120)

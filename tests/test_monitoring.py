@@ -33,7 +33,7 @@ def step_with_an_idle_expert(config: TimeMoeConfig) -> dict:
              "domain_ids": torch.zeros(2, N // 2, dtype=torch.long)}
     stats = StepStats(config, num_domains=1, device="cpu")
     stats.add(out, batch)
-    return stats.reduce(torch.zeros(()), stop_requested=False)
+    return stats.reduce(torch.zeros(()), stop_requested=False).read()
 
 
 def wandb_history(run_dir: Path) -> list[dict]:

@@ -4,6 +4,7 @@ file safety, FLOP counting, secret scrubbing, the DeepSpeed expert marker."""
 from __future__ import annotations
 
 import math
+import re
 import os
 import subprocess
 import sys
@@ -192,7 +193,7 @@ def test_synthetic_rows_are_packed_with_consistent_masks():
 
 def test_guard_sees_nonfinite_gradients_and_stops_after_max_bad_steps():
     layer = nn.Linear(3, 1)
-    guard = NonFiniteGuard(layer, max_bad_steps=2, device="cpu")
+    guard = NonFiniteGuard(layer, max_bad_steps=2, device="cpu", micro_batches=1)
     layer(torch.ones(1, 3)).sum().backward()
     assert guard.grads_nonfinite.item() == 0
     layer(torch.tensor([[1.0, float("inf"), 0.0]])).sum().backward()
@@ -275,3 +276,19 @@ def test_expert_marker_exposes_megatron_experts_to_deepspeed():
     assert all(p.abs().sum() == 0 for p in model.parameters())
     with pytest.raises(RuntimeError, match="Missing key"):
         module.load_model_state({k: v for k, v in zeros.items() if "deepspeed_experts.1." not in k})
+
+
+def test_help_and_version_say_what_the_tool_is(tmp_path):
+    cli = [sys.executable, "-m", "timemoe_train.train"]
+    helped = subprocess.run([*cli, "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert helped.returncode == 0, helped.stderr
+    text = helped.stdout
+    assert text.startswith("timemoe-train: pretrain a Time-MoE model")
+    assert "\nmodel: base, large, tiny, ultra\n" in text  # the shared model keys are no option of their own
+    for part in ("== Config groups (group=option) ==", "== Runs and resuming ==", "== Signals and exit status ==",
+                 "SIGUSR1", "already at step", "Exit 2: a user error"):
+        assert part in text, part
+    versioned = subprocess.run([*cli, "--version"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert versioned.returncode == 0
+    assert re.fullmatch(r"timemoe-train \S+ \(torch \S+, deepspeed \S+, megatron-core \S+, hydra-core \S+\)\n",
+                        versioned.stdout), versioned.stdout

@@ -1,9 +1,10 @@
-"""Time-MoE for `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
+"""The reference the export's modeling code must beat and equal: what the released Time-MoE inference code computes,
+computed its way (per-expert mask loop with `torch.where` + `index_add_`, eager attention with an additive causal
+mask, RoPE recomputed in every layer, every head at every position of every roll-out step).
 
-Shipped inside every export next to `config.json` and `model.safetensors` (released TimeMoE-50M/200M names).
-Depends on torch and transformers only: serving stacks load it without timemoe-train installed. Written in the
-style of the released inference code (per-expert mask loop, eager attention with an explicit causal mask,
-rotate-half RoPE) so that it doubles as an independent reference for timemoe-train's own model.
+It was the export's own code until the fast one replaced it (timemoe_train/model/remote_code/); bench/forecast.py
+times both on the same weights and tests/test_remote_code.py checks they agree, each loading it through
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` as the modeling file of a copied export.
 Runs with transformers 4.40 and 5.x: the KV cache is a plain tuple of (key, value) per layer and RoPE is computed
 from positions on every call, so no cache class and no non-persistent buffer is involved.
 

@@ -197,6 +197,11 @@ def _first_present(columns: list[str], names: tuple[str, ...]) -> str | None:
     return next((c for c in names if c in columns), None)
 
 
+def timestamp_column(columns: list[str]) -> str | None:
+    """The column taken as the timestamps when none is given (also by timemoe-eval)."""
+    return _first_present(columns, TIMESTAMP_NAMES)
+
+
 def _numeric(column: pd.Series, path: Path, name: str, hint: str = "") -> np.ndarray:
     if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
         return column.to_numpy(dtype=np.float64, na_value=np.nan)
@@ -262,7 +267,7 @@ def timed_frame_series(
     frame.columns = columns
     if frame.empty:
         raise PrepError(path, "rows", 0, "the table has no rows")
-    ts = layout.timestamp_column or _first_present(columns, TIMESTAMP_NAMES)
+    ts = layout.timestamp_column or timestamp_column(columns)
     if ts is None:
         raise PrepError(path, "column", "timestamp", f"missing (pass --timestamp-column); the columns are {columns}")
     _require(path, columns, [ts])

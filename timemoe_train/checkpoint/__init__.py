@@ -13,13 +13,14 @@ Layout of a run's `checkpoint.dir`:
         manifest.json                 size and sha256 of every other file, computed while writing
     latest                the tag of the newest complete checkpoint (DeepSpeed's format)
     best                  with validation on: the tag of the checkpoint with the lowest validation loss
+    lineage               the checkpoints of the current lineage, oldest first (resume falls back in this order)
 """
 
 from .files import load_checkpoint_file
-from .format import (BEST, CONFIG, CONSOLIDATED, ELASTIC, LATEST, MANIFEST, META, MODEL_PREFIX, TMP_PREFIX, CheckpointCorrupt,
-                     CheckpointError, read_meta, step_tags, tag_for, trainer_state_file)
+from .format import (BEST, CONFIG, CONSOLIDATED, ELASTIC, LATEST, LINEAGE, MANIFEST, META, MODEL_PREFIX, TMP_PREFIX,
+                     CheckpointCorrupt, CheckpointError, lineage, read_meta, step_tags, tag_for, trainer_state_file)
 from .digests import DigestWriter, verify
 
-__all__ = ["BEST", "CONFIG", "CONSOLIDATED", "ELASTIC", "LATEST", "MANIFEST", "META", "MODEL_PREFIX", "TMP_PREFIX", "CheckpointCorrupt",
-           "CheckpointError", "DigestWriter", "load_checkpoint_file", "read_meta", "step_tags", "tag_for",
-           "trainer_state_file", "verify"]
+__all__ = ["BEST", "CONFIG", "CONSOLIDATED", "ELASTIC", "LATEST", "LINEAGE", "MANIFEST", "META", "MODEL_PREFIX",
+           "TMP_PREFIX", "CheckpointCorrupt", "CheckpointError", "DigestWriter", "lineage", "load_checkpoint_file",
+           "read_meta", "step_tags", "tag_for", "trainer_state_file", "verify"]

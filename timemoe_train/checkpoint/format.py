@@ -9,6 +9,9 @@ from pathlib import Path
 LATEST = "latest"
 # The tag of the checkpoint with the lowest validation loss (trainer.val_interval), spared by pruning.
 BEST = "best"
+# The checkpoints of the run's current lineage still on disk, oldest first, one tag a line: the order resume falls
+# back in and pruning counts in (a fallback to an older step makes write order differ from step order).
+LINEAGE = "lineage"
 TMP_PREFIX = ".tmp-"
 META = "meta.json"
 CONFIG = "config.yaml"
@@ -42,6 +45,15 @@ def step_tags(root: Path) -> list[str]:
         return []
     tags = [p.name for p in root.iterdir() if p.is_dir() and _TAG.fullmatch(p.name)]
     return sorted(tags, key=lambda t: int(_TAG.fullmatch(t)[1]), reverse=True)
+
+
+def lineage(root: Path) -> list[str]:
+    """The current lineage's checkpoints in write order, oldest first; a directory written before the lineage
+    file existed: its checkpoints in step order."""
+    path = root / LINEAGE
+    if path.is_file():
+        return path.read_text().split()
+    return step_tags(root)[::-1]
 
 
 def trainer_state_file(rank: int) -> str:

@@ -1,12 +1,13 @@
-"""Which checkpoint a run resumes from: the newest one that verifies against its manifest. Pure file work (no
-engine, no process group), so that the launcher can say what it will do before anything starts."""
+"""Which checkpoint a run resumes from, and `timemoe-export` exports: the one `latest` names, else the lineage's
+previous ones in write order, the first that verifies against its manifest. Pure file work (no engine, no process
+group), so that the launcher can say what it will do before anything starts."""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
 
-from .format import LATEST, CheckpointCorrupt, CheckpointError, step_tags
+from .format import LATEST, CheckpointCorrupt, CheckpointError, lineage
 from .digests import verify
 
 
@@ -14,17 +15,19 @@ class CheckpointWarning(UserWarning):
     pass
 
 
-def newest_verified(root: Path) -> str | None:
-    """The newest checkpoint of `root` that matches its manifest (None: there are none); each one that does not
-    gives a CheckpointWarning naming the file, and so does a `latest` that names no checkpoint (deleted by hand).
+def resolve_checkpoint(root: Path) -> str | None:
+    """The checkpoint of `root` to continue from (None: there are none): `latest`, then the rest of the lineage,
+    newest written first. Each one skipped (damaged, or deleted by hand) gives a CheckpointWarning naming it.
     Raises CheckpointError when checkpoints exist, or were pointed at, but none verifies."""
     bad = []
-    tags = step_tags(root)
     pointed = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
-    if pointed is not None and pointed not in tags:
-        bad.append(f"{root / LATEST} names {pointed!r}, which is not a directory of {root}")
-        warnings.warn(bad[-1], CheckpointWarning, stacklevel=2)
-    for tag in tags:
+    candidates = list(dict.fromkeys(([pointed] if pointed else []) + lineage(root)[::-1]))
+    for tag in candidates:
+        if not (root / tag).is_dir():
+            what = f"{root / LATEST} names {tag!r}" if tag == pointed else f"{root} lists {tag!r} in its lineage"
+            bad.append(f"{what}, which is not a directory of {root}")
+            warnings.warn(bad[-1], CheckpointWarning, stacklevel=2)
+            continue
         try:
             verify(root / tag)
             return tag
@@ -39,10 +42,9 @@ def newest_verified(root: Path) -> str | None:
 
 
 def resume_point(checkpoint_cfg) -> str | None:
-    """The tag a run with this `checkpoint` config resumes from: the newest verified one, every rejected one
-    warned about (always, also when the same warning was given before in this process); None: a new run."""
-    if not checkpoint_cfg.resume:
-        return None
+    """The tag a run with this `checkpoint` config resumes from (`resolve_checkpoint`), every rejected one warned
+    about (always, also when the same warning was given before in this process); None: a new run.
+    (checkpoint.resume=false has moved the previous lineage aside before this is asked.)"""
     with warnings.catch_warnings():
         warnings.simplefilter("always", CheckpointWarning)
-        return newest_verified(Path(checkpoint_cfg.dir).resolve())
+        return resolve_checkpoint(Path(checkpoint_cfg.dir).resolve())

@@ -114,6 +114,17 @@ class TrainLoader:
             if workers:  # DataLoader's own shutdown (it otherwise runs when the iterator is garbage-collected)
                 batches._shutdown_workers()
 
+    def where(self, micro_step: int, row: int, point: int) -> str:
+        """Where point `point` (of the max_length + 1 a row holds) of row `row` of this rank's micro-batch
+        `micro_step` was read from: the shard, its row, and the span of that sequence the point's piece holds
+        (a non-finite value spoils its piece's whole normalisation)."""
+        pieces = self.stream.pieces(self.layout.rows(micro_step)[row:row + 1])
+        ends_P = np.cumsum(pieces.length_P)
+        i = int(np.searchsorted(ends_P, point, side="right"))  # padding is zeros: a bad point lies in a piece
+        start = int(pieces.start_P[i])
+        return (f"{self.stream.store.locate(int(pieces.seq_P[i]))}, points {start}-"
+                f"{start + int(pieces.length_P[i]) - 1}")
+
     def _stream_settings(self) -> dict:
         settings = {f: getattr(self.cfg, f) for f in _STREAM_FIELDS}
         settings["global_batch_size"] = self.layout.global_batch_size

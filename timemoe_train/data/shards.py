@@ -155,6 +155,16 @@ class ShardStore:
         start = int(self.start_S[s])
         return self._chunk(int(self.chunk_S[s]))[start:start + int(self.length_S[s])]
 
+    def locate(self, s: int) -> str:
+        """'<shard> row R (item <id>)' of sequence s, for messages about its data."""
+        c = int(self.chunk_S[s])
+        k = int(self.chunk_shard_C[c])
+        row = s - int(np.searchsorted(self.chunk_S, np.searchsorted(self.chunk_shard_C, k)))
+        shard = self.manifest.shards[k]
+        chunk_row = s - int(np.searchsorted(self.chunk_S, c))
+        item = open_shard(shard.path, shard.bytes).get_batch(int(self.chunk_batch_C[c])).column("item_id")[chunk_row]
+        return f"{shard.path} row {row} (item {item.as_py()})"
+
     def __getstate__(self):
         # Spawned workers re-map the shards instead of receiving a pickled copy of every point.
         return {**self.__dict__, "_readers": OrderedDict(), "_chunks": OrderedDict()}

@@ -38,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
                    help="benchmark CSVs; ETTh1/ETTh2/ETTm1/ETTm2 stems get their month splits")
     p.add_argument("--columns", type=lambda s: s.split(","), default=None,
                    help="comma-separated channels (default: every column except the date column)")
-    p.add_argument("--date-column", default="date")
+    p.add_argument("--date-column", help="default: the first of timestamp, date, ds, time, datetime present (as "
+                   "timemoe-prep finds its timestamp column)")
     p.add_argument("--horizons", type=int_list, default=[96, 192, 336, 720],
                    help="comma-separated (default: all four of the paper); narrow with e.g. --horizons 96")
     p.add_argument("--context-lengths", type=int_list, default=None,

@@ -143,19 +143,23 @@ class LastValue:
         return last_value(context_BT, horizon)
 
 
-def training_log(job_dir: Path) -> dict:
+def training_log(job_dir: Path, last: int = 50) -> dict:
     """From the job's metrics.jsonl: the forecasting loss of every step (mean over the horizon heads, without the
-    MoE's balance term), its mean over the last 20 steps (one step's loss is noisy), and each MoE layer's share of
-    routed points per expert over the last 50 steps (a collapsed router sends most points to a few experts)."""
+    MoE's balance term); its median over the last `last` steps, as one batch can hold a window whose loss is 10⁵
+    times the rest (a flat context before a jump: both arms meet it at the same step); and each MoE layer's share
+    of routed points per expert over those steps (a collapsed router sends most points to a few experts)."""
     path = job_dir / "metrics.jsonl"
     steps = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     curve = [float(np.mean([v for k, v in m.items() if k.startswith("head_loss/")])) for m in steps
              if any(k.startswith("head_loss/") for k in m)]
-    layers = sorted({k for m in steps for k, v in m.items() if k.startswith("expert_load/") and v is not None},
-                    key=lambda k: int(k.removeprefix("expert_load/layer")))
-    load = {k.removeprefix("expert_load/"): np.mean([m[k] for m in steps if m.get(k) is not None][-50:], 0).tolist()
-            for k in layers}
-    return {"loss_curve": curve, "train_loss": float(np.mean(curve[-20:])) if curve else None, "expert_load": load}
+    load = {}
+    for key in sorted({k for m in steps for k in m if k.startswith("expert_load/")},
+                      key=lambda k: int(k.removeprefix("expert_load/layer"))):
+        shares = [m[key] for m in steps[-last:] if m.get(key) and sum(m[key]) > 0]  # a dense layer routes nothing
+        if shares:
+            load[key.removeprefix("expert_load/")] = np.mean(shares, 0).tolist()
+    return {"loss_curve": curve, "train_loss": float(np.median(curve[-last:])) if curve else None,
+            "expert_load": load}
 
 
 def score_jobs(jobs: list[dict], csvs: list[str], max_windows: int, context: int, csv_context: int,
@@ -186,7 +190,7 @@ def score_jobs(jobs: list[dict], csvs: list[str], max_windows: int, context: int
 
 def columns(jobs: list[dict]) -> list[tuple[str, callable]]:
     """(header, job -> value) of every compared figure."""
-    out = [("train forecast loss (last 20 steps)", lambda j: j["train_loss"])]
+    out = [("train forecast loss (median of the last 50 steps)", lambda j: j["train_loss"])]
     for name in jobs[0]["zero_shot"]:
         out += [(f"{name} h96 {m.upper()}", lambda j, n=name, m=m: j["zero_shot"][n][m]) for m in METRICS]
     out += [(f"held-out {m.upper()}", lambda j, m=m: j["held_out"][m]) for m in METRICS]
@@ -258,18 +262,19 @@ def markdown(jobs: list[dict], arms: dict, command: str, notes: list[str] = ()) 
     return "\n".join(lines) + "\n"
 
 
-def plot(jobs: list[dict], arms: dict, path: Path, smooth: int = 20) -> None:
-    """The training loss curves of every job (moving mean over `smooth` steps), then one panel per figure: each
-    arm's mean ± std and its seeds."""
+def plot(jobs: list[dict], arms: dict, path: Path, smooth: int = 25) -> None:
+    """The training loss curves of every job (moving median over `smooth` steps: see training_log), then one panel
+    per figure: each arm's mean ± std and its seeds."""
     heads = columns(jobs)
     fig = Figure(figsize=(3 * len(heads) + 5, 3.2), layout="constrained")
     curves, *panels = fig.subplots(1, len(heads) + 1, squeeze=False, width_ratios=[5 / 3] + [1] * len(heads))[0]
     for i, arm in enumerate(arms):
         for j in (j for j in jobs if j["arm"] == arm and j.get("loss_curve")):
-            loss = np.convolve(j["loss_curve"], np.ones(smooth) / smooth, mode="valid")
-            curves.plot(np.arange(len(loss)) + smooth, loss, color=f"C{i}", lw=0.8,
+            w = min(smooth, len(j["loss_curve"]))
+            loss = np.median(np.lib.stride_tricks.sliding_window_view(j["loss_curve"], w), axis=1)
+            curves.plot(np.arange(len(loss)) + w, loss, color=f"C{i}", lw=0.8,
                         label=f"{arm} seed {j['seed']}")
-    curves.set(xlabel="step", title=f"train forecast loss ({smooth}-step mean)")
+    curves.set(xlabel="step", title=f"train forecast loss ({smooth}-step median)")
     curves.legend(fontsize=7)
     for ax, (head, f) in zip(panels, heads):
         for i, arm in enumerate(arms):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data_prep.sources.tabular import timestamp_column
 from ..forecast import ForecastError
 
 HOURS_PER_MONTH = 30 * 24
@@ -35,9 +36,17 @@ class Series:
     columns: list[str]
     values_TC: np.ndarray  # float64, raw
     season_length: int | None  # from the date column's spacing; None when it cannot be told
+    date_column: str | None  # None: the file has none
+    name: str | None = None  # the dataset's name in reports; None: the file's stem
+
+    @property
+    def dataset(self) -> str:
+        return self.name or self.path.stem
 
 
-def read_csv(path: str | Path, columns: list[str] | None = None, date_column: str = "date") -> Series:
+def read_csv(path: str | Path, columns: list[str] | None = None, date_column: str | None = None) -> Series:
+    """The channels of a benchmark CSV. The date column, when not given, is found as timemoe-prep finds its
+    timestamp column (the first of timestamp, date, ds, time, datetime)."""
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"{path}: CSV file not found")
@@ -45,6 +54,10 @@ def read_csv(path: str | Path, columns: list[str] | None = None, date_column: st
         df = pd.read_csv(path)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
         raise EvalError(f"{path}: not a readable CSV ({e})") from None
+    if date_column is None:
+        date_column = timestamp_column(list(df.columns))
+    elif date_column not in df.columns:
+        raise EvalError(f"{path}: no column {date_column!r} (--date-column); the file has {list(df.columns)}")
     if columns:
         missing = [c for c in columns if c not in df.columns]
         if missing:
@@ -52,7 +65,7 @@ def read_csv(path: str | Path, columns: list[str] | None = None, date_column: st
     else:
         columns = [c for c in df.columns if c != date_column]
     if not columns:
-        raise EvalError(f"{path}: no value columns besides {date_column!r}")
+        raise EvalError(f"{path}: no value columns" + (f" besides {date_column!r}" if date_column else ""))
     values = {}
     for c in columns:
         col = pd.to_numeric(df[c], errors="coerce")
@@ -61,8 +74,8 @@ def read_csv(path: str | Path, columns: list[str] | None = None, date_column: st
             raise EvalError(f"{path}: column {c!r} has a missing or non-numeric value {df[c].iloc[bad[0]]!r} at "
                             f"data row {bad[0] + 1} ({bad.size} such rows)")
         values[c] = col.to_numpy(np.float64)
-    season = infer_season_length(df[date_column]) if date_column in df.columns else None
-    return Series(path, list(columns), np.stack([values[c] for c in columns], axis=1), season)
+    season = infer_season_length(df[date_column]) if date_column else None
+    return Series(path, list(columns), np.stack([values[c] for c in columns], axis=1), season, date_column)
 
 
 def infer_season_length(dates: pd.Series) -> int | None:

@@ -26,10 +26,11 @@ from ..model.hf_layout import TRAINING_DATA
 WARN = ("not guarded", "by name only", "not held out")
 
 
-def leakage_status(model, csv: Path, digest: Callable[[], str], test_start: int | None = None) -> dict[str, str]:
+def leakage_status(model, csv: Path, digest: Callable[[], str], test_start: int | None = None,
+                   rows: int | None = None) -> dict[str, str]:
     """{"status", "detail"} of one model (a directory or a loaded model) on one CSV; `digest()` gives the CSV's
     sha256, called only when the model's record has a guard to compare it with; `test_start`: the first row of
-    the evaluated test split (a fine-tuned model must not have read it)."""
+    the evaluated test split (a fine-tuned model must not have read it) of the CSV's `rows` rows."""
     if not isinstance(model, (str, Path)):
         return {"status": "unknown", "detail": "a model object: no training_data.json to read"}
     path = Path(model) / TRAINING_DATA
@@ -39,13 +40,13 @@ def leakage_status(model, csv: Path, digest: Callable[[], str], test_start: int 
         record = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         return {"status": "unknown", "detail": f"{path}: unreadable ({e})"}
-    return record_status(record, path, csv, digest, test_start)
+    return record_status(record, path, csv, digest, test_start, rows)
 
 
-def record_status(record: dict, path: Path, csv: Path, digest: Callable[[], str],
-                  test_start: int | None) -> dict[str, str]:
+def record_status(record: dict, path: Path, csv: Path, digest: Callable[[], str], test_start: int | None,
+                  rows: int | None) -> dict[str, str]:
     if "split" in record:
-        return fine_tuned_status(record, path, csv, digest, test_start)
+        return fine_tuned_status(record, path, csv, digest, test_start, rows)
     guard, corpus = record.get("leakage_guard"), record.get("corpus")
     if guard is None:
         if record.get("manifest_sha256") is None:  # the corpus could not be read at export
@@ -65,11 +66,12 @@ def record_status(record: dict, path: Path, csv: Path, digest: Callable[[], str]
     return {"status": "not guarded", "detail": f"corpus {corpus} was guarded against other benchmarks only"}
 
 
-def leakage_report(items, csv: Path, test_start: int | None = None) -> dict[str, dict[str, str]]:
+def leakage_report(items, csv: Path, test_start: int | None = None,
+                   rows: int | None = None) -> dict[str, dict[str, str]]:
     """Label -> status, for `model_items`' (label, model) pairs; the CSV is hashed once at most, however many
     models there are."""
     digest = functools.cache(lambda: file_digest(Path(csv))[1])
-    return {label: leakage_status(model, csv, digest, test_start) for label, model in items}
+    return {label: leakage_status(model, csv, digest, test_start, rows) for label, model in items}
 
 
 def leakage_lines(results: dict) -> list[str]:
@@ -84,19 +86,21 @@ def leakage_warnings(results: dict) -> list[str]:
             for d in results["datasets"] for label, s in d["leakage"].items() if s["status"] in WARN]
 
 
-def fine_tuned_status(record: dict, path: Path, csv: Path, digest: Callable[[], str],
-                      test_start: int | None) -> dict[str, str]:
-    """A timemoe-finetune output: its own split of its fine-tuning file, then its base model's record."""
+def fine_tuned_status(record: dict, path: Path, csv: Path, digest: Callable[[], str], test_start: int | None,
+                      rows: int | None) -> dict[str, str]:
+    """A timemoe-finetune output: its own split of its fine-tuning file (the series of `rows` points, or all of
+    them when none has that length), then its base model's record."""
     split = record["split"]
     base_record = record.get("fine_tuned_from", {}).get("training_data")
     base = ({"status": "unknown", "detail": "the base model has no training_data.json"} if base_record is None
-            else record_status(base_record, path, csv, digest, test_start))
+            else record_status(base_record, path, csv, digest, test_start, rows))
     if split.get("sha256") != digest():
         if base["status"] == "unknown":
             return base
         return {"status": "not guarded", "detail": f"fine-tuned on {split.get('file')} without a leakage guard; "
                                                    f"the base model: {base['detail']}"}
-    read_until = max(group["val"][1] for group in split["series"])
+    groups = [g for g in split["series"] if g["length"] == rows] or split["series"]
+    read_until = max(g["val"][1] for g in groups)
     if test_start is None or test_start < read_until:
         return {"status": "not held out", "detail": f"fine-tuned on rows [0, {read_until}) of this file, which the "
                                                     f"evaluated test split (from row {test_start}) overlaps"}

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..forecast import load_model
 from .baselines import last_value, seasonal_naive
-from .data import DEFAULT_RATIOS, EvalError, fit_scaler, num_test_windows, read_csv, split_borders, window_starts
+from .data import DEFAULT_RATIOS, EvalError, Series, fit_scaler, num_test_windows, read_csv, split_borders, window_starts
 from .leakage import leakage_report
 
 BASELINES = ("seasonal_naive", "last_value")
@@ -79,7 +79,8 @@ def evaluate_many(models, csvs, *, out_dir: str | Path | None = None, backend: s
         raise EvalError(f"CSVs {[str(c) for c in csvs]}: two share the name {names}; the report needs distinct stems")
     for d in datasets:
         d["models"] = record
-        d["leakage"] = leakage_report(model_items(models), Path(d["csv"]), d["borders"]["test"][0])  # `nets` no longer know their folders
+        # `nets` no longer know their folders
+        d["leakage"] = leakage_report(model_items(models), Path(d["csv"]), d["borders"]["test"][0], d["length"])
     results = {"models": record, "datasets": datasets}
     if out_dir is not None:
         from .report import write_report
@@ -90,23 +91,25 @@ def evaluate_many(models, csvs, *, out_dir: str | Path | None = None, backend: s
 
 def evaluate_long_horizon(model, csv: str | Path, *, horizons=(96, 192, 336, 720),
                           context_lengths=(512, 1024, 2048, 3072), columns: list[str] | None = None,
-                          date_column: str = "date", max_windows: int | None = None, batch_size: int = 64,
+                          date_column: str | None = None, max_windows: int | None = None, batch_size: int = 64,
                           season_length: int | None = None, split_ratios=DEFAULT_RATIOS,
                           ett_rows_per_hour: float | None = None, device: str = "cpu",
                           dtype: str = "float32", backend: str = "native", out_dir: str | Path | None = None,
                           progress: bool = True) -> dict:
-    """Evaluate `model` (see `named_models`: one, a list or a mapping) on `csv`. Returns the results dict; with
+    """Evaluate `model` (see `named_models`: one, a list or a mapping) on `csv` (a path, or channels already read
+    as a `Series`: its `path` is what the leakage status hashes). Returns the results dict; with
     `out_dir`, also writes results.json, results.md and forecasts_<dataset>.png. `ett_rows_per_hour`: the ETT
     borders at that sampling rate whatever the file's name (by default ETT stems get them, others `split_ratios`)."""
     started = time.perf_counter()
     pairs = pair_horizons(horizons, context_lengths)
-    series = read_csv(csv, columns, date_column)
+    series = csv if isinstance(csv, Series) else read_csv(csv, columns, date_column)
     source = str(series.path)
-    borders = split_borders(len(series.values_TC), series.path.stem, tuple(split_ratios), source, ett_rows_per_hour)
+    borders = split_borders(len(series.values_TC), series.dataset, tuple(split_ratios), source, ett_rows_per_hour)
     season = season_length or series.season_length
     if season is None:
-        raise EvalError(f"{source}: the season length of the seasonal-naive baseline cannot be told from a "
-                        f"{date_column!r} column; pass --season-length")
+        told = f"its {series.date_column!r} column" if series.date_column else "a date column (none found)"
+        raise EvalError(f"{source}: the season length of the seasonal-naive baseline cannot be told from {told}; "
+                        "pass --season-length")
     if batch_size < 1:
         raise EvalError(f"--batch-size {batch_size}: must be at least 1")
     if min(c for _, c in pairs) < season:
@@ -118,7 +121,7 @@ def evaluate_long_horizon(model, csv: str | Path, *, horizons=(96, 192, 336, 720
     nets = named_models(model, backend, device, dtype)
     rows, samples = [], []
     with tqdm(total=sum(len(s) for s in starts.values()) * scaled_CT.shape[0], unit="window",
-              disable=not progress, desc=f"eval {series.path.stem}") as bar:
+              disable=not progress, desc=f"eval {series.dataset}") as bar:
         for (horizon, context_len), start_N in starts.items():
             forecasters = make_forecasters(nets, horizon, season)
             metrics = score(forecasters, scaled_CT, start_N, context_len, horizon, season, batch_size, bar)
@@ -129,9 +132,10 @@ def evaluate_long_horizon(model, csv: str | Path, *, horizons=(96, 192, 336, 720
                                    forecasters))
 
     results = {
-        "dataset": series.path.stem, "csv": source,
+        "dataset": series.dataset, "csv": source,
         "models": describe_models(model),
-        "leakage": leakage_report(model_items(model), series.path, borders.test[0]),
+        "leakage": leakage_report(model_items(model), series.path, borders.test[0], len(series.values_TC)),
+        "length": len(series.values_TC),  # rows of each channel
         "backend": backend, "dtype": dtype, "columns": series.columns, "season_length": season,
         "borders": {"train": list(borders.train), "val": list(borders.val), "test": list(borders.test)},
         "scaler": {"mean": mean_C.tolist(), "std": std_C.tolist()},

@@ -1,6 +1,6 @@
 """`timemoe-export CKPT_DIR OUT_DIR`: a training checkpoint -> the released HF layout, without a distributed run.
 
-CKPT_DIR is a run's `checkpoint.dir` (the checkpoint named by its `latest` file is exported, or `--tag`) or one
+CKPT_DIR is a run's `checkpoint.dir` (the checkpoint a resume would continue from is exported, or `--tag`) or one
 checkpoint directory. The checkpoint is first verified against its manifest. Its elastic part holds every weight
 in fp32 under the released names (the optimizer's fp32 master copy in a bf16 run); a checkpoint without one
 (ZeRO-3, or written before elastic checkpoints) is read from DeepSpeed's files, the experts of every
@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import (BEST, CONSOLIDATED, ELASTIC, LATEST, MANIFEST, META, MODEL_PREFIX, CheckpointError, elastic,
-                          load_checkpoint_file, read_meta, verify)
+from ..checkpoint import (BEST, CONSOLIDATED, ELASTIC, LATEST, LINEAGE, MANIFEST, META, MODEL_PREFIX,
+                          CheckpointError, elastic, load_checkpoint_file, read_meta, verify)
+from ..checkpoint.resume import resolve_checkpoint
 from ..model import TimeMoeConfig, TimeMoeForPrediction
 from ..model.config import ConfigError
 from ..model.hf_layout import check_state_dict, save_hf
@@ -33,7 +34,7 @@ _MARKER_KEY = re.compile(r"(expert_markers\.\d+\.deepspeed_moe\.experts\.deepspe
 
 
 def checkpoint_dir(path: str | Path, tag: str | None = None) -> tuple[Path, Path]:
-    """(root, tag directory) of the checkpoint to export."""
+    """(root, tag directory) of the checkpoint to export: the one a resume would continue from."""
     path = Path(path)
     if tag == BEST:  # the lowest validation loss's checkpoint, named by the `best` file
         if not (path / BEST).is_file():
@@ -41,8 +42,8 @@ def checkpoint_dir(path: str | Path, tag: str | None = None) -> tuple[Path, Path
         tag = (path / BEST).read_text().strip()
     if tag is not None:
         return path, path / tag
-    if (path / LATEST).is_file():
-        return path, path / (path / LATEST).read_text().strip()
+    if ((path / LATEST).is_file() or (path / LINEAGE).is_file()) and (found := resolve_checkpoint(path)):
+        return path, path / found
     if (path / META).is_file():
         return path.parent, path
     raise CheckpointError(f"{path}: neither a checkpoint directory (no {META}) nor a run's checkpoint.dir "
@@ -118,7 +119,22 @@ def export(ckpt: str | Path, out: str | Path, tag: str | None = None, dtype: str
     target = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype or precision]
     path = save_hf(model, out, dtype=target)
     write_training_data(tag_dir, path)
+    _readable_by_all(path)
     return path
+
+
+def _readable_by_all(out: Path) -> None:
+    """An export is made to be shared (served, uploaded, read by other accounts): whatever the umask or the
+    permissions of the installed remote-code files, everyone may read it; only the owner writes."""
+    out.chmod(0o755)
+    for path in out.iterdir():
+        if path.is_file():
+            path.chmod(0o644)
+
+
+def _replaces_an_export(out: Path) -> list[str]:
+    """The files of an earlier export (or anything else) `out` already holds."""
+    return sorted(p.name for p in out.iterdir()) if out.is_dir() else []
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,13 +144,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", help="checkpoint to export instead of the latest (e.g. step00001000, or best: the lowest "
                              "validation loss's)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], help="weight dtype (default: the training precision)")
+    parser.add_argument("--force", action="store_true", help="write into an OUT_DIR that is not empty (replacing "
+                        "the files of an earlier export)")
     args = parser.parse_args(argv)
     try:
-        path = export(args.checkpoint, args.out, args.tag, args.dtype)
-    except (CheckpointError, ConfigError, FileNotFoundError, PermissionError) as e:
+        there = _replaces_an_export(Path(args.out))
+        if there and not args.force:
+            raise FileExistsError(f"{args.out}: not empty ({', '.join(there[:4])}{', ...' * (len(there) > 4)}); "
+                                  "pass --force to replace an earlier export, or choose another directory")
+        root, tag_dir = checkpoint_dir(args.checkpoint, args.tag)
+        path = export(tag_dir, args.out, dtype=args.dtype)
+    except (CheckpointError, ConfigError, FileNotFoundError, FileExistsError, PermissionError) as e:
         print(f"timemoe-export: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"exported {path}")
+    print(f"exported step {read_meta(tag_dir)['step']} ({tag_dir}) to {path}")
     print(summary(path))
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from ..evaluate.cli import int_list
 from ..model.config import HF_CONFIG_KEYS, ConfigError, TimeMoeConfig
 from ..model.hf_layout import TRAINING_DATA
-from .report import eval_options
+from .report import eval_inputs
 from .split import FinetuneError, parse_split, read_input, split_record, split_series, write_part
 
 RUN = "finetune"  # OUT_DIR/finetune: the run directory (corpora, checkpoints, metrics, Hydra's files)
@@ -53,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
                         "context + the longest horizon points")
     p.add_argument("--max-windows", type=int, default=200,
                    help="report: N evenly spaced test windows per horizon and channel (default 200; 0: all)")
+    p.add_argument("--season-length", type=int, default=None,
+                   help="seasonal-naive period of the report (default: from the sampling rate, e.g. 24 hourly)")
     p.add_argument("--nproc", type=int, default=1, help="training processes (torchrun --nproc_per_node)")
     return p
 
@@ -112,13 +114,16 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = run_dir / "data"
         overrides = ["experiment=finetune", *base, f"data.path={data_dir / 'train'}",
                      f"trainer.val_path={data_dir / 'val'}", f"trainer.init_from_hf={model_dir}",
-                     f"data.max_length={args.context_length + max(args.horizons)}", f"run.dir={run_dir}",
+                     f"data.max_length={args.context_length + max(args.horizons)}",
+                     # window statistics from the context part alone, as forecast() scales a context by itself
+                     f"data.normalization_excludes={max(args.horizons)}", f"run.dir={run_dir}",
                      *args.overrides]
         cfg, run = compose(overrides)
         data = read_input(args.data)
         splits = split_series(data, split, run.data.max_length + 1, max(args.horizons))
         record = split_record(data, split, splits)
-        options = eval_options(data, split, args.horizons, args.context_length, args.max_windows or None)
+        inputs, options = eval_inputs(data, split, args.horizons, args.context_length, args.max_windows or None,
+                                      args.season_length)
         previous = run_dir / SPLIT_RECORD
         if previous.is_file() and json.loads(previous.read_text()) != record:
             raise FinetuneError(f"--out {out}: holds a fine-tuning run of other data or another split "
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     export(run.checkpoint.dir, out, tag="best")
     write_training_data(out, model_dir, record, data_dir / "train")
-    report = write_report(model_dir, out, data, options, started)
+    report = write_report(model_dir, out, data, inputs, options, started)
     print(Path(report["files"]["markdown"]).read_text())
     print(f"wrote {out} (fine-tuned model), {report['files']['markdown']}, {report['files']['json']} "
           f"in {report['wall_time_s'] / 60:.1f} min")

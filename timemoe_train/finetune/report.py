@@ -7,14 +7,16 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from data_prep.manifest import MANIFEST_NAME
+from data_prep.corpus_manifest import MANIFEST_NAME
 from data_prep.sources.tabular import TIMESTAMP_NAMES
 
 from ..checkpoint import BEST
-from ..checkpoint.manifest import file_digest
+from ..checkpoint.digests import file_digest
 from ..evaluate import evaluate_many
+from ..evaluate.data import SEASONS, Series
 from ..evaluate.leakage import leakage_lines
 from ..evaluate.report import label
 from ..model.hf_layout import TRAINING_DATA
@@ -34,24 +36,43 @@ def write_training_data(out: Path, model_dir: Path, split: dict, corpus: Path) -
     (out / TRAINING_DATA).write_text(json.dumps(record, indent=1) + "\n")
 
 
-def eval_options(data: Input, split, horizons, context: int, max_windows: int | None) -> dict:
-    """`evaluate_many`'s options for the fine-tuning file: the same test split, the report's protocol."""
-    if data.kind != "csv":
-        raise FinetuneError(f"{data.path}: the before/after report scores wide CSV files (timemoe-eval's input); "
-                            "the model is exported, evaluate it with timemoe-eval on a CSV of the test period")
-    header = list(pd.read_csv(data.path, nrows=0).columns)
-    date = next((c for c in TIMESTAMP_NAMES if c in header), None)
+def eval_inputs(data: Input, split, horizons, context: int, max_windows: int | None,
+                season_length: int | None) -> tuple[list, dict]:
+    """`evaluate_many`'s inputs and options for the fine-tuning data: the same test split, the report's protocol.
+    A wide CSV is given as the file itself, exactly as to timemoe-eval; any other data as its series, those of
+    one length together (each group is one dataset of the report)."""
     options = {"horizons": list(horizons), "context_lengths": [context], "max_windows": max_windows,
-               "date_column": date}
+               "season_length": season_length}
     if split == "ett":
         options["ett_rows_per_hour"] = rows_per_hour(data.freq, data.path)
     else:
         options["split_ratios"] = list(split)
-    return options
+    if data.kind == "csv":
+        header = list(pd.read_csv(data.path, nrows=0).columns)
+        date = next((c for c in TIMESTAMP_NAMES if c in header), None)
+        if date is not None and len(header) == len(data.series) + 1:  # wide: one series per other column
+            return [data.path], {**options, "date_column": date}
+    if season_length is None:
+        seconds = pd.Timedelta(pd.tseries.frequencies.to_offset(data.freq)).total_seconds() if data.freq else None
+        options["season_length"] = SEASONS.get(int(seconds)) if seconds else None
+        if options["season_length"] is None:
+            raise FinetuneError(f"{data.path}: the seasonal-naive baseline's period cannot be told from this data "
+                                f"(frequency {data.freq!r}); give --season-length")
+    lengths = sorted({len(v) for _, v in data.series})
+    path = data.path / MANIFEST_NAME if data.kind == "corpus" else data.path  # what the record's sha256 is of
+    inputs = []
+    for n in lengths:
+        group = [(name, v) for name, v in data.series if len(v) == n]
+        inputs.append(Series(path, [name for name, _ in group], np.stack([v for _, v in group], axis=1), None,
+                             None, data.path.stem if len(lengths) == 1 else f"{data.path.stem} ({n} points)"))
+    return inputs, options
 
 
-def eval_command(out: Path, data: Input, options: dict) -> str:
-    """The timemoe-eval command that scores OUT_DIR on the same windows (ETT splits come from an ETT file's name)."""
+def eval_command(out: Path, data: Input, options: dict) -> str | None:
+    """The timemoe-eval command that scores OUT_DIR on the same windows (ETT splits come from an ETT file's name);
+    None for data timemoe-eval does not read (anything but a wide CSV)."""
+    if "date_column" not in options:
+        return None
     parts = [f"timemoe-eval {out} --csv {data.path}", f"--horizons {','.join(map(str, options['horizons']))}",
              f"--context-lengths {options['context_lengths'][0]}", f"--date-column {options['date_column']}"]
     if options["max_windows"]:
@@ -70,48 +91,54 @@ def training_summary(run_dir: Path) -> dict:
             if best.is_file() else None, "validations": validations}
 
 
-def write_report(model_dir: Path, out: Path, data: Input, options: dict, started: float) -> dict:
+def write_report(model_dir: Path, out: Path, data: Input, inputs: list, options: dict, started: float) -> dict:
     from .cli import RUN
 
-    results = evaluate_many(dict(zip(MODELS, (model_dir, out))), [data.path], out_dir=out / RUN / "eval",
-                            **options)
-    d = results["datasets"][0]
-    rows = [{"horizon": r["horizon"], "context_length": r["context_length"],
-             "windows_per_channel": r["windows_evaluated_per_channel"], "metrics": r["metrics"],
-             "fine_tuned_beats_zero_shot": {m: r["metrics"]["fine-tuned"][m] < r["metrics"]["zero-shot"][m]
-                                            for m in METRICS}} for r in d["rows"]]
-    report = {"model_dir": str(model_dir), "out": str(out), "data": str(data.path), "split": d["borders"],
-              "columns": d["columns"], "season_length": d["season_length"], "rows": rows,
-              "leakage": d["leakage"], "training": training_summary(out / RUN),
-              "eval_command": eval_command(out, data, options),
+    results = evaluate_many(dict(zip(MODELS, (model_dir, out))), inputs, out_dir=out / RUN / "eval", **options)
+    datasets = [{"dataset": d["dataset"], "split": d["borders"], "columns": d["columns"],
+                 "season_length": d["season_length"], "leakage": d["leakage"],
+                 "rows": [{"horizon": r["horizon"], "context_length": r["context_length"],
+                           "windows_per_channel": r["windows_evaluated_per_channel"], "metrics": r["metrics"],
+                           "fine_tuned_beats_zero_shot": {m: r["metrics"]["fine-tuned"][m] <
+                                                          r["metrics"]["zero-shot"][m] for m in METRICS}}
+                          for r in d["rows"]]} for d in results["datasets"]]
+    report = {"model_dir": str(model_dir), "out": str(out), "data": str(data.path), "datasets": datasets,
+              "training": training_summary(out / RUN), "eval_command": eval_command(out, data, options),
               "wall_time_s": round(time.perf_counter() - started, 1)}
     files = {"json": out / "finetune_report.json", "markdown": out / "finetune_report.md"}
     report["files"] = {k: str(v) for k, v in files.items()}
     files["json"].write_text(json.dumps(report, indent=2) + "\n")
-    files["markdown"].write_text(markdown(report, d))
+    files["markdown"].write_text(markdown(report, results))
     return report
 
 
 def markdown(report: dict, results: dict) -> str:
-    b, t = report["split"], report["training"]
+    t = report["training"]
+    reproduce = (f"`{report['eval_command']}` reproduces the fine-tuned rows" if report["eval_command"] else
+                 "the same code as timemoe-eval, on the series as read")
     lines = [f"# Fine-tuning report: {Path(report['data']).name}", "",
-             f"Zero-shot `{report['model_dir']}` vs fine-tuned `{report['out']}` on the test split (rows "
-             f"[{b['test'][0]}, {b['test'][1]}); trained on rows [{b['train'][0]}, {b['train'][1]}), validated on "
-             f"[{b['val'][0]}, {b['val'][1]})), every channel forecast univariately, MSE/MAE on values scaled by "
-             "the train split's per-channel mean/std, next to the baselines on the same windows. Scored by "
-             f"timemoe-eval's code; `{report['eval_command']}` reproduces the fine-tuned rows.", "",
-             "| horizon | context | windows / channel | forecaster | MSE | MAE | MASE |", "|---|---|---|---|---|---|---|"]
-    for r in report["rows"]:
-        for name in results["forecasters"]:
-            m = r["metrics"][name]
-            lines.append(f"| {r['horizon']} | {r['context_length']} | {r['windows_per_channel']} | "
-                         f"{label(name, results)} | {m['mse']:.4f} | {m['mae']:.4f} | {m['mase']:.4f} |")
-    wins = [f"{r['horizon']}: " + ", ".join(f"{m.upper()} {'better' if won else 'NOT better'}"
-                                            for m, won in r["fine_tuned_beats_zero_shot"].items())
-            for r in report["rows"]]
-    lines += ["", "Fine-tuned vs zero-shot at each horizon: " + "; ".join(wins) + ".", "",
-              f"Training: {t['steps']} steps; exported checkpoint {t['best_checkpoint']} (lowest validation loss); "
+             f"Zero-shot `{report['model_dir']}` vs fine-tuned `{report['out']}` on each series' test split, every "
+             "channel forecast univariately; MSE/MAE on values scaled by the train split's per-channel mean/std, "
+             f"MASE against the seasonal difference of each context; baselines on the same windows. Scored by "
+             f"{reproduce}.", ""]
+    for d, r in zip(report["datasets"], results["datasets"]):
+        b = d["split"]
+        lines += [f"## {d['dataset']}", "", f"Rows [{b['train'][0]}, {b['train'][1]}) trained on, "
+                  f"[{b['val'][0]}, {b['val'][1]}) validated on, [{b['test'][0]}, {b['test'][1]}) tested on "
+                  f"({len(d['columns'])} series).", "",
+                  "| horizon | context | windows / series | forecaster | MSE | MAE | MASE |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in d["rows"]:
+            for name in r["forecasters"]:
+                m = row["metrics"][name]
+                lines.append(f"| {row['horizon']} | {row['context_length']} | {row['windows_per_channel']} | "
+                             f"{label(name, r)} | {m['mse']:.4f} | {m['mae']:.4f} | {m['mase']:.4f} |")
+        wins = [f"{row['horizon']}: " + ", ".join(f"{m.upper()} {'better' if won else 'NOT better'}"
+                                                  for m, won in row["fine_tuned_beats_zero_shot"].items())
+                for row in d["rows"]]
+        lines += ["", "Fine-tuned vs zero-shot by horizon: " + "; ".join(wins) + ".", ""]
+    lines += [f"Training: {t['steps']} steps; exported checkpoint {t['best_checkpoint']} (lowest validation loss); "
               "validation loss by step: " + ", ".join(f"{s}: {v:.4f}" for s, v in t["validations"]) + ".", "",
               f"Wall time (split, training, export, report): {report['wall_time_s'] / 60:.1f} min.", "",
-              "## Leakage", "", *(f"- {line}" for line in leakage_lines({"datasets": [results]}))]
+              "## Leakage", "", *(f"- {line}" for line in leakage_lines(results))]
     return "\n".join(lines) + "\n"

@@ -19,7 +19,7 @@ from data_prep.sources.base import DatasetSpec, Discovery
 from data_prep.sources.tabular import SUFFIXES, TableLayout, index_files, read_series
 from data_prep.sources.time300b import read_jsonl
 
-from ..checkpoint.manifest import file_digest
+from ..checkpoint.digests import file_digest
 from ..data.errors import DataError
 from ..evaluate.data import Borders, EvalError, check_ratios, ett_borders, ratio_borders
 
@@ -63,7 +63,7 @@ def read_input(path: str | Path) -> Input:
 
 
 def _read_corpus(path: Path) -> Input:
-    from ..data.manifest import read_manifest
+    from ..data.corpus import read_manifest
     from ..data.shards import ShardStore
 
     if not (path / CORPUS_MANIFEST).is_file():

@@ -129,9 +129,9 @@ def run(args) -> None:
     check_args(args)
     layout = TableLayout(args.id_columns, args.timestamp_column, args.value_columns)
     inputs = read_inputs(args.input, layout, args.freq, args.context_length)
-    for note in inputs.notes:
-        print(f"timemoe-forecast: {note}", file=sys.stderr)
     model = load_model(args.model_dir, args.backend, args.device, args.dtype)
+    for note in inputs.notes:  # once both inputs and model are known good: an error stays the only line
+        print(f"timemoe-forecast: {note}", file=sys.stderr)
     if args.compile:
         for layer in model.model.layers:
             layer.compile()

@@ -9,7 +9,9 @@ run, as the loader writes them; where padding sits between pieces only the paddi
 - `causal`: SDPA with `is_causal=True` and no mask, for rows that hold one sequence each (`data.packing=false`):
   trailing padding then sees the sequence before it, which changes only padding outputs, read by no loss.
 - `varlen`: the runs of the whole batch regrouped one per row, bucketed by length, causal SDPA per bucket without a
-  mask, scattered back. Costs Σ len² instead of B·T²; forward and backward on any device (CPU training).
+  mask, scattered back. Costs Σ len² instead of B·T²; forward and backward on any device (CPU training). The
+  bucketing reads the run lengths on the host (about 3 + 2 per bucket syncs per forward, bench/host_syncs.py): fine
+  on CPU, where there is no queue to drain; the GPU paths (`flex`, `dense_mask`, `causal`) read nothing back.
 - `flex`: FlexAttention with a document block mask (CUDA; torch 2.13 has no CPU backward for it).
 - `auto`: `flex` on CUDA, `varlen` elsewhere (train/config.py turns it into `causal` when data is not packed).
 

@@ -190,18 +190,20 @@ def horizon_targets(labels_BTC, loss_mask_BT, sequence_ids_BT, horizon: int):
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, token_mask_N: torch.Tensor | None = None):
-    """Switch-style balance loss over the logits of all layers at once: E * Σ_k Σ_e f[k, e] * P[e]."""
+    """Switch-style balance loss over the logits of all layers at once: E * Σ_k Σ_e f[k, e] * P[e].
+
+    The choices are counted by a scatter-add: `F.one_hot` would read its indices' range back to the host."""
     logits_NE = torch.cat(router_logits, dim=0).float()
-    num_experts = logits_NE.shape[-1]
+    N, num_experts = logits_NE.shape
     probs_NE = torch.softmax(logits_NE, dim=-1)
-    chosen_NKE = F.one_hot(torch.topk(probs_NE, top_k, dim=-1).indices, num_experts).float()
+    experts_KN = torch.topk(probs_NE, top_k, dim=-1).indices.T
     if token_mask_N is None:
-        f_KE, p_E = chosen_NKE.mean(0), probs_NE.mean(0)
+        w_N, count = probs_NE.new_ones(N), N
     else:
         w_N = token_mask_N.float().repeat(len(router_logits))
         count = w_N.sum().clamp_min(1.0)
-        f_KE = (chosen_NKE * w_N[:, None, None]).sum(0) / count
-        p_E = (probs_NE * w_N[:, None]).sum(0) / count
+    f_KE = probs_NE.new_zeros(top_k, num_experts).scatter_add_(1, experts_KN, w_N.expand(top_k, N)) / count
+    p_E = (probs_NE * w_N[:, None]).sum(0) / count
     return num_experts * (f_KE * p_E).sum()
 
 

@@ -88,6 +88,8 @@ class GroupedExperts(nn.Module):
         return swiglu(x_PD, self.gate_proj_EIH, self.up_proj_EIH, self.down_proj_EHI, offs_E)[row_M]
 
     def _looped(self, x_MD, tokens_per_expert_E):
+        """One GEMM per expert: the group sizes are read back to the host (one sync per layer, counted by
+        bench/host_syncs.py), the price of running where no grouped kernel is."""
         outs = []
         for e, x_mD in enumerate(torch.split(x_MD, tokens_per_expert_E.tolist())):
             w = [p[e].to(x_mD.dtype) for p in (self.gate_proj_EIH, self.up_proj_EIH, self.down_proj_EHI)]

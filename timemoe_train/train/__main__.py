@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -29,6 +30,7 @@ from ..checkpoint import CheckpointError, read_meta
 from ..model.config import ConfigError
 from .config import RunConfig, TrainConfigError, typed_values
 from .monitor import scrub
+from .run_dir import RunInUse, RunLock, set_aside
 
 
 def _config_dir() -> Path:
@@ -41,7 +43,7 @@ def _config_dir() -> Path:
 
 
 CONFIG_DIR = _config_dir()
-USER_ERRORS = (TrainConfigError, ConfigError, DataError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (TrainConfigError, ConfigError, DataError, CheckpointError, FileNotFoundError, RunInUse)
 _MAX_NAME = 100
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
@@ -133,6 +135,12 @@ def make_trainer(cfg: DictConfig, run_dir: str | Path):
     tag = None
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if main_rank:  # verified once, before any engine start-up; broadcast later
+        # A restart by torchrun (--max-restarts) continues what this launch began, also under resume=false.
+        if not run.checkpoint.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+            aside = set_aside(Path(run_dir), Path(run.checkpoint.dir))
+            if aside is not None:
+                print(f"timemoe-train: checkpoint.resume=false: the previous checkpoints and metrics moved to "
+                      f"{aside.resolve()}", flush=True)
         tag = resume_point(run.checkpoint)
     done = finished_step(run, tag)
     if done is not None:
@@ -152,19 +160,24 @@ def make_trainer(cfg: DictConfig, run_dir: str | Path):
 def train(cfg: DictConfig, run_dir: str | Path) -> bool:
     """One run; True when a stop signal ended it (after saving). Whatever happens, the process-wide state it set
     up is torn down, so that the next job of a multirun can start."""
-    trainer = make_trainer(cfg, run_dir)
-    if trainer is None:  # already finished: only finished_step's process group to tear down
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return False
-    finished = False
+    lock = RunLock(Path(run_dir)) if int(os.environ.get("RANK", "0")) == 0 else None
     try:
-        trainer.fit()
-        finished = True
+        trainer = make_trainer(cfg, run_dir)
+        if trainer is None:  # already finished: only finished_step's process group to tear down
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            return False
+        finished = False
+        try:
+            trainer.fit()
+            finished = True
+        finally:
+            trainer.close(finished)  # a barrier only after a run every rank finished
     finally:
-        trainer.close(finished)  # a barrier only after a run every rank finished
+        if lock is not None:
+            lock.release()
     return trainer.stopped
 
 
@@ -224,7 +237,34 @@ _LIBRARY_NOTICES = (
 _LIBRARY_LOGGERS = ("megatron.core.distributed.fsdp", "compilers")
 
 
+def _stop_with_launcher() -> None:
+    """Under torchrun: a SIGTERM (a stop request: save, then exit) when the agent dies, however it dies (kill -9
+    included); without it the workers train on as orphans, writing the run directory nobody watches."""
+    if sys.platform.startswith("linux") and "TORCHELASTIC_RUN_ID" in os.environ:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    def of(package):
+        try:
+            return installed(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"timemoe-train {of('timemoe-train')} (torch {of('torch')}, deepspeed {of('deepspeed')}, megatron-core "
+            f"{of('megatron-core')}, hydra-core {of('hydra-core')})")
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:  # ours, not Hydra's (which names Hydra only)
+        print(version())
+        return
+    _stop_with_launcher()
     for message in _LIBRARY_NOTICES:
         warnings.filterwarnings("ignore", message=message)
     for name in _LIBRARY_LOGGERS:

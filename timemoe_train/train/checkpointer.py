@@ -2,10 +2,10 @@
 
 The file format and its names are `timemoe_train.checkpoint`'s. A save writes every file through a digest (size +
 sha256 as the bytes pass, fsynced) into `.tmp-step…`; rank 0 writes the manifest of all ranks' files, renames the
-directory into place, then moves `latest`. `kill -9` at any moment leaves the previous or the new checkpoint
-visible, never a partial one. Resuming verifies the newest checkpoint against its manifest and falls back, with a
-warning naming the bad file, to the newest one that verifies; if none does, it stops with an error and writes
-nothing.
+directory into place, then moves `latest` and the `lineage` list. `kill -9` at any moment leaves the previous or
+the new checkpoint visible, never a partial one. Resuming verifies the checkpoint `latest` names against its
+manifest and falls back through the lineage, newest written first, with a warning naming the bad file
+(`timemoe_train.checkpoint.resume`); if none verifies, it stops with an error and writes nothing.
 
 Same layout (world size, EP size, ZeRO stage, precision, MoE implementation) loads DeepSpeed's own files, the fast
 path; any other layout loads the elastic part (`elastic/`, see `timemoe_train.checkpoint.elastic` for why DCP).
@@ -23,10 +23,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import (BEST, CONFIG, CONSOLIDATED, ELASTIC, LATEST, META, TMP_PREFIX, CheckpointError, DigestWriter,
-                          elastic, load_checkpoint_file, read_meta, step_tags, tag_for, trainer_state_file)
+from ..checkpoint import (BEST, CONFIG, CONSOLIDATED, ELASTIC, LATEST, LINEAGE, META, TMP_PREFIX, CheckpointError,
+                          DigestWriter, elastic, lineage, load_checkpoint_file, read_meta, tag_for, trainer_state_file)
 from ..checkpoint.digests import fsync_dir, write_manifest
 from .engine_state import engine_state, load_engine_state
+
+# A checkpoint being replaced by a re-save of its step, kept under this name until the new copy is in place.
+OLD_PREFIX = ".old-"
 
 
 def run_dir_checkpoint_engine(root: Path, records: dict):
@@ -94,8 +97,10 @@ class Checkpointer:
         meta = read_meta(tag_dir)
         written = {key: meta.get(key) for key in layout}
         if written == layout:
-            self.engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=True,
-                                        custom_load_fn=self.module.load_model_state)
+            loaded, _ = self.engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=True,
+                                                    custom_load_fn=self.module.load_model_state)
+            if loaded is None:  # DeepSpeed's way of saying it found nothing to load (it only logs a warning)
+                raise CheckpointError(f"{tag_dir}: DeepSpeed found no checkpoint of its own to load there")
             state = load_checkpoint_file(tag_dir / trainer_state_file(self.rank), self.root)
             set_rng_state(state["rng"])
             return state
@@ -116,8 +121,15 @@ class Checkpointer:
 
     # --- writing -------------------------------------------------------------------------------------------
     def remove_incomplete(self) -> None:
-        """Left-overs of a save interrupted by a crash (rank 0, before training starts)."""
+        """Left-overs of a save interrupted by a crash (rank 0, before training starts). A checkpoint set aside for
+        its re-save goes back in place if the new copy never arrived."""
         if self.rank == 0 and self.root.is_dir():
+            for old in self.root.glob(OLD_PREFIX + "*"):
+                tag = self.root / old.name[len(OLD_PREFIX):]
+                if tag.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(old, tag)
             for path in self.root.glob(TMP_PREFIX + "*"):
                 shutil.rmtree(path, ignore_errors=True)
         dist.barrier()
@@ -146,11 +158,7 @@ class Checkpointer:
         dist.all_gather_object(every_rank, dict(self.records))  # every rank's files are on disk, fsynced
         if self.rank == 0:
             write_manifest(tmp_dir, {k: v for records in every_rank for k, v in records.items()})
-            shutil.rmtree(self.root / tag, ignore_errors=True)  # a re-save of the same step after a resume
-            os.replace(tmp_dir, self.root / tag)
-            fsync_dir(self.root)
-            _write_atomically(self.root / LATEST, tag)
-            self._prune(keep=tag)
+            self._publish(tmp_dir, tag)
         dist.barrier()
         return self.root / tag
 
@@ -158,11 +166,23 @@ class Checkpointer:
         if self.rank == 0:
             _write_atomically(self.root / BEST, tag)
 
-    def _prune(self, keep: str) -> None:
+    def _publish(self, tmp_dir: Path, tag: str) -> None:
+        """Move the complete checkpoint into place, point `latest` and the lineage at it, then prune the lineage
+        to its newest `keep_last` (and the best by validation, which stays in the lineage until another is best).
+        A re-save of a step (after falling back past a damaged one) sets the old copy aside until the new one is
+        in place; a crash in between leaves one of them (`remove_incomplete`)."""
+        old = self.root / (OLD_PREFIX + tag)
+        if (self.root / tag).exists():
+            os.replace(self.root / tag, old)
+        os.replace(tmp_dir, self.root / tag)
+        fsync_dir(self.root)
+        _write_atomically(self.root / LATEST, tag)
+        tags = [t for t in lineage(self.root) if t != tag] + [tag]
         best = (self.root / BEST).read_text().strip() if (self.root / BEST).is_file() else None
-        for old in step_tags(self.root)[self.cfg.keep_last:]:
-            if old not in (keep, best):
-                shutil.rmtree(self.root / old, ignore_errors=True)
+        kept = [t for i, t in enumerate(tags) if i >= len(tags) - self.cfg.keep_last or t == best]
+        _write_atomically(self.root / LINEAGE, "".join(t + "\n" for t in kept))
+        for gone in [old, *(self.root / t for t in tags if t not in kept)]:
+            shutil.rmtree(gone, ignore_errors=True)
 
 
 def _write_atomically(path: Path, text: str) -> None:

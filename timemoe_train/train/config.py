@@ -91,7 +91,8 @@ class CheckpointConfig:
     dir: str = "checkpoints"  # train.yaml: ${run.dir}/checkpoints
     interval: int = 500  # steps between checkpoints (0: only at the end and on preemption)
     keep_last: int = 3
-    resume: bool = True  # continue from `dir/latest` when it exists
+    # True: continue from `dir/latest`. False: move the previous lineage aside (run dir/previous-<time>/), start over.
+    resume: bool = True
     save_at_end: bool = True
 
 

@@ -32,7 +32,7 @@ class SkippableStep:
     exact_clipping = False
     clip_grad = 0.0
     expert_group = None  # the group whose ranks hold different experts (EP); None: every rank holds them all
-    last_norm: float | None = None
+    last_norm: torch.Tensor | None = None  # on the device: read on logging steps only
 
     @torch.no_grad()
     def step(self, *args, **kwargs):
@@ -42,7 +42,7 @@ class SkippableStep:
             self.last_norm = self._clip_by_global_norm()
         return super().step(*args, **kwargs)
 
-    def _clip_by_global_norm(self) -> float:
+    def _clip_by_global_norm(self) -> torch.Tensor:
         from deepspeed.moe.utils import is_moe_param
 
         dense, expert = [], []
@@ -61,7 +61,7 @@ class SkippableStep:
             coef = (self.clip_grad / (norm + 1e-6)).clamp(max=1.0)
             for g in dense + expert:
                 g.mul_(coef)
-        return float(norm)
+        return norm
 
 
 def _optimizer_class(base: type) -> type:
@@ -142,8 +142,8 @@ def set_learning_rate(engine, lr: float) -> None:
         group["lr"] = lr
 
 
-def global_grad_norm(engine, optimizer) -> float | None:
+def global_grad_norm(engine, optimizer) -> torch.Tensor | float | None:
+    """The step's gradient norm, left where it is (a device tensor is read on logging steps only)."""
     if optimizer.exact_clipping:
         return optimizer.last_norm
-    norm = engine.get_global_grad_norm()
-    return None if norm is None else float(norm)
+    return engine.get_global_grad_norm()

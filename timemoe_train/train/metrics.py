@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..model import TimeMoeConfig
+from ..model.attention import segment_starts
 
 # Dense bf16 peak FLOP/s of one device, for the MFU estimate when trainer.peak_flops_per_device is not set.
 KNOWN_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -29,13 +31,14 @@ def active_params_per_token(c: TimeMoeConfig) -> int:
 
 
 def segment_square_sum(sequence_ids_BT: torch.Tensor) -> torch.Tensor:
-    """Σ over packed sequences of length²: attention work is quadratic per sequence, not per row."""
+    """Σ over packed sequences (runs of one id, padding left out) of length²: attention work is quadratic per
+    sequence, not per row. A scatter-add into one slot per possible run: no size is read back to the host."""
     B, T = sequence_ids_BT.shape
-    valid = sequence_ids_BT >= 0
-    row_BT = torch.arange(B, device=sequence_ids_BT.device).unsqueeze(1).expand(B, T)
-    key = row_BT * (sequence_ids_BT.max().clamp_min(0) + 1) + sequence_ids_BT.clamp_min(0)
-    lengths = torch.bincount(key[valid])
-    return lengths.double().pow(2).sum()
+    run_BT = torch.cumsum(segment_starts(sequence_ids_BT), dim=1) - 1 + T * torch.arange(
+        B, device=sequence_ids_BT.device).unsqueeze(1)
+    valid_BT = (sequence_ids_BT >= 0).double()
+    lengths = valid_BT.new_zeros(B * T).scatter_add_(0, run_BT.flatten(), valid_BT.flatten())
+    return lengths.pow(2).sum()
 
 
 def train_flops(c: TimeMoeConfig, points: float, square_sum: float) -> float:
@@ -50,7 +53,9 @@ def expert_choices(router_logits: list[torch.Tensor], top_k: int) -> torch.Tenso
 
 
 class StepStats:
-    """Sums of one optimizer step on this rank; `reduce()` makes them global (one all-reduce)."""
+    """Sums of one optimizer step on this rank, kept on the device: adding a micro-batch reads nothing back to the
+    host (no `.item()`, boolean masks or `bincount`, which would make the host wait for the device). `reduce()`
+    makes them global in one all-reduce and reads only the two flags every rank must act on."""
 
     def __init__(self, config: TimeMoeConfig, num_domains: int, device):
         L, E = config.num_hidden_layers, config.num_experts
@@ -79,33 +84,50 @@ class StepStats:
             self._count_experts(out.router_logits, batch)
 
     def _count_experts(self, router_logits, batch) -> None:
-        E = self.config.num_experts
-        valid_N = (batch["sequence_ids"] >= 0).flatten()
-        experts_LNK = expert_choices(router_logits, self.config.num_experts_per_tok)[:, valid_N]
-        self.load_LE += F.one_hot(experts_LNK, E).sum((1, 2)).double()
+        """Padding points count with weight 0 instead of being masked out (a mask's size is a host read)."""
+        L, E, K = self.config.num_hidden_layers, self.config.num_experts, self.config.num_experts_per_tok
+        experts_LNK = expert_choices(router_logits, K)
+        N = experts_LNK.shape[1]
+        valid_NK = (batch["sequence_ids"] >= 0).flatten().double()[:, None].expand(N, K)
+        self.load_LE.scatter_add_(1, experts_LNK.reshape(L, N * K), valid_NK.reshape(1, N * K).expand(L, N * K))
         if self.num_domains:
-            domain_N = batch["domain_ids"].flatten()[valid_N].clamp(0, self.num_domains - 1)
-            flat_LNK = domain_N[None, :, None] * E + experts_LNK
-            for layer, flat_NK in enumerate(flat_LNK):
-                counts = torch.bincount(flat_NK.flatten(), minlength=self.num_domains * E)
-                self.domain_load_DLE[:, layer] += counts.view(self.num_domains, E).double()
+            domain_N = batch["domain_ids"].flatten().clamp(0, self.num_domains - 1)
+            layer_L = torch.arange(L, device=experts_LNK.device)
+            flat_LNK = domain_N[None, :, None] * (L * E) + layer_L[:, None, None] * E + experts_LNK
+            self.domain_load_DLE.view(-1).scatter_add_(0, flat_LNK.flatten(), valid_NK.expand(L, N, K).flatten())
 
-    def reduce(self, nonfinite_grads: torch.Tensor, stop_requested: bool) -> dict:
+    def reduce(self, nonfinite_grads: torch.Tensor, stop_requested: bool) -> "ReducedStats":
         """All-reduce the step's sums over every rank (each rank routes its own tokens), together with the guard's
-        and the signal handler's flags, so that every rank takes the same decisions. The per-domain counts stay
-        local until `reduce_domain_load`."""
+        and the signal handler's flags, so that every rank takes the same decisions: those two flags are the one
+        host read. The rest stays on the device until `ReducedStats.read()` (logging steps); the per-domain counts
+        stay local until `reduce_domain_load`."""
         flags = torch.stack([self.nonfinite + nonfinite_grads.double(),
                              torch.tensor(float(stop_requested), dtype=torch.float64, device=self.device)])
-        parts = [self.loss, self.aux, self.micro, self.points, self.square_sum, flags, self.heads,
+        parts = [flags, self.loss, self.aux, self.micro, self.points, self.square_sum, self.heads,
                  self.load_LE.flatten()]
         flat = torch.cat([p.reshape(-1) for p in parts])
         if dist.is_initialized():
             dist.all_reduce(flat)
-        loss, aux, micro, points, square_sum, nonfinite, stop = flat[:7].tolist()
-        H = len(self.config.horizon_lengths)
+        nonfinite, stop = flat[:2].tolist()
+        return ReducedStats(nonfinite > 0, stop > 0, flat, len(self.config.horizon_lengths), self.load_LE.shape)
+
+
+@dataclass
+class ReducedStats:
+    """One step's global sums: the flags on the host, the rest on the device until `read()`."""
+
+    nonfinite: bool
+    stop: bool
+    flat: torch.Tensor
+    num_heads: int
+    load_shape: torch.Size
+
+    def read(self) -> dict:
+        values = self.flat.cpu()
+        loss, aux, micro, points, square_sum = values[2:7].tolist()
+        heads = values[7:7 + self.num_heads] / micro
         return {"loss": loss / micro, "aux_loss": aux / micro, "points": points, "square_sum": square_sum,
-                "nonfinite": nonfinite > 0, "stop": stop > 0, "head_losses": (flat[7:7 + H] / micro).tolist(),
-                "load_LE": flat[7 + H:].view_as(self.load_LE).cpu()}
+                "head_losses": heads.tolist(), "load_LE": values[7 + self.num_heads:].view(self.load_shape)}
 
 
 def reduce_domain_load(domain_load_DLE: torch.Tensor) -> torch.Tensor:

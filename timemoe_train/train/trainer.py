@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import threading
+import sys
 import time
 from pathlib import Path
 
@@ -45,11 +47,16 @@ class StopRequest:
     step's all-reduce, so all of them finish that step, save it, shut their loader workers down and exit 0.
 
     A second Ctrl-C exits at once without saving (status 130). Launchers may deliver one signal twice (torchrun
-    forwards what SLURM also sends to every process), so a repeat within a second is the same request."""
+    forwards what SLURM also sends to every process), so a repeat within a second is the same request. Before the
+    first step (`armed` false) there is nothing to save: the process exits at once, status 0. When the launcher
+    itself died (its parent-death signal, see `__main__`), nobody waits for this process any more: it gets
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds, as torchrun would give it, to save and leave."""
 
     def __init__(self):
         self.signum: int | None = None
+        self.armed = False
         self._at = 0.0
+        self._parent = os.getppid()
         self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     @property
@@ -58,6 +65,14 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         now = time.monotonic()
+        if not self.armed:
+            os.write(2, f"timemoe-train: {signal.Signals(signum).name} before the first step: exiting\n".encode())
+            os._exit(0)
+        if os.getppid() != self._parent and self.signum is None:
+            grace = float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+            deadline = threading.Timer(grace, os._exit, (1,))
+            deadline.daemon = True
+            deadline.start()
         if self.signum is None:
             self.signum, self._at = signum, now
         elif signum == signal.SIGINT and now - self._at > 1.0:
@@ -76,7 +91,7 @@ class Trainer:
         """`resume_tag`: on rank 0, the checkpoint to resume from (`timemoe_train.checkpoint.resume.resume_point`, verified before any
         engine start-up); the other ranks receive rank 0's."""
         self.run, self.run_dir, self.config_yaml = run, Path(run_dir), config_yaml
-        self.stop = StopRequest()  # from the start: a signal during set-up stops after the first step, saved
+        self.stop = StopRequest()  # from the start: a signal during set-up ends the process at once
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists, also in a plain one-process run
         p, t = run.parallel, run.trainer
         self.layout = init_parallel(p.expert_parallel_size, p.tensor_parallel_size,
@@ -94,7 +109,7 @@ class Trainer:
                               lay.ep_rank, lay.ep_size)
         self.module = TrainModule(model, lay.ep_size, with_markers=p.zero_stage < 3).to(self.device)
         torch.manual_seed(t.seed * 7919 + lay.rank)  # dropout and anything else random differs per rank
-        self.guard = NonFiniteGuard(self.module, t.max_bad_steps, self.device)
+        self.guard = NonFiniteGuard(self.module, t.max_bad_steps, self.device, self.gas)
         self.engine, self.optimizer = build_engine(self.module, run, self.gas,
                                                    lay.ep_group if lay.ep_size > 1 else None)
         if run.model.aux_loss_type == "megatron":
@@ -153,6 +168,7 @@ class Trainer:
     def fit(self) -> None:
         t, c = self.run.trainer, self.run.checkpoint
         batches = iter(self.loader)
+        self.stop.armed = True
         num_domains = len(self.domain_names) if self.run.logger.heatmap_interval else 0
         domain_load = None
         saved_at = self.step
@@ -162,20 +178,24 @@ class Trainer:
             while self.step < t.max_steps and not (self.validator and self.validator.exhausted):
                 summary, stats, elapsed = self._train_step(batches, num_domains)
                 self.step += 1
-                self.report.final_loss = summary["loss"]
-                self.guard.record(summary["nonfinite"])
-                validated = t.val_interval and (self.step % t.val_interval == 0 or self.step == t.max_steps)
+                reduced = summary["reduced"]
+                self.guard.record(reduced.nonfinite)
+                validated = bool(t.val_interval) and (self.step % t.val_interval == 0 or self.step == t.max_steps)
                 if validated:
                     summary["val_loss"] = self.validator.score(self.engine, self._model_inputs, self.device)
                 best = validated and self.validator.update(self.step, summary["val_loss"])
-                self._log(summary, elapsed)
+                # The step's statistics are read back to the host on logging steps only (and at the last step,
+                # for the end summary's loss).
+                if (validated or reduced.stop or self.step % self.run.logger.interval == 0
+                        or self.step == t.max_steps):
+                    self._log(summary, elapsed)
                 self.guard.check(self.step)
                 if num_domains:
                     domain_load = stats.domain_load_DLE if domain_load is None else domain_load + stats.domain_load_DLE
                     if self.step % self.run.logger.heatmap_interval == 0:
                         self._log_heatmaps(domain_load)
                         domain_load = None
-                if summary["stop"] or best or (c.interval and self.step % c.interval == 0):
+                if reduced.stop or best or (c.interval and self.step % c.interval == 0):
                     self.save()
                     saved_at = self.step
                 if best:
@@ -184,7 +204,7 @@ class Trainer:
                     v = self.validator
                     self.monitor.message(f"step {self.step}: val_loss {summary['val_loss']:.4f} (best {v.best:.4f} "
                                          f"at step {v.best_step})" + (", stopping early" if v.exhausted else ""))
-                if summary["stop"]:
+                if reduced.stop:
                     self.stopped = True
                     self.monitor.message(f"stop requested by signal: saved step {self.step}, exiting")
                     break
@@ -202,23 +222,34 @@ class Trainer:
         set_learning_rate(self.engine, learning_rate(self.step, self.run.optim, self.run.trainer.max_steps))
         stats = StepStats(self.run.model, num_domains, self.device)
         self.guard.reset()
-        summary = None
+        reduced = None
         for micro in range(self.gas):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+            self.guard.watch_batch(micro, batch["inputs"], batch["labels"])
             out = self.engine(**self._model_inputs(batch))
             stats.add(out, batch)
             self.engine.backward(out.loss)
             if micro == self.gas - 1:  # gradients are complete: every rank decides the same way before stepping
-                summary = stats.reduce(self.guard.grads_nonfinite, self.stop.requested)
-                self.optimizer.veto = summary["nonfinite"]
+                reduced = stats.reduce(self.guard.nonfinite, self.stop.requested)
+                self.optimizer.veto = reduced.nonfinite
             self.engine.step()
         self.optimizer.veto = False
-        summary["grad_norm"] = global_grad_norm(self.engine, self.optimizer)
+        if reduced.nonfinite:
+            self._name_bad_points()
+        summary = {"reduced": reduced, "grad_norm": global_grad_norm(self.engine, self.optimizer)}
         if self.run.model.aux_loss_type == "megatron":
             from ..model.moe_megatron import finish_megatron_step
 
             summary["megatron_aux"] = finish_megatron_step(self.module.model, self.gas)
         return summary, stats, time.perf_counter() - start
+
+    def _name_bad_points(self) -> None:
+        """A skipped step: where this rank's non-finite inputs or targets came from (shard and row)."""
+        where = getattr(self.loader, "where", None)
+        for micro, row, point in self.guard.bad_points():
+            source = where(self.step * self.gas + micro, row, point) if where else "synthetic data"
+            print(f"timemoe-train: rank {self.layout.rank}: step {self.step + 1} skipped: non-finite data in "
+                  f"micro-batch {micro} row {row}, point {point}: {source}", file=sys.stderr, flush=True)
 
     def _model_inputs(self, batch: dict) -> dict:
         inputs = {arg: batch[key] for key, arg in _MODEL_INPUTS.items()}
@@ -226,13 +257,17 @@ class Trainer:
             inputs["inputs_BT"] = inputs["inputs_BT"].to(torch.bfloat16)
         return inputs
 
-    def _log(self, s: dict, elapsed: float) -> None:
+    def _log(self, summary: dict, elapsed: float) -> None:
+        """A logging step's record: the one place the step's statistics and norm are read back to the host."""
+        s = {**summary, **summary["reduced"].read()}
+        norm = s["grad_norm"]
+        s["grad_norm"] = None if norm is None else float(norm)
         flops = train_flops(self.run.model, s["points"], s["square_sum"])
         record = {"step": self.step, "loss": s["loss"], "aux_loss": s["aux_loss"],
                   "lr": learning_rate(self.step - 1, self.run.optim, self.run.trainer.max_steps),
                   "grad_norm": s["grad_norm"], "tokens_per_s": s["points"] / elapsed,
                   "mfu": flops / (elapsed * self.layout.world_size * self.peak) if self.peak else None,
-                  "step_time_s": elapsed, "skipped": s["nonfinite"], "skipped_total": self.guard.skipped_total}
+                  "step_time_s": elapsed, "skipped": s["reduced"].nonfinite, "skipped_total": self.guard.skipped_total}
         if "val_loss" in s:
             record["val_loss"] = s["val_loss"]
         for h, value in zip(self.run.model.horizon_lengths, s["head_losses"]):
@@ -242,8 +277,8 @@ class Trainer:
         if "megatron_aux" in s:  # megatron's balancing replaced the Time-MoE aux loss
             record["aux_loss"] = s["megatron_aux"].get("load_balancing_loss")
         record.update(expert_load_metrics(s["load_LE"]))
-        if self.step % self.run.logger.interval == 0 or self.step == self.run.trainer.max_steps or "val_loss" in s:
-            self.monitor.log(record)
+        self.report.final_loss = s["loss"]
+        self.monitor.log(record)
 
     def _log_heatmaps(self, domain_load) -> None:
         load_DLE = reduce_domain_load(domain_load)

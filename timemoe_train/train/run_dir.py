@@ -1,0 +1,56 @@
+"""What a run directory promises: one live run at a time, and one lineage of checkpoints and metrics.
+
+The lock is a `flock` on `<run dir>/.lock`, which also names the host and process holding it: the kernel releases
+it when that process ends however it ends (kill -9 included), so a dead run never blocks the next launch.
+`checkpoint.resume=false` moves the previous lineage aside into a folder of the run, never deletes it."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+LOCK = ".lock"
+METRICS = "metrics.jsonl"
+
+
+class RunInUse(RuntimeError):
+    """Another live process holds the run directory; the message names it."""
+
+
+class RunLock:
+    """Held by rank 0 from before it reads the run directory until the run (or the multirun job) ends."""
+
+    def __init__(self, run_dir: Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / LOCK
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise RunInUse(f"{run_dir} is in use by {holder}; one live run per run directory: wait for it, stop "
+                           "it, or choose another run.dir") from None
+        os.ftruncate(self.fd, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        os.write(self.fd, f"timemoe-train pid {os.getpid()} on host {socket.gethostname()} since {started}\n".encode())
+
+    def release(self) -> None:
+        os.close(self.fd)  # the file stays: removing it would let a waiting launcher lock a file no one else sees
+
+
+def set_aside(run_dir: Path, checkpoint_dir: Path) -> Path | None:
+    """`checkpoint.resume=false`: the previous lineage (the checkpoint directory and metrics.jsonl) moves into
+    `<run dir>/previous-<UTC time>/`, which is returned; None when there was nothing to move."""
+    found = [p for p in (checkpoint_dir, run_dir / METRICS) if p.is_file() or (p.is_dir() and any(p.iterdir()))]
+    if not found:
+        return None
+    aside = run_dir / time.strftime("previous-%Y%m%dT%H%M%SZ", time.gmtime())
+    aside.mkdir()
+    for path in found:
+        shutil.move(path, aside / path.name)
+    return aside
