@@ -5,6 +5,7 @@ a synchronous save (checkpoint.async_save=false) and an asynchronous one (the de
                  mark, reset through /proc/self/clear_refs), less the resident memory just before it. Run with
                  glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the resident
                  set and a save cannot hide in memory a freed activation left behind
+- staged:        the bytes of the tensors the async save holds in host memory for the background write
 - written:       the bytes this rank wrote into the checkpoint (DeepSpeed's files, its elastic share, its trainer
                  state), against the elastic state of the whole model (fp32 weights + 2 Adam moments)
 - stall:         how long `save` held the step loop: the async save (until its share is copied to host memory)
@@ -26,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 from train_step import device_line  # noqa: E402
@@ -44,6 +47,23 @@ def _status(key: str) -> int:
 def _reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak resident set size (Linux >= 4.0)
         f.write("5")
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the distinct tensor storages in a nested structure of dicts, lists and tuples."""
+    seen, stack, total = set(), [obj], 0
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return total
 
 
 def worker(args) -> None:
@@ -65,8 +85,10 @@ def worker(args) -> None:
     checkpointer, written = trainer.checkpointer, {}
     write = checkpointer._write
 
-    def counted(tmp_dir, tag, files, records, *rest):
-        write(tmp_dir, tag, files, records, *rest)
+    def counted(tmp_dir, tag, files, records, entries, *rest):
+        written["staged"] = _tensor_bytes([obj for _, obj in files]) + _tensor_bytes(
+            [list(chunks.boxes.values()) for chunks in (entries or {}).values()])
+        write(tmp_dir, tag, files, records, entries, *rest)
         written["bytes"] = sum(size for size, _ in records.values())
 
     checkpointer._write = counted
@@ -83,7 +105,8 @@ def worker(args) -> None:
         stall = time.perf_counter() - start
         checkpointer.wait()
         figures[mode] = {"stall_s": stall, "total_s": time.perf_counter() - start,
-                         "extra_bytes": _status("VmHWM") - before, "written_bytes": written["bytes"]}
+                         "extra_bytes": _status("VmHWM") - before, "written_bytes": written["bytes"],
+                         "staged_bytes": written["staged"]}
     trainer.close()
     print("FIGURES " + json.dumps(figures), flush=True)
 
@@ -122,12 +145,13 @@ def main() -> None:
     state = first["state_bytes"]
     print(f"model: {first['parameters']:,} parameters (tiny, hidden {args.hidden}, {args.layers} layers), fp32, "
           f"ZeRO-1, EP=1; elastic state (weights + 2 Adam moments) {state / 2**20:.0f} MiB")
-    print(f"{'processes':>9} {'rank':>4} {'extra memory':>13} {'written':>10} {'of state':>8} "
+    print(f"{'processes':>9} {'rank':>4} {'extra memory':>13} {'staged':>10} {'written':>10} {'of state':>8} "
           f"{'sync save':>10} {'async stall':>12} {'async total':>12}")
     for nproc, ranks in runs.items():
         for f in ranks:
             a, s = f["async"], f["sync"]
-            print(f"{nproc:>9} {f['rank']:>4} {a['extra_bytes'] / 2**30:>10.3f} GB {a['written_bytes'] / 2**20:>6.1f} MiB "
+            print(f"{nproc:>9} {f['rank']:>4} {a['extra_bytes'] / 2**30:>10.3f} GB "
+                  f"{a['staged_bytes'] / 2**20:>6.1f} MiB {a['written_bytes'] / 2**20:>6.1f} MiB "
                   f"{a['written_bytes'] / state:>8.2f} {s['total_s']:>8.2f} s {a['stall_s']:>10.2f} s "
                   f"{a['total_s']:>10.2f} s")
     peak = {n: max(f["async"]["extra_bytes"] for f in ranks) / 2**30 for n, ranks in runs.items()}

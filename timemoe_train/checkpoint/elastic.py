@@ -53,9 +53,9 @@ class Chunks:
         for offsets, sizes, first in _boxes(tuple(self.size), start, start + flat.numel()):
             self.boxes[offsets] = flat[first - start: first - start + math.prod(sizes)].view(sizes)
 
-    def staged(self) -> Chunks:
-        """A copy in host memory (what a background write reads while training goes on)."""
-        return Chunks(self.size, {o: t.detach().to("cpu", copy=True) for o, t in self.boxes.items()})
+    def staged(self, host_copy) -> Chunks:
+        """A copy in host memory (what a background write reads while training goes on): `host_copy(box)`."""
+        return Chunks(self.size, {o: host_copy(t) for o, t in self.boxes.items()})
 
     @property
     def nbytes(self) -> int:

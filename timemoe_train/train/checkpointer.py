@@ -39,8 +39,42 @@ from .engine_state import engine_state, load_engine_state
 # A checkpoint being replaced by a re-save of its step, kept under this name until the new copy is in place.
 OLD_PREFIX = ".old-"
 # DeepSpeed 0.19.8 hands its checkpoint engine fresh copies of everything (`clone_tensors_for_torch_save`) except
-# the ZeRO partition files, which reference the live optimizer state.
+# the ZeRO partition files, which reference the live optimizer state: the fp32 partitions and Adam's moments, the
+# very tensors the elastic part's ranges are views of.
 _LIVE_FILES = "zero_pp_rank_"
+
+
+class HostCopies:
+    """Copies of live tensors in host memory for a background write, each storage copied once: a view of a tensor
+    already copied (the elastic part's ranges of the ZeRO partitions DeepSpeed's own file holds) is the same view
+    of its copy."""
+
+    def __init__(self):
+        self._copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # storage address -> (live, copy)
+
+    def tree(self, obj):
+        """`obj` (nested dicts, lists, tuples) with every tensor copied."""
+        if isinstance(obj, torch.Tensor):
+            copy = obj.detach().to("cpu", copy=True)
+            if obj.is_contiguous():
+                self._copies[obj.untyped_storage().data_ptr()] = (obj, copy)
+            return copy
+        if isinstance(obj, dict):
+            return type(obj)((k, self.tree(v)) for k, v in obj.items())
+        if isinstance(obj, list):
+            return [self.tree(v) for v in obj]
+        if isinstance(obj, tuple):
+            return tuple(self.tree(v) for v in obj)
+        return obj
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        """`t`'s copy: a view of an existing copy when `t` lies inside a tensor copied before, else a new one."""
+        live, copy = self._copies.get(t.untyped_storage().data_ptr(), (None, None))
+        if live is not None and t.is_contiguous():
+            start = t.storage_offset() - live.storage_offset()
+            if 0 <= start and start + t.numel() <= live.numel():
+                return copy.view(-1)[start:start + t.numel()].view(t.shape)
+        return t.detach().to("cpu", copy=True)
 
 
 def run_dir_checkpoint_engine(root: Path, write):
@@ -95,6 +129,7 @@ class Checkpointer:
         self.root = Path(cfg.dir).resolve()
         self._files: list[tuple[Path, object]] = []  # the checkpoint being saved: its files staged (async_save)
         self._records: dict = {}  # the digests of the files this rank wrote into it
+        self._copies = HostCopies()
         self._pending: Future | None = None
         self._group = None  # the saves' own process group, made by the first save (a collective)
         engine.checkpoint_engine = run_dir_checkpoint_engine(self.root, self._add_file)
@@ -151,9 +186,7 @@ class Checkpointer:
             save_file(obj, path, self._records)
             return
         if live or path.name.startswith(_LIVE_FILES):
-            from deepspeed.checkpoint.utils import clone_tensors_for_torch_save
-
-            obj = clone_tensors_for_torch_save(obj)
+            obj = self._copies.tree(obj)
         self._files.append((path, obj))
 
     def save(self, step: int, trainer_state: dict, meta: dict, config_yaml: str, best: bool = False) -> Path:
@@ -167,21 +200,21 @@ class Checkpointer:
         if self.rank == 0:
             shutil.rmtree(tmp_dir, ignore_errors=True)
         dist.barrier()
-        self._files, self._records = [], {}
-        self.engine.save_checkpoint(str(self.root), tag=tmp, save_latest=False)  # into self._files
+        self._files, self._records, self._copies = [], {}, HostCopies()
         entries = None
-        if self.engine.zero_optimization_partition_weights():
-            self.engine.save_16bit_model(str(tmp_dir), CONSOLIDATED)
-        else:
+        if not self.engine.zero_optimization_partition_weights():
             lay = self.layout
             entries = engine_state(self.engine, self.module.model, lay.ep_rank, lay.ep_size)
-            if self.cfg.async_save:
-                entries = {key: chunks.staged() for key, chunks in entries.items()}
+        self.engine.save_checkpoint(str(self.root), tag=tmp, save_latest=False)  # into self._files
+        if entries is None:
+            self.engine.save_16bit_model(str(tmp_dir), CONSOLIDATED)
+        elif self.cfg.async_save:
+            entries = {key: chunks.staged(self._copies.view) for key, chunks in entries.items()}
         tmp_dir.mkdir(parents=True, exist_ok=True)  # ranks that wrote no DeepSpeed file
         self._add_file({**trainer_state, "rng": rng_state()}, tmp_dir / trainer_state_file(self.rank), live=True)
         texts = {META: json.dumps({**meta, "step": step}, indent=2), CONFIG: config_yaml} if self.rank == 0 else {}
         job = (tmp_dir, tag, self._files, self._records, entries, texts, best)
-        self._files, self._records = [], {}
+        self._files, self._records, self._copies = [], {}, HostCopies()
         if self.cfg.async_save:
             self._pending = _in_background(self._write, *job)
         else:

@@ -126,15 +126,19 @@ def _seed_optimizer_state(engine, step: float) -> None:
             state[index] = {"step": torch.tensor(step, dtype=torch.float32),
                             **{k: torch.zeros_like(p, dtype=torch.float32) for k in MOMENTS}}
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
-    _link_optimizer_state(engine)
+    _link_optimizer_state(engine, again=True)
 
 
-def _link_optimizer_state(engine) -> None:
+def _link_optimizer_state(engine, again: bool = False) -> None:
     """Point each parameter's DeepSpeed fragment at its slice of Adam's state, which the accessors read and write.
     DeepSpeed 0.19.8 links them once, right after the *first* parameter group's first step, when the other groups
-    have no state yet (their moments are then "not found"): link them again here. Private API, version-pinned by
-    ep_adapter.check_versions and tested by tests/test_checkpoint_elastic.py."""
+    have no state yet (their moments are then "not found"): link them again here when a moment is missing, or
+    `again` (a state just loaded). Relinking copies the moments into new tensors: not at every save. Private API,
+    version-pinned by ep_adapter.check_versions and tested by tests/test_checkpoint_elastic.py."""
     zero = engine.optimizer
-    if hasattr(zero, "_hp_optimizer_states_linked"):
+    if not hasattr(zero, "_hp_optimizer_states_linked"):
+        return
+    fragments = [p._hp_mapping for p in engine.module.parameters() if getattr(p, "_hp_mapping", None) is not None]
+    if again or any(set(MOMENTS) - set(f.optim_fragment or {}) for f in fragments):
         zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()
