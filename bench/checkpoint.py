@@ -5,6 +5,7 @@ a synchronous save (checkpoint.async_save=false) and an asynchronous one (the de
                  mark, reset through /proc/self/clear_refs), less the resident memory just before it. Run with
                  glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the resident
                  set and a save cannot hide in memory a freed activation left behind
+- (staging):     the same, until `save` returned (the copy to host memory)
 - staged:        the bytes of the tensors the async save holds in host memory for the background write
 - written:       the bytes this rank wrote into the checkpoint (DeepSpeed's files, its elastic share, its trainer
                  state), against the elastic state of the whole model (fp32 weights + 2 Adam moments)
@@ -66,6 +67,28 @@ def _tensor_bytes(obj) -> int:
     return total
 
 
+class RssSampler:
+    """The highest resident set size seen by a thread reading it every half millisecond (a cross-check of the
+    kernel's high-water mark)."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self._stop = _status("VmRSS"), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _status("VmRSS"))
+            time.sleep(0.0005)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 def worker(args) -> None:
     """One rank of a launch: train, then time and measure the three saves; prints its figures as one JSON line."""
     import torch.distributed as dist
@@ -86,8 +109,8 @@ def worker(args) -> None:
     write = checkpointer._write
 
     def counted(tmp_dir, tag, files, records, entries, *rest):
-        written["staged"] = _tensor_bytes([obj for _, obj in files]) + _tensor_bytes(
-            [list(chunks.boxes.values()) for chunks in (entries or {}).values()])
+        written["staged"] = _tensor_bytes([[obj for _, obj in files],
+                                           [list(chunks.boxes.values()) for chunks in (entries or {}).values()]])
         write(tmp_dir, tag, files, records, entries, *rest)
         written["bytes"] = sum(size for size, _ in records.values())
 
@@ -100,13 +123,16 @@ def worker(args) -> None:
         dist.barrier()
         before = _status("VmRSS")
         _reset_peak()
+        sampler = RssSampler()
         start = time.perf_counter()
         trainer.save()
         stall = time.perf_counter() - start
+        staging_peak = max(_status("VmHWM"), sampler.peak) - before
         checkpointer.wait()
+        sampled = sampler.stop()
         figures[mode] = {"stall_s": stall, "total_s": time.perf_counter() - start,
-                         "extra_bytes": _status("VmHWM") - before, "written_bytes": written["bytes"],
-                         "staged_bytes": written["staged"]}
+                         "extra_bytes": max(_status("VmHWM"), sampled) - before, "written_bytes": written["bytes"],
+                         "staged_bytes": written["staged"], "staging_peak_bytes": staging_peak}
     trainer.close()
     print("FIGURES " + json.dumps(figures), flush=True)
 
@@ -145,12 +171,13 @@ def main() -> None:
     state = first["state_bytes"]
     print(f"model: {first['parameters']:,} parameters (tiny, hidden {args.hidden}, {args.layers} layers), fp32, "
           f"ZeRO-1, EP=1; elastic state (weights + 2 Adam moments) {state / 2**20:.0f} MiB")
-    print(f"{'processes':>9} {'rank':>4} {'extra memory':>13} {'staged':>10} {'written':>10} {'of state':>8} "
+    print(f"{'processes':>9} {'rank':>4} {'extra memory':>13} {'(staging)':>10} {'staged':>10} {'written':>10} {'of state':>8} "
           f"{'sync save':>10} {'async stall':>12} {'async total':>12}")
     for nproc, ranks in runs.items():
         for f in ranks:
             a, s = f["async"], f["sync"]
             print(f"{nproc:>9} {f['rank']:>4} {a['extra_bytes'] / 2**30:>10.3f} GB "
+                  f"{a['staging_peak_bytes'] / 2**30:>7.3f} GB "
                   f"{a['staged_bytes'] / 2**20:>6.1f} MiB {a['written_bytes'] / 2**20:>6.1f} MiB "
                   f"{a['written_bytes'] / state:>8.2f} {s['total_s']:>8.2f} s {a['stall_s']:>10.2f} s "
                   f"{a['total_s']:>10.2f} s")
