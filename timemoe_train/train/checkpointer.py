@@ -11,7 +11,9 @@ Each rank writes only what it owns (`engine_state`): its ZeRO partition of the f
 experts'. With `checkpoint.async_save` (the default) the step loop waits only while that share is copied to host
 memory (DeepSpeed's own files included); the writing, hashing, manifest and the move into place run in a
 background thread, over a process group of their own (gloo), while training goes on. The next save, a stop signal
-and the end of training wait for it.
+and the end of training wait for it. The host copy is this rank's share, each storage once (`HostCopies`), plus
+DeepSpeed's module file on data-parallel rank 0; while the elastic file is written DCP holds its own copy of each
+chunk until the file is closed.
 
 Same layout (world size, EP size, ZeRO stage, precision, MoE implementation) loads DeepSpeed's own files, the fast
 path; any other layout loads the elastic part (`elastic/`, see `timemoe_train.checkpoint.elastic` for why DCP).
