@@ -172,8 +172,8 @@ def main() -> None:
     state = first["state_bytes"]
     print(f"model: {first['parameters']:,} parameters (tiny, hidden {args.hidden}, {args.layers} layers), fp32, "
           f"ZeRO-1, EP=1; elastic state (weights + 2 Adam moments) {state / 2**20:.0f} MiB")
-    print(f"{'processes':>9} {'rank':>4} {'extra memory':>13} {'(staging)':>10} {'staged':>10} {'written':>10} {'of state':>8} "
-          f"{'sync save':>10} {'async stall':>12} {'async total':>12}")
+    print(f"{'processes':>9} {'rank':>4} {'extra memory':>13} {'(staging)':>10} {'staged':>10} {'written':>10} "
+          f"{'of state':>8} {'sync save':>10} {'async stall':>12} {'async total':>12}")
     for nproc, ranks in runs.items():
         for f in ranks:
             a, s = f["async"], f["sync"]
