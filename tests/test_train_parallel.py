@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -205,6 +206,58 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     moved = hf_weights(tmp_path, "step00000003")
     assert any(not torch.equal(before[k], moved[k]) for k in before)
+
+
+def elastic_optimizer_state(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The Adam moments and step count the elastic part holds, read in one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(tag_dir / "elastic").read_metadata()
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in metadata.state_dict_metadata.items()
+             if not k.startswith("model.")}
+    dcp.load(state, checkpoint_id=tag_dir / "elastic", no_dist=True)
+    return state
+
+
+def test_a_checkpoint_of_only_skipped_steps_resumes_like_the_uninterrupted_run(start, tmp_path):
+    """Steps 1 and 2 skipped (NaN data on rank 0), so Adam has no state when step 2 is saved: the checkpoint holds
+    the starting weights, zero moments and step count 0. Resumed from it at the same layout (DeepSpeed's files)
+    and at another (1 process, native layer: the elastic part), steps 3-4 are those of the uninterrupted run."""
+    overrides = start[0] + ["parallel=expert", "trainer.max_steps=4", "checkpoint.interval=2",
+                            "checkpoint.keep_last=5"]
+    straight = launch_ok(2, tmp_path / "straight", overrides, "--nan-steps", "1,2")
+    records = metrics(straight)
+    assert [(r["step"], r["skipped"]) for r in records] == [(1, True), (2, True), (3, False), (4, False)]
+    step2 = straight / "checkpoints" / "step00000002"
+    saved = elastic_optimizer_state(step2)
+    assert saved.pop("optimizer_step").item() == 0 and saved
+    assert all(k.startswith(("exp_avg.", "exp_avg_sq.")) and not v.any() for k, v in saved.items())
+
+    def resumed(name: str, nproc: int, layout: list[str]) -> Path:
+        run_dir = tmp_path / name
+        (run_dir / "checkpoints").mkdir(parents=True)
+        shutil.copytree(step2, run_dir / "checkpoints" / step2.name)
+        for file in ("latest", "lineage"):
+            (run_dir / "checkpoints" / file).write_text(step2.name + "\n")
+        launch_ok(nproc, run_dir, overrides + layout)
+        assert [r["step"] for r in metrics(run_dir)] == [3, 4]
+        return run_dir
+
+    same = resumed("same-layout", 2, [])
+    for a, b in zip(records[2:], metrics(same)):
+        assert (a["loss"], a["grad_norm"], a["lr"]) == (b["loss"], b["grad_norm"], b["lr"]), a["step"]
+    want, got = hf_weights(straight, "step00000004"), hf_weights(same, "step00000004")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+    other = resumed("one-process", 1, ["parallel.expert_parallel_size=1", "model.moe_impl=native"])
+    for a, b in zip(records[2:], metrics(other)):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
+    got = hf_weights(other, "step00000004")
+    worst = max((want[k] - got[k]).abs().max().item() for k in want)
+    assert worst <= 1e-5, f"parameters after step 4 differ by {worst:.2e}"
+    first = hf_weights(straight, "step00000002")
+    assert max((first[k] - want[k]).abs().max().item() for k in want) > 1e-3  # steps 3-4 moved the weights
 
 
 def test_export_of_ep2_checkpoint_forecasts_like_the_training_model(ep2, tmp_path):

@@ -28,8 +28,16 @@ def _has_master(p: torch.Tensor) -> bool:
     return hasattr(p, "_hp_mapping")
 
 
+def adam_stepped(optimizer: torch.optim.Optimizer) -> bool:
+    """Adam has taken a step. Its state (step count, moments) only exists from the first one on: until then (every
+    step so far skipped by the non-finite guard) there is none, only the empty entries DeepSpeed's accessors add."""
+    return any("step" in s for s in optimizer.state.values())
+
+
 def adam_step(optimizer: torch.optim.Optimizer) -> float:
     steps = {float(s["step"]) for s in optimizer.state.values() if "step" in s}
+    if not steps:
+        return 0.0
     if len(steps) != 1:
         raise RuntimeError(f"optimizer step counts {sorted(steps)}: expected one value for every parameter")
     return steps.pop()
@@ -50,15 +58,20 @@ def released_ranges(model, ep_rank: int, ep_size: int) -> dict[str, list[tuple[s
     return ranges
 
 
-def _owned(engine, p: torch.Tensor) -> tuple[int, torch.Tensor | None, dict[str, torch.Tensor]]:
-    """(first element, fp32 values, moments) of the range of `p` this rank owns; no values: it owns none."""
+def _owned(engine, p: torch.Tensor, stepped: bool = True) -> tuple[int, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """(first element, fp32 values, moments) of the range of `p` this rank owns; no values: it owns none.
+    Not `stepped` (Adam has no state yet): zero moments, what its first step starts from."""
     if not _has_master(p):
-        return 0, p.detach().float().view(-1), {k: engine.basic_optimizer.state[p][k].view(-1) for k in MOMENTS}
-    fragment = p._hp_mapping
-    if fragment is None:
+        start, values = 0, p.detach().float().view(-1)
+    elif p._hp_mapping is None:
         return 0, None, {}
-    return (fragment.lp_fragment_address.start, fragment.hp_fragment,
-            {k: fragment.get_hp_fragment(k) for k in MOMENTS})
+    else:
+        start, values = p._hp_mapping.lp_fragment_address.start, p._hp_mapping.hp_fragment
+    if not stepped:
+        return start, values, {k: torch.zeros_like(values) for k in MOMENTS}
+    if not _has_master(p):
+        return start, values, {k: engine.basic_optimizer.state[p][k].view(-1) for k in MOMENTS}
+    return start, values, {k: p._hp_mapping.get_hp_fragment(k) for k in MOMENTS}
 
 
 def _add_ranges(state: dict, key: str, start: int, values: torch.Tensor, ranges) -> None:
@@ -71,12 +84,15 @@ def _add_ranges(state: dict, key: str, start: int, values: torch.Tensor, ranges)
 
 
 def engine_state(engine, model, ep_rank: int, ep_size: int) -> dict[str, Chunks]:
-    """This rank's entries of the elastic checkpoint: views of what it owns (no communication)."""
-    _link_optimizer_state(engine)
+    """This rank's entries of the elastic checkpoint: views of what it owns (no communication). Before Adam's first
+    step: zero moments and step count 0, from which a resumed run's first step goes on exactly as Adam's would."""
+    stepped = adam_stepped(engine.basic_optimizer)
+    if stepped:
+        _link_optimizer_state(engine)
     ranges = released_ranges(model, ep_rank, ep_size)
     state = {}
     for name, p in model.named_parameters():
-        start, weights, moments = _owned(engine, p)
+        start, weights, moments = _owned(engine, p, stepped)
         if weights is None:
             continue
         for key, values in ((MODEL, weights), *moments.items()):
