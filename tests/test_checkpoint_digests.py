@@ -1,19 +1,20 @@
 """Checkpoint integrity in one process: files hashed as they are written (torch.save and plain bytes), the manifest,
 and `resolve_checkpoint` falling back past a missing, truncated or altered file with a warning naming it; when no
-checkpoint verifies, one error naming every bad file."""
+checkpoint verifies, one error naming every bad file; what a save killed midway leaves, repaired before resolving."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 
 import pytest
 import torch
 
 from timemoe_train.checkpoint import MANIFEST, CheckpointCorrupt, CheckpointError, DigestWriter, verify
 from timemoe_train.checkpoint.digests import write_manifest
-from timemoe_train.checkpoint.resume import CheckpointWarning, resolve_checkpoint
+from timemoe_train.checkpoint.resume import CheckpointWarning, repair_interrupted_saves, resolve_checkpoint
 
 
 def write_checkpoint(root, step: int):
@@ -139,3 +140,31 @@ def test_two_ranks_hash_a_share_each_and_agree_on_the_verdict(tmp_path):
     bad = verify_in_two_processes(tmp_path, tag_dir)
     assert bad[0]["verdict"] == bad[1]["verdict"]
     assert bad[0]["verdict"].startswith(f"{tag_dir / flipped}: sha256 differs")
+
+
+def torn(tag_dir):
+    (tag_dir / MANIFEST).unlink()  # killed before rank 0 wrote the manifest
+
+
+@pytest.mark.parametrize("new_copy, kept", [(None, "old"), (torn, "old"), (lambda tag_dir: None, "new")])
+def test_a_re_save_killed_midway_leaves_the_old_or_the_new_copy_whole(tmp_path, new_copy, kept):
+    """A re-save of step 8 sets the old copy aside as `.old-step00000008` until the new one is in place; killed
+    before the new copy arrived (none), or with it torn, the old one goes back; once the new one is whole, the old
+    one goes. Left-over `.tmp-` directories go too. Then resume picks step 8 (latest)."""
+    write_checkpoint(tmp_path, 4)
+    old = write_checkpoint(tmp_path, 8)
+    (tmp_path / "latest").write_text("step00000008")
+    (tmp_path / "lineage").write_text("step00000004\nstep00000008\n")
+    old.rename(tmp_path / ".old-step00000008")
+    shutil.copytree(tmp_path / "step00000004", tmp_path / ".tmp-step00000012")
+    if new_copy is not None:
+        new_copy(write_checkpoint(tmp_path, 8))
+    want = (tmp_path / (".old-step00000008" if kept == "old" else "step00000008") / "model.pt").read_bytes()
+
+    said = repair_interrupted_saves(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "lineage", "step00000004", "step00000008"]
+    assert (tmp_path / "step00000008" / "model.pt").read_bytes() == want
+    why = {None: "its new copy never arrived",
+           torn: f"its new copy is torn ({old / MANIFEST}: missing: the checkpoint cannot be verified)"}.get(new_copy)
+    assert said == ([f"{old}: put back the copy a re-save of this step had set aside, as {why}"] if why else [])
+    assert resolve_checkpoint(tmp_path) == "step00000008"

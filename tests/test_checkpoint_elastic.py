@@ -1,8 +1,9 @@
 """Checkpoints under torchrun (CPU, gloo, tiny model, fp32): 8 steps straight at 2 processes EP=2 against 4 steps
 there + a resume to 8 under another layout (1 process with the native MoE layer, 4 processes EP=2 x DP=2 at ZeRO-0,
 4 processes EP=4, 2 processes EP=2 at ZeRO-2 from ZeRO-1); a damaged newest checkpoint falls back to the previous
-one; all damaged stops with an error and writes nothing; a rank killed mid-step under `torchrun --max-restarts 1`
-and a SLURM requeue onto fewer nodes both resume and finish like the straight run.
+one; all damaged stops with an error and writes nothing; a rank killed mid-step under `torchrun --max-restarts 1`,
+a re-save killed between its renames and a SLURM requeue onto fewer nodes all resume and finish like the straight
+run.
 
 Each launch is a module fixture; the resumes start from copies of the straight run's checkpoints, each with its
 step-8 checkpoint damaged in another way (so every resume also shows the fallback)."""
@@ -187,6 +188,29 @@ def test_killed_during_a_background_write_resumes_from_the_previous_checkpoint(s
     assert steps[-4:] == [5, 6, 7, 8] and steps.count(5) == 2, steps
     assert_continues_straight(straight, tmp_path)
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("new_copy", ["not yet in place", "torn"])
+def test_a_re_save_killed_midway_resumes_from_the_copy_it_set_aside(straight, tmp_path, new_copy):
+    """kill -9 in the middle of a re-save of step 4: its old copy set aside as `.old-step00000004`, the new one still
+    `.tmp-step00000004`, or in place but torn (no manifest yet). The next start puts the old copy back before it
+    looks for a checkpoint, says so, resumes from step 4 and finishes like the straight run."""
+    copy_checkpoints(straight, tmp_path)
+    root = tmp_path / "checkpoints"
+    shutil.rmtree(root / STEP8)
+    (root / "latest").write_text(STEP4)
+    (root / "lineage").write_text(STEP4 + "\n")
+    old = root / f".old-{STEP4}"
+    (root / STEP4).rename(old)
+    shutil.copytree(old, root / (f".tmp-{STEP4}" if new_copy == "not yet in place" else STEP4))
+    if new_copy == "torn":
+        (root / STEP4 / "manifest.json").unlink()
+    proc = launch_ok(2, tmp_path, ["parallel.zero_stage=1"])
+    assert f"timemoe-train: {root / STEP4}: put back the copy a re-save of this step had set aside" in proc.stdout
+    assert f"timemoe-train: resuming from step 4 ({root / STEP4})" in proc.stdout
+    assert [r["step"] for r in metrics(tmp_path)] == [5, 6, 7, 8]
+    assert_continues_straight(straight, tmp_path)
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".")]
 
 
 def elastic_payload(tag_dir: Path) -> tuple[dict[str, int], int]:

@@ -155,5 +155,5 @@ def test_a_step_with_non_finite_data_names_the_shard_and_row(corpus, tmp_path):
         spans.append((int(m[1]), int(m[2])))
     assert all(a <= 199 and b >= 100 for a, b in spans)  # each named span holds damaged points
     assert records(run_dir)[-1]["skipped"] is True
-    # Saved although Adam never stepped, so it has no state yet (the timemoe-train path of the fix).
+    # Saved although Adam never stepped and so has no state yet.
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000001"

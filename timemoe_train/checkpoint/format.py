@@ -13,6 +13,8 @@ BEST = "best"
 # back in and pruning counts in (a fallback to an older step makes write order differ from step order).
 LINEAGE = "lineage"
 TMP_PREFIX = ".tmp-"
+# A checkpoint being replaced by a re-save of its step, kept under this name until the new copy is in place.
+OLD_PREFIX = ".old-"
 META = "meta.json"
 CONFIG = "config.yaml"
 CONSOLIDATED = "consolidated_model_states.pt"

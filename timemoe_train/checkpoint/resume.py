@@ -4,11 +4,13 @@ group to share the hashing), so that the launcher can say what it will do before
 
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
 from pathlib import Path
 
-from .format import LATEST, CheckpointCorrupt, CheckpointError, lineage
-from .digests import verify
+from .format import LATEST, OLD_PREFIX, TMP_PREFIX, CheckpointCorrupt, CheckpointError, lineage
+from .digests import fsync_dir, verify
 
 
 class CheckpointWarning(UserWarning):
@@ -42,11 +44,40 @@ def resolve_checkpoint(root: Path, group=None) -> str | None:
     return None
 
 
+def repair_interrupted_saves(root: Path) -> list[str]:
+    """Undo what a save killed midway left in `root`, before anything looks for a checkpoint there (one process,
+    while the others wait): a checkpoint set aside for a re-save of its step (`.old-<tag>`) goes back in place
+    unless the new copy is there and verifies; an unfinished save's `.tmp-<tag>` is removed (it never became a
+    checkpoint). Returns a line for each checkpoint put back."""
+    if not root.is_dir():
+        return []
+    said = []
+    for old in sorted(root.glob(OLD_PREFIX + "*")):
+        tag = root / old.name[len(OLD_PREFIX):]
+        if tag.is_dir():
+            try:
+                verify(tag)
+                shutil.rmtree(old)  # the re-save was complete: only its clean-up was cut short
+                continue
+            except CheckpointCorrupt as e:
+                why = f"its new copy is torn ({e})"
+                shutil.rmtree(tag)
+        else:
+            why = "its new copy never arrived"
+        os.replace(old, tag)
+        said.append(f"{tag}: put back the copy a re-save of this step had set aside, as {why}")
+    for tmp in root.glob(TMP_PREFIX + "*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    fsync_dir(root)
+    return said
+
+
 def resume_point(checkpoint_cfg) -> str | None:
     """The tag a run with this `checkpoint` config resumes from (`resolve_checkpoint`), every rejected one warned
     about by rank 0 (always, also when the same warning was given before in this process); None: a new run.
     Collective when torch.distributed runs several processes: they verify the files together.
-    (checkpoint.resume=false has moved the previous lineage aside before this is asked.)"""
+    (checkpoint.resume=false has moved the previous lineage aside, and `repair_interrupted_saves` has run, before
+    this is asked.)"""
     import torch.distributed as dist
 
     group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None

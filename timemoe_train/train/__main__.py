@@ -124,7 +124,7 @@ def make_trainer(cfg: DictConfig, run_dir: str | Path):
         raise TrainConfigError(_omegaconf_message(e, "config")) from None
     run = run_config(cfg)
     run.validate(int(os.environ.get("WORLD_SIZE", "1")))
-    from ..checkpoint.resume import resume_point  # file work only: said before DeepSpeed is imported
+    from ..checkpoint.resume import repair_interrupted_saves, resume_point  # file work only, before DeepSpeed
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
     # A restart by torchrun (--max-restarts) continues what this launch began, also under resume=false.
@@ -133,13 +133,16 @@ def make_trainer(cfg: DictConfig, run_dir: str | Path):
         if aside is not None:
             print(f"timemoe-train: checkpoint.resume=false: the previous checkpoints and metrics moved to "
                   f"{aside.resolve()}", flush=True)
+    if main_rank:
+        for line in repair_interrupted_saves(Path(run.checkpoint.dir).resolve()):
+            print(f"timemoe-train: {line}", flush=True)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
 
         from ..parallel import init_process_group
 
         init_process_group()
-        dist.barrier()  # rank 0 has set the previous lineage aside before any rank looks at the directory
+        dist.barrier()  # rank 0 has set aside or repaired before any rank looks at the directory
     tag = resume_point(run.checkpoint)  # verified once, by every rank a share, before any engine start-up
     done = finished_step(run, tag)
     if done is not None:

@@ -33,13 +33,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import (BEST, CONFIG, CONSOLIDATED, ELASTIC, LATEST, LINEAGE, META, TMP_PREFIX, CheckpointError,
-                          DigestWriter, elastic, lineage, load_checkpoint_file, read_meta, tag_for, trainer_state_file)
+from ..checkpoint import (BEST, CONFIG, CONSOLIDATED, ELASTIC, LATEST, LINEAGE, META, OLD_PREFIX, TMP_PREFIX,
+                          CheckpointError, DigestWriter, elastic, lineage, load_checkpoint_file, read_meta, tag_for,
+                          trainer_state_file)
 from ..checkpoint.digests import fsync_dir, write_manifest
 from .engine_state import engine_state, load_engine_state
 
-# A checkpoint being replaced by a re-save of its step, kept under this name until the new copy is in place.
-OLD_PREFIX = ".old-"
 # DeepSpeed 0.19.8 hands its checkpoint engine fresh copies of everything (`clone_tensors_for_torch_save`) except
 # the ZeRO partition files, which reference the live optimizer state: the fp32 partitions and Adam's moments, the
 # very tensors the elastic part's ranges are views of.
@@ -167,20 +166,6 @@ class Checkpointer:
         return state
 
     # --- writing -------------------------------------------------------------------------------------------
-    def remove_incomplete(self) -> None:
-        """Left-overs of a save interrupted by a crash (rank 0, before training starts). A checkpoint set aside for
-        its re-save goes back in place if the new copy never arrived."""
-        if self.rank == 0 and self.root.is_dir():
-            for old in self.root.glob(OLD_PREFIX + "*"):
-                tag = self.root / old.name[len(OLD_PREFIX):]
-                if tag.exists():
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(old, tag)
-            for path in self.root.glob(TMP_PREFIX + "*"):
-                shutil.rmtree(path, ignore_errors=True)
-        dist.barrier()
-
     def _add_file(self, obj, path: Path, live: bool = False) -> None:
         """A file of the checkpoint being saved: written now, or (async_save) its copy in host memory queued.
         `live`: `obj` holds tensors that training goes on changing."""
@@ -256,7 +241,7 @@ class Checkpointer:
         """Move the complete checkpoint into place, point `latest` and the lineage at it, then prune the lineage
         to its newest `keep_last` (and the best by validation, which stays in the lineage until another is best).
         A re-save of a step (after falling back past a damaged one) sets the old copy aside until the new one is
-        in place; a crash in between leaves one of them (`remove_incomplete`)."""
+        in place; a crash in between leaves one of them (`repair_interrupted_saves`)."""
         old = self.root / (OLD_PREFIX + tag)
         if (self.root / tag).exists():
             os.replace(self.root / tag, old)

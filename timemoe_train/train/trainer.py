@@ -140,7 +140,6 @@ class Trainer:
                 "offload_optimizer": p.offload_optimizer}
 
     def _resume(self, tag: str | None) -> None:
-        self.checkpointer.remove_incomplete()
         if tag is None:
             return
         state = self.checkpointer.load(tag, self._layout_meta(), self.run.trainer.seed)
