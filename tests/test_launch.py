@@ -341,6 +341,38 @@ def test_the_launcher_prints_a_user_error_once_and_exits_2(tmp_path):
     assert not any(word in proc.stderr for word in ("Traceback", "ChildFailedError", "error_file", "exitcode"))
 
 
+def test_plain_torchrun_prints_a_user_error_once(tmp_path):
+    """Under plain torchrun (not our launcher) each node's local rank 0 says the error, exit 2; the other rank waits
+    and is stopped by torchrun without a word. torchrun's own failure report follows (its exit status 1)."""
+    proc = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
+                           "-m", "timemoe_train.train", "data=synthetic", "bad.key=1"], cwd=tmp_path, env=clean_env(),
+                          capture_output=True, text=True, timeout=300)
+    ours = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("timemoe-train")]
+    assert ours == ["timemoe-train: Could not override 'bad.key'. To append to your config use +bad.key=1 (Key "
+                    "'bad' is not in struct)"], proc.stdout + proc.stderr[-3000:]
+    assert proc.returncode == 1
+    root_cause = proc.stderr.split("Root Cause")[1]
+    assert "local_rank: 0" in root_cause and "exitcode  : 2" in root_cause, proc.stderr[-3000:]
+
+
+def test_under_plain_torchrun_an_error_only_another_rank_met_is_said_after_the_wait(monkeypatch, capsys):
+    """Local rank 1 waits for torchrun to stop it (local rank 0 failing the same way); still running after the
+    wait, it says the error itself, and its stop signals no longer ask for a save."""
+    import timemoe_train.train.__main__ as app
+
+    handlers, waits = {}, []
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv(app.LAUNCHED, raising=False)
+    monkeypatch.setattr(app.signal, "signal", lambda sig, handler: handlers.update({sig: handler}))
+    monkeypatch.setattr(app.time, "sleep", waits.append)
+    with pytest.raises(SystemExit) as exit_:
+        app._user_error("DataError: only rank 1 reads this")
+    assert exit_.value.code == 2 and waits == [app._SAY_ONCE_WAIT_S]
+    assert handlers == {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.SIG_DFL}
+    assert capsys.readouterr().err == "timemoe-train: DataError: only rank 1 reads this\n"
+
+
 def test_a_torchrun_signal_that_hides_behind_its_metrics_wrapper_is_still_one_line(monkeypatch, capsys):
     """The race CI met: a signal torchrun handles (here SIGHUP) landed inside torch's metrics wrapper before its
     timer was set, and torchrun raised that wrapper's UnboundLocalError with the SignalException as context. Other

@@ -48,6 +48,8 @@ def _config_dir() -> Path:
 CONFIG_DIR = _config_dir()
 USER_ERRORS = (TrainConfigError, ConfigError, DataError, CheckpointError, FileNotFoundError, RunInUse)
 _MAX_NAME = 100
+# Under plain torchrun, how long ranks other than a node's local rank 0 wait before saying a user error themselves.
+_SAY_ONCE_WAIT_S = 10.0
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
@@ -223,14 +225,22 @@ def _omegaconf_message(e: OmegaConfBaseException, where: str) -> str:
 
 
 def _user_error(message: str) -> None:
-    """One line, exit 2. Under `timemoe-train --nproc-per-node` the line goes to torchrun's error file instead
-    (its documented JSON), and the launcher prints it once for all ranks."""
+    """One line, exit 2. Every rank meets the same error (the config, the corpus and the checkpoints are the same
+    for all), so a launch says it once: under `timemoe-train --nproc-per-node` the line goes to torchrun's error
+    file instead (its documented JSON), and the launcher prints it once for all ranks. Plain torchrun prints what
+    every rank prints: each node's local rank 0 prints it, and the others wait, so that torchrun, seeing local rank
+    0 fail, stops them unsaid (exiting at once, they could make torchrun stop local rank 0 before it printed). An
+    error local rank 0 did not meet is still said, by the rank that met it, when the wait is over."""
     line = f"timemoe-train: {message}"
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if os.environ.get(LAUNCHED) and error_file:
         with open(error_file, "w") as f:
             json.dump({"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
     else:
+        if "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("LOCAL_RANK", "0") != "0":
+            for sig in (signal.SIGTERM, signal.SIGINT):  # not the trainer's stop request: just end
+                signal.signal(sig, signal.SIG_DFL)
+            time.sleep(_SAY_ONCE_WAIT_S)
         print(line, file=sys.stderr, flush=True)
     sys.exit(2)
 
