@@ -4,12 +4,15 @@ Shipped inside every export next to `config.json` and `model.safetensors` (relea
 Depends on torch and transformers only: serving stacks load it without timemoe-train installed. It computes what
 the released inference code computes (rotate-half RoPE, fp32 softmax and router, top-k not renormalised), equal
 within float rounding, but faster: `scaled_dot_product_attention` with SDPA's own causal kernel for a context (no
-mask in memory), experts run sparsely on their own tokens sorted by expert, RoPE computed once per forward, and a
-roll-out computes the last layer and the head for the last point only. It runs in the weights' dtype (bf16 on a
-GPU: `from_pretrained(dir, trust_remote_code=True, dtype=torch.bfloat16)`, `torch_dtype=` under 4.40); `torch.compile`
-works per decoder layer (`for layer in model.model.layers: layer.compile()`).
-Runs with transformers 4.40 and 5.x: the KV cache is a plain tuple of (key, value) per layer and RoPE is computed
-from positions on every call, so no cache class and no non-persistent buffer is involved.
+mask in memory), q/k/v in one GEMM and one rotation, experts run sparsely on their own tokens sorted by expert,
+RoPE computed once per forward, SwiGLU and residual sums in place when nothing backpropagates, and a roll-out fills
+KV buffers allocated once for its whole length and computes the last layer and the head for the last point only.
+It runs in the weights' dtype (bf16 on a GPU: `from_pretrained(dir, trust_remote_code=True, dtype=torch.bfloat16)`,
+`torch_dtype=` under 4.40); `torch.compile` works per decoder layer (`for layer in model.model.layers:
+layer.compile()`).
+Runs with transformers 4.40 and 5.x: the public KV cache is a plain tuple of (key, value) per layer, the roll-out's
+own buffers never leave `generate`, and RoPE is computed from positions on every call, so no transformers cache
+class and no non-persistent buffer is involved.
 
 Usage (users z-normalise each series over its context, or call `forecast`, which does it):
     model = AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
