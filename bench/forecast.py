@@ -13,6 +13,13 @@ batches 8 and 32, horizons 96 (64 + 32) and 720 (11 x 64 + 8 + 8); CPU fp32, and
 The last line is the CPU speed-up of the slowest batch size: the smaller ratio over batches 8 and 32, per horizon.
 
     python bench/forecast.py [--preset base] [--batches 8,32] [--repeats 3] [--threads N] [--profile]
+
+Measured (2-core AMD EPYC shared with other jobs, load average 12-16, `--threads 1 --repeats 2`, CPU seconds,
+reference -> exported): batch 8: h96 10.57 -> 6.41 s (x1.65), h720 21.63 -> 14.27 s (x1.52); batch 32: h96
+46.48 -> 28.45 s (x1.63), h720 110.84 -> 59.05 s (x1.88); `forecast speed-up: h96 1.63x, h720 1.52x`. The 3x
+goal is out of reach in fp32 on this CPU: the exported roll-out is 78% GEMMs (batch 8, h96: 423 GFLOP against the
+reference's 501, at ~88 GFLOP/s per core, MKL's best on these shapes), so a roll-out of nothing but its GEMMs would
+still be only ~2.2x at h96, and ~1.85x at h720 batch 8, where attention over the growing cache adds its own FLOPs.
 """
 
 from __future__ import annotations
