@@ -274,3 +274,18 @@ def test_export_loads_and_forecasts_under_both_transformers_majors(tmp_path, maj
     assert version.startswith("4.40.") if major == "4.40" else version == transformers.__version__
     got = torch.from_numpy(np.load(tmp_path / "forecast.npy"))
     assert normalised_error(got, ours.forecast(context_BT, 96), context_BT) <= 1e-5
+
+
+def test_gradients_through_the_export_equal_the_reference(tmp_path):
+    """Fine-tuning through the export's forward: its in-place SwiGLU and residual sums must leave autograd's
+    gradients those of the reference (an expert that got no token: None there, zeros here)."""
+    exported_dir, reference_dir = export_with_reference(make_ours(num_key_value_heads=2), tmp_path)
+    exported, reference = load_remote(exported_dir).train(), load_remote(reference_dir).train()
+    x_BT = random_walks(2, 40)
+    for model in (exported, reference):
+        model(input_ids=x_BT, labels=torch.roll(x_BT, -1, 1)).loss.backward()
+    for (name, a), (_, b) in zip(exported.named_parameters(), reference.named_parameters()):
+        assert a.grad is not None, name
+        want = torch.zeros_like(a) if b.grad is None else b.grad
+        torch.testing.assert_close(a.grad, want, atol=1e-5, rtol=1e-4, msg=name)
+    assert any(p.grad.abs().max() > 0 for p in exported.model.layers[0].self_attn.parameters())

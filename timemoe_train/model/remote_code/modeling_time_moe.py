@@ -4,12 +4,15 @@ Shipped inside every export next to `config.json` and `model.safetensors` (relea
 Depends on torch and transformers only: serving stacks load it without timemoe-train installed. It computes what
 the released inference code computes (rotate-half RoPE, fp32 softmax and router, top-k not renormalised), equal
 within float rounding, but faster: `scaled_dot_product_attention` with SDPA's own causal kernel for a context (no
-mask in memory), experts run sparsely on their own tokens sorted by expert, RoPE computed once per forward, and a
-roll-out computes the last layer and the head for the last point only. It runs in the weights' dtype (bf16 on a
-GPU: `from_pretrained(dir, trust_remote_code=True, dtype=torch.bfloat16)`, `torch_dtype=` under 4.40); `torch.compile`
-works per decoder layer (`for layer in model.model.layers: layer.compile()`).
-Runs with transformers 4.40 and 5.x: the KV cache is a plain tuple of (key, value) per layer and RoPE is computed
-from positions on every call, so no cache class and no non-persistent buffer is involved.
+mask in memory), q/k/v in one GEMM and one rotation, experts run sparsely on their own tokens sorted by expert,
+RoPE computed once per forward, SwiGLU and residual sums in place when nothing backpropagates, and a roll-out fills
+KV buffers allocated once for its whole length and computes the last layer and the head for the last point only.
+It runs in the weights' dtype (bf16 on a GPU: `from_pretrained(dir, trust_remote_code=True, dtype=torch.bfloat16)`,
+`torch_dtype=` under 4.40); `torch.compile` works per decoder layer (`for layer in model.model.layers:
+layer.compile()`).
+Runs with transformers 4.40 and 5.x: the public KV cache is a plain tuple of (key, value) per layer, the roll-out's
+own buffers never leave `generate`, and RoPE is computed from positions on every call, so no transformers cache
+class and no non-persistent buffer is involved.
 
 Usage (users z-normalise each series over its context, or call `forecast`, which does it):
     model = AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
@@ -31,6 +34,43 @@ from .configuration_time_moe import TimeMoeConfig
 KVCache = Tuple[Tuple[torch.Tensor, torch.Tensor], ...]
 
 
+class KVBuffer:
+    """One layer's keys and values [B, kv_heads, S, head_dim] for a whole roll-out: allocated once at the roll-out's
+    final length and filled in place (appending with torch.cat copies the whole cache again at every step)."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.length = capacity, 0
+        self.key = self.value = None
+
+    def append(self, key, value):
+        end = self.length + key.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV buffer holds {self.capacity} points, {end} requested")
+        if self.key is None:
+            shape = (key.shape[0], key.shape[1], self.capacity, key.shape[3])
+            self.key, self.value = key.new_empty(shape), value.new_empty(shape)
+        self.key[:, :, self.length:end] = key
+        self.value[:, :, self.length:end] = value
+        self.length = end
+        return self.key[:, :, :end], self.value[:, :, :end]
+
+
+def extend_cache(past, key, value):
+    """The keys and values of the past points (None, a (key, value) tuple or a KVBuffer) and of the new ones."""
+    if past is None:
+        return key, value
+    if isinstance(past, KVBuffer):
+        return past.append(key, value)
+    return torch.cat([past[0], key], dim=2), torch.cat([past[1], value], dim=2)
+
+
+def cached_length(past_key_values) -> int:
+    if past_key_values is None:
+        return 0
+    first = past_key_values[0]
+    return first.length if isinstance(first, KVBuffer) else first[0].shape[2]
+
+
 @dataclass
 class TimeMoeOutputWithPast(ModelOutput):
     loss: Optional[torch.FloatTensor] = None
@@ -49,7 +89,7 @@ class TimeMoeInputEmbedding(nn.Module):
         self.gate_layer = nn.Linear(config.input_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return F.silu(self.gate_layer(x)) * self.emb_layer(x)
+        return swiglu(self.gate_layer(x), self.emb_layer(x))
 
 
 class TimeMoeRMSNorm(nn.Module):
@@ -66,19 +106,28 @@ class TimeMoeRMSNorm(nn.Module):
         return self.weight * hidden_states.to(input_dtype)
 
 
+def swiglu(gate, up):
+    """silu(gate) * up; in place when no gradient will flow back through it (no temporaries to allocate)."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return F.silu(gate) * up
+    return F.silu(gate, inplace=True).mul_(up)
+
+
 def rotary_cos_sin(position_ids, head_dim: int, base: float, dtype):
-    """cos/sin of the rotate-half RoPE at explicit positions ([T] or [B, T] -> [..., T, head_dim]), computed in
-    fp32 once per forward for every layer, then cast to the activations' dtype."""
+    """cos/sin of the rotate-half RoPE at explicit positions ([T] or [B, T] -> [..., T, 1, head_dim / 2]: one
+    head's worth of angles, broadcast over the heads of [B, T, heads, head_dim]; both halves of a head share them),
+    computed in fp32 once per forward for every layer, then cast to the activations' dtype."""
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float()
     inv_freq = 1.0 / (base ** (exponent / head_dim))
-    freqs = position_ids.float()[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    freqs = (position_ids.float()[..., None] * inv_freq).unsqueeze(-2)
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
-def rotate_half(x):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rotary(x, cos, sin):
+    """x·cos + rotate_half(x)·sin, half by half: the released code's products and sums, without materialising
+    rotate_half(x) or full-width cos/sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 def repeat_kv(hidden_states, n_rep: int):
@@ -131,7 +180,7 @@ class TimeMoeMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class TimeMoeSparseExpertsLayer(nn.Module):
@@ -168,8 +217,8 @@ class TimeMoeSparseExpertsLayer(nn.Module):
         # The released code casts the routing weights to the activations' dtype before mixing.
         routed_ND = torch.bmm(weights_NK.to(y_NKD.dtype).unsqueeze(1), y_NKD).squeeze(1)
 
-        shared_ND = torch.sigmoid(self.shared_expert_gate(x_ND)) * self.shared_expert(x_ND)
-        return (routed_ND + shared_ND).view(batch_size, seq_len, hidden_dim), router_logits
+        out_ND = torch.addcmul(routed_ND, torch.sigmoid(self.shared_expert_gate(x_ND)), self.shared_expert(x_ND))
+        return out_ND.view(batch_size, seq_len, hidden_dim), router_logits
 
 
 class TimeMoeAttention(nn.Module):
@@ -188,25 +237,26 @@ class TimeMoeAttention(nn.Module):
         self.o_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
 
     def forward(self, hidden_states, rope, mask: AttentionMask, past_key_value=None, last_only: bool = False):
-        """rope: (cos, sin) broadcasting to [B, heads, T, head_dim]. last_only: keys and values of every point
-        (the cache needs them), the query of the last point alone (all that a roll-out reads)."""
+        """rope: (cos, sin) broadcasting to [B, T, heads, head_dim / 2]; past_key_value: see `extend_cache`.
+        last_only: keys and values of every point (the cache needs them), the query of the last point alone (all
+        that a roll-out reads)."""
         bsz, q_len, _ = hidden_states.shape
-        cos, sin = rope
-        key = self.k_proj(hidden_states).view(bsz, q_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(bsz, q_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
-        key = key * cos + rotate_half(key) * sin
+        heads, kv_heads = self.num_heads, self.num_key_value_heads
+        # q, k and v in one GEMM and one rotation; the weights keep their released names (concatenating them per
+        # call costs a fraction of a percent of the GEMM itself).
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        qkv = F.linear(hidden_states, weight, bias).view(bsz, q_len, heads + 2 * kv_heads, self.head_dim)
+        qk = apply_rotary(qkv[:, :, :heads + kv_heads], *rope)
+        query, key, value = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads:]
         if last_only:
-            hidden_states, cos, sin, mask = hidden_states[:, -1:], cos[..., -1:, :], sin[..., -1:, :], mask.last_row()
-        query = self.q_proj(hidden_states).view(bsz, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        query = query * cos + rotate_half(query) * sin
-        if past_key_value is not None:
-            key = torch.cat([past_key_value[0], key], dim=2)
-            value = torch.cat([past_key_value[1], value], dim=2)
+            query, mask = query[:, -1:], mask.last_row()
+        key, value = extend_cache(past_key_value, key.transpose(1, 2), value.transpose(1, 2))
         present = (key, value)
 
         key, value = repeat_kv(key, self.num_key_value_groups), repeat_kv(value, self.num_key_value_groups)
         attn_output = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask.mask, is_causal=mask.causal,
+            query.transpose(1, 2), key, value, attn_mask=mask.mask, is_causal=mask.causal,
             dropout_p=self.attention_dropout if self.training else 0.0)
         attn_output = attn_output.transpose(1, 2).reshape(bsz, -1, self.hidden_size)
         return self.o_proj(attn_output), present
@@ -228,12 +278,13 @@ class TimeMoeDecoderLayer(nn.Module):
                                            last_only)
         if last_only:
             hidden_states = hidden_states[:, -1:]
-        hidden_states = hidden_states + attn_out
+        # Residual sums into the fresh outputs (a GEMM's output is not saved for backward: in place is safe).
+        hidden_states = attn_out.add_(hidden_states)
         ffn_out = self.ffn_layer(self.post_attention_layernorm(hidden_states))
         router_logits = None
         if isinstance(ffn_out, tuple):
             ffn_out, router_logits = ffn_out
-        return hidden_states + ffn_out, router_logits, present
+        return ffn_out.add_(hidden_states), router_logits, present
 
 
 class TimeMoePreTrainedModel(PreTrainedModel):
@@ -268,7 +319,7 @@ class TimeMoeModel(TimeMoePreTrainedModel):
         if input_ids.dim() == 2:
             input_ids = input_ids.unsqueeze(-1)  # [B, T] values of a univariate series -> [B, T, 1]
         batch_size, seq_len, _ = input_ids.shape
-        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        past_len = cached_length(past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
 
         hidden_states = self.embed_layer(input_ids.to(self.embed_layer.emb_layer.weight.dtype))
@@ -276,7 +327,7 @@ class TimeMoeModel(TimeMoePreTrainedModel):
             position_ids = torch.arange(past_len, past_len + seq_len, device=input_ids.device)
         cos, sin = rotary_cos_sin(position_ids, self.config.hidden_size // self.config.num_attention_heads,
                                   self.config.rope_theta, hidden_states.dtype)
-        rope = (cos, sin) if position_ids.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
+        rope = (cos, sin)
         mask = AttentionMask.build(attention_mask, batch_size, seq_len, past_len, hidden_states.dtype,
                                    hidden_states.device)
         all_router_logits, next_cache = [], []
@@ -373,10 +424,11 @@ class TimeMoeForPrediction(TimeMoePreTrainedModel):
                              f"{tuple(inputs.shape)} and {max_new_tokens}")
         dtype = self.model.embed_layer.emb_layer.weight.dtype
         step = inputs.to(self.device, dtype)
-        outputs, remaining, cache = [], max_new_tokens, None
+        outputs, remaining = [], max_new_tokens
+        cache = tuple(KVBuffer(inputs.shape[1] + max_new_tokens) for _ in self.model.layers)
         while remaining > 0:
             # Only the last point's output is read: the last layer and the head skip the others.
-            hidden_states, _, cache = self.model(step, past_key_values=cache, use_cache=True, last_only=True)
+            hidden_states, _, _ = self.model(step, past_key_values=cache, use_cache=False, last_only=True)
             step = self.lm_heads[self.head_index(remaining)](hidden_states[:, -1])
             outputs.append(step.float())
             remaining -= step.shape[1]
