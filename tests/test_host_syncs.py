@@ -63,3 +63,14 @@ def test_a_training_step_reads_the_host_only_for_its_veto(zero_stage, deepspeed_
     # One read of the step's flags (ours). DeepSpeed's ZeRO-1/2 fp32 step checks its norm is finite (a bool of a
     # device tensor); its clipping would read it again once per parameter group, so the optimizer clips instead.
     assert counter.kinds("step") == {"tolist": 1, **deepspeed_syncs}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_trainer_step_syncs_only_for_its_veto():
+    """The real Trainer's step on the GPU path (bf16, FlexAttention, grouped GEMM, DeepSpeed ZeRO-1, guard hooks,
+    bookkeeping) under torch.cuda.set_sync_debug_mode: "error" in each micro-batch's forward, backward and
+    bookkeeping; in the optimizer step the syncs CUDA warns about are counted."""
+    counter, gas = host_syncs.trainer_syncs("tiny", 2, 2, 512, device="cuda")
+    assert counter.kinds("model") == {} and counter.kinds("bookkeeping") == {}
+    assert counter.total("step") <= 2, counter.kinds("step")
