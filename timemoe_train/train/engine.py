@@ -45,7 +45,7 @@ class SkippableStep:
         if self.exact_clipping:
             self.last_norm = self._clip_by_global_norm()
         elif self.clip_grad > 0 and self.zero_optimizer is not None and self.zero_optimizer.clip_grad == 0:
-            # ZeRO's step skips a non-finite norm before calling here, or the guard's veto does (bf16 ZeRO-2).
+            # A non-finite norm never gets here: DeepSpeed's step skips it before calling this one.
             self._clip(self._grads(), self.zero_optimizer._global_grad_norm)
         return super().step(*args, **kwargs)
 
