@@ -97,3 +97,45 @@ def test_resume_and_export_follow_latest_then_the_lineage_in_write_order_not_ste
         assert resolve_checkpoint(tmp_path) == "step00000004"  # the lineage's previous, not the newer-step 12
     with pytest.warns(CheckpointWarning):
         assert checkpoint_dir(tmp_path) == (tmp_path, tmp_path / "step00000004")
+
+
+def _verify_as_rank(rank: int, world: int, init_file: str, tag_dir, out) -> None:
+    """One rank of a gloo group: verify `tag_dir` together, noting the files this rank hashed and the verdict."""
+    import torch.distributed as dist
+
+    from timemoe_train.checkpoint import digests
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    hashed, digest = [], digests.file_digest
+    digests.file_digest = lambda path: (hashed.append(path.relative_to(tag_dir).as_posix()), digest(path))[1]
+    try:
+        verify(tag_dir, dist.group.WORLD)
+        verdict = "ok"
+    except CheckpointCorrupt as e:
+        verdict = str(e)
+    (out / f"rank{rank}.json").write_text(json.dumps({"verdict": verdict, "hashed": hashed}))
+    dist.destroy_process_group()
+
+
+def verify_in_two_processes(tmp_path, tag_dir) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    out = tmp_path / f"out-{len(list(tmp_path.glob('out-*')))}"
+    out.mkdir()
+    mp.spawn(_verify_as_rank, args=(2, str(out / "store"), tag_dir, out), nprocs=2)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_two_ranks_hash_a_share_each_and_agree_on_the_verdict(tmp_path):
+    tag_dir = write_checkpoint(tmp_path, 4)
+    files = json.loads((tag_dir / MANIFEST).read_text())["files"]
+    good = verify_in_two_processes(tmp_path, tag_dir)
+    assert [r["verdict"] for r in good] == ["ok", "ok"]
+    shares = [set(r["hashed"]) for r in good]
+    assert shares[0] and shares[1] and not shares[0] & shares[1] and shares[0] | shares[1] == set(files)
+    flipped = sorted(shares[1])[0]  # a file only rank 1 hashes: rank 0 learns of it from the verdict
+    flip(tag_dir / flipped)
+    bad = verify_in_two_processes(tmp_path, tag_dir)
+    assert bad[0]["verdict"] == bad[1]["verdict"]
+    assert bad[0]["verdict"].startswith(f"{tag_dir / flipped}: sha256 differs")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -170,6 +172,49 @@ def test_rank_killed_mid_step_restarts_and_resumes_at_zero2_from_zero1(straight,
     steps = [r["step"] for r in metrics(tmp_path)]
     assert steps.count(5) == 2 and steps[-4:] == [5, 6, 7, 8], steps  # step 5 ran in both attempts
     assert_continues_straight(straight, tmp_path)
+
+
+def test_killed_during_a_background_write_resumes_from_the_previous_checkpoint(straight, tmp_path):
+    """Checkpoints every 2 steps, written in the background: the last rank is SIGKILLed while the step-6 checkpoint
+    is being written and the step loop has already gone on to step 7. torchrun restarts both ranks; step 6 never
+    became a checkpoint (its partial directory is removed), so they resume from step 4 and finish like the straight
+    run."""
+    proc = launch_ok(2, tmp_path, ["parallel.zero_stage=1", "checkpoint.interval=2"], "--die-in-write-of", "6")
+    assert re.search(r"checkpoint_run: killed while writing \.tmp-step00000006 at step 7", proc.stderr), \
+        proc.stderr[-4000:]
+    assert f"timemoe-train: resuming from step 4 ({tmp_path / 'checkpoints' / STEP4})" in proc.stdout
+    steps = [r["step"] for r in metrics(tmp_path)]
+    assert steps[-4:] == [5, 6, 7, 8] and steps.count(5) == 2, steps
+    assert_continues_straight(straight, tmp_path)
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def elastic_payload(tag_dir: Path) -> tuple[dict[str, int], int]:
+    """Bytes of tensor data in each file of the elastic part (from DCP's metadata), and in the whole state."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(tag_dir / "elastic").read_metadata()
+    per_file: dict[str, int] = {}
+    for index, where in metadata.storage_data.items():
+        entry = metadata.state_dict_metadata[index.fqn]
+        chunk = next(c for c in entry.chunks if c.offsets == index.offset)
+        per_file[where.relative_path] = (per_file.get(where.relative_path, 0)
+                                         + math.prod(chunk.sizes) * entry.properties.dtype.itemsize)
+    whole = sum(math.prod(m.size) * m.properties.dtype.itemsize for m in metadata.state_dict_metadata.values())
+    return per_file, whole
+
+
+@pytest.mark.parametrize("run", ["straight", "ep4"])
+def test_each_rank_writes_its_share_of_the_elastic_state(run, request):
+    """2 processes EP=2 and 4 processes EP=4 (ZeRO-1): every rank writes about 1/N of the weights and moments,
+    and together exactly the whole state, each element once."""
+    run_dir = request.getfixturevalue(run) if run == "straight" else request.getfixturevalue(run)[0]
+    nproc = json.loads((run_dir / "checkpoints" / STEP8 / "meta.json").read_text())["world_size"]
+    per_file, whole = elastic_payload(run_dir / "checkpoints" / STEP8)
+    assert sorted(per_file) == [f"__{r}_0.distcp" for r in range(nproc)]
+    assert sum(per_file.values()) == whole
+    for name, size in per_file.items():
+        assert abs(size - whole / nproc) <= 0.1 * whole / nproc, (name, size, whole / nproc)
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -44,9 +44,9 @@ def train(data: Path, run_dir: Path, steps: int | None, nproc: int) -> Path:
     if run_dir.exists():  # the demo trains from scratch each time; an earlier run would otherwise be resumed
         print(f"removing the earlier demo run {run_dir}", flush=True)
         shutil.rmtree(run_dir)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "timemoe_train.train", "experiment=demo", f"data.path={data}", f"checkpoint.dir={ckpt}",
-           f"hydra.run.dir={run_dir}", f"parallel.expert_parallel_size={nproc}"]
+    cmd = [sys.executable, "-m", "timemoe_train.launch", f"--nproc-per-node={nproc}", "--", "experiment=demo",
+           f"data.path={data}", f"checkpoint.dir={ckpt}", f"hydra.run.dir={run_dir}",
+           f"parallel.expert_parallel_size={nproc}"]
     if steps is not None:
         cmd.append(f"trainer.max_steps={steps}")
     print("$", " ".join(cmd), flush=True)

@@ -2,7 +2,8 @@
 
 `DigestWriter` is the file object everything in a checkpoint is written through (torch.save, DeepSpeed's
 checkpoint engine, torch.distributed.checkpoint's writer); `write_manifest` lists what every rank wrote, and
-`verify` raises `CheckpointCorrupt` naming the first file that is missing, has another size, or other bytes.
+`verify` raises `CheckpointCorrupt` naming the first file that is missing, has another size, or other bytes; in a
+distributed run each rank hashes a share of the files and the verdict is all-gathered.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+import torch.distributed as dist
 from tqdm import tqdm
 
 from .format import MANIFEST, CheckpointCorrupt
@@ -85,8 +87,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def verify(tag_dir: Path) -> None:
-    """Raise CheckpointCorrupt naming the first file of `tag_dir` that differs from its manifest."""
+def verify(tag_dir: Path, group=None) -> None:
+    """Raise CheckpointCorrupt naming the first file of `tag_dir` (in manifest order) that differs from its
+    manifest. With `group` (a torch.distributed process group of several ranks; collective): each rank hashes a
+    share of the files, balanced by size, and every rank raises the same error."""
     path = tag_dir / MANIFEST
     try:
         files = json.loads(path.read_text())["files"]
@@ -100,10 +104,39 @@ def verify(tag_dir: Path) -> None:
             raise CheckpointCorrupt(f, "missing (listed in the manifest)")
         if (size := f.stat().st_size) != want["size"]:
             raise CheckpointCorrupt(f, f"{size} bytes, the manifest says {want['size']} (truncated or overwritten)")
-    total = sum(w["size"] for w in files.values())
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+    mine = _share(files, rank, world)
+    bad = None
+    total = sum(files[name]["size"] for name in mine)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"verifying {tag_dir.name}",
-              disable=total < 2**30) as bar:
-        for name, want in files.items():
-            if file_digest(tag_dir / name)[1] != want["sha256"]:
-                raise CheckpointCorrupt(tag_dir / name, "sha256 differs from the manifest (altered after writing)")
-            bar.update(want["size"])
+              disable=total < 2**30 or rank != 0) as bar:
+        for index, name in enumerate(files):
+            if name not in mine:
+                continue
+            try:
+                same = file_digest(tag_dir / name)[1] == files[name]["sha256"]
+            except OSError as e:
+                bad = (index, name, f"unreadable ({e})")
+                break
+            if not same:
+                bad = (index, name, "sha256 differs from the manifest (altered after writing)")
+                break
+            bar.update(files[name]["size"])
+    if world > 1:
+        verdicts = [None] * world
+        dist.all_gather_object(verdicts, bad, group=group)
+        bad = min((v for v in verdicts if v is not None), default=None)
+    if bad is not None:
+        raise CheckpointCorrupt(tag_dir / bad[1], bad[2])
+
+
+def _share(files: dict, rank: int, world: int) -> set[str]:
+    """The files rank `rank` of `world` hashes: the largest first, each to the rank with the fewest bytes so far."""
+    load = [0] * world
+    mine = set()
+    for name in sorted(files, key=lambda n: (-files[n]["size"], n)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        load[r] += files[name]["size"]
+        if r == rank:
+            mine.add(name)
+    return mine

@@ -1,6 +1,6 @@
 """Which checkpoint a run resumes from, and `timemoe-export` exports: the one `latest` names, else the lineage's
-previous ones in write order, the first that verifies against its manifest. Pure file work (no engine, no process
-group), so that the launcher can say what it will do before anything starts."""
+previous ones in write order, the first that verifies against its manifest. File work (no engine; at most a process
+group to share the hashing), so that the launcher can say what it will do before anything else starts."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ class CheckpointWarning(UserWarning):
     pass
 
 
-def resolve_checkpoint(root: Path) -> str | None:
+def resolve_checkpoint(root: Path, group=None) -> str | None:
     """The checkpoint of `root` to continue from (None: there are none): `latest`, then the rest of the lineage,
     newest written first. Each one skipped (damaged, or deleted by hand) gives a CheckpointWarning naming it.
-    Raises CheckpointError when checkpoints exist, or were pointed at, but none verifies."""
+    Raises CheckpointError when checkpoints exist, or were pointed at, but none verifies. `group`: verified by
+    all its ranks together (collective; see `verify`)."""
     bad = []
     pointed = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
     candidates = list(dict.fromkeys(([pointed] if pointed else []) + lineage(root)[::-1]))
@@ -29,7 +30,7 @@ def resolve_checkpoint(root: Path) -> str | None:
             warnings.warn(bad[-1], CheckpointWarning, stacklevel=2)
             continue
         try:
-            verify(root / tag)
+            verify(root / tag, group)
             return tag
         except CheckpointCorrupt as e:
             bad.append(str(e))
@@ -43,8 +44,12 @@ def resolve_checkpoint(root: Path) -> str | None:
 
 def resume_point(checkpoint_cfg) -> str | None:
     """The tag a run with this `checkpoint` config resumes from (`resolve_checkpoint`), every rejected one warned
-    about (always, also when the same warning was given before in this process); None: a new run.
+    about by rank 0 (always, also when the same warning was given before in this process); None: a new run.
+    Collective when torch.distributed runs several processes: they verify the files together.
     (checkpoint.resume=false has moved the previous lineage aside before this is asked.)"""
+    import torch.distributed as dist
+
+    group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
     with warnings.catch_warnings():
-        warnings.simplefilter("always", CheckpointWarning)
-        return resolve_checkpoint(Path(checkpoint_cfg.dir).resolve())
+        warnings.simplefilter("always" if group is None or dist.get_rank() == 0 else "ignore", CheckpointWarning)
+        return resolve_checkpoint(Path(checkpoint_cfg.dir).resolve(), group)

@@ -4,7 +4,7 @@ the best validation checkpoint exported to OUT_DIR in the released layout, with 
 
 Each series is split in time order (split.py); the train parts are the training corpus and the val parts the
 validation corpus (both prepared by timemoe-prep's pipeline under OUT_DIR/finetune/data), and the test parts are
-written nowhere training reads. Training is `timemoe-train` itself under torchrun: the Hydra config is
+written nowhere training reads. Training is `timemoe-train` itself (its launcher, over torchrun): the Hydra config is
 experiment=finetune, the model's own architecture from its config.json, and every key=value given here last, so
 any key can be overridden (parallel=expert, parallel.zero_stage=2, optim.lr=...). OUT_DIR/finetune is the run
 directory: the same command again resumes it; SIGTERM/SIGINT stop it after a save, as in pretraining.
@@ -53,12 +53,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, default=512,
                    help="forecast context of the report, one for every horizon (default 512); training windows are "
                         "context + the longest horizon points")
-    p.add_argument("--max-windows", type=int, default=200,
-                   help="report: N evenly spaced test windows per horizon and channel (default 200; 0: all)")
+    p.add_argument("--max-windows", type=int, default=100,
+                   help="report: N evenly spaced test windows per horizon and channel (default 100; 0: all)")
     p.add_argument("--season-length", type=int, default=None,
                    help="seasonal-naive period of the report (default: from the sampling rate, e.g. 24 hourly)")
     p.add_argument("--nproc", type=int, default=2,
-                   help="training processes (torchrun --nproc_per_node; default 2, data-parallel)")
+                   help="training processes (timemoe-train --nproc-per-node; default 2, data-parallel)")
     return p
 
 
@@ -98,13 +98,13 @@ def check_weights(model_dir: Path) -> None:
 
 
 def train_command(nproc: int, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "timemoe_train.train", *overrides]
+    """`timemoe-train --nproc-per-node N`: a config error is said once, and stop signals reach every trainer."""
+    return [sys.executable, "-m", "timemoe_train.launch", f"--nproc-per-node={nproc}", "--", *overrides]
 
 
 def train(command: list[str], nproc: int) -> tuple[bool, int]:
-    """Run timemoe-train under torchrun; a stop signal sent to this process is passed on (the trainer saves and
-    exits 0), so that a scheduler that signals only this command still stops the run cleanly. (stopped, status)"""
+    """Run timemoe-train's launcher; a stop signal sent to this process is passed on (the trainers save and exit
+    0), so that a scheduler that signals only this command still stops the run cleanly. (stopped, status)"""
     threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     child = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": threads})
     stopped = []

@@ -106,22 +106,13 @@ def start_message(checkpoint, tag: str | None) -> str:
 
 
 def finished_step(run: RunConfig, tag: str | None) -> int | None:
-    """The step of rank 0's resume point when the run already reached trainer.max_steps, else None; every rank
-    gets rank 0's answer before DeepSpeed is even imported, so that a finished run ends at once."""
-    done = None
-    if tag is not None:
-        step = read_meta(Path(run.checkpoint.dir).resolve() / tag)["step"]
-        done = step if step >= run.trainer.max_steps else None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
-
-        from ..parallel import init_process_group
-
-        init_process_group()
-        answer = [done]
-        dist.broadcast_object_list(answer, src=0)
-        done = answer[0]
-    return done
+    """The step of the resume point when the run already reached trainer.max_steps, else None (every rank agrees
+    on the tag: `resume_point` is collective), before DeepSpeed is even imported, so that a finished run ends at
+    once."""
+    if tag is None:
+        return None
+    step = read_meta(Path(run.checkpoint.dir).resolve() / tag)["step"]
+    return step if step >= run.trainer.max_steps else None
 
 
 def make_trainer(cfg: DictConfig, run_dir: str | Path):
@@ -135,16 +126,21 @@ def make_trainer(cfg: DictConfig, run_dir: str | Path):
     run.validate(int(os.environ.get("WORLD_SIZE", "1")))
     from ..checkpoint.resume import resume_point  # file work only: said before DeepSpeed is imported
 
-    tag = None
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    if main_rank:  # verified once, before any engine start-up; broadcast later
-        # A restart by torchrun (--max-restarts) continues what this launch began, also under resume=false.
-        if not run.checkpoint.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
-            aside = set_aside(Path(run_dir), Path(run.checkpoint.dir))
-            if aside is not None:
-                print(f"timemoe-train: checkpoint.resume=false: the previous checkpoints and metrics moved to "
-                      f"{aside.resolve()}", flush=True)
-        tag = resume_point(run.checkpoint)
+    # A restart by torchrun (--max-restarts) continues what this launch began, also under resume=false.
+    if main_rank and not run.checkpoint.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        aside = set_aside(Path(run_dir), Path(run.checkpoint.dir))
+        if aside is not None:
+            print(f"timemoe-train: checkpoint.resume=false: the previous checkpoints and metrics moved to "
+                  f"{aside.resolve()}", flush=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        from ..parallel import init_process_group
+
+        init_process_group()
+        dist.barrier()  # rank 0 has set the previous lineage aside before any rank looks at the directory
+    tag = resume_point(run.checkpoint)  # verified once, by every rank a share, before any engine start-up
     done = finished_step(run, tag)
     if done is not None:
         if main_rank:

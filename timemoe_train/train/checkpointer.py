@@ -7,6 +7,14 @@ the new checkpoint visible, never a partial one. Resuming verifies the checkpoin
 manifest and falls back through the lineage, newest written first, with a warning naming the bad file
 (`timemoe_train.checkpoint.resume`); if none verifies, it stops with an error and writes nothing.
 
+Each rank writes only what it owns (`engine_state`): its ZeRO partition of the fp32 weights and moments, its own
+experts'. With `checkpoint.async_save` (the default) the step loop waits only while that share is copied to host
+memory (DeepSpeed's own files included); the writing, hashing, manifest and the move into place run in a
+background thread, over a process group of their own (gloo), while training goes on. The next save, a stop signal
+and the end of training wait for it. The host copy is this rank's share, each storage once (`HostCopies`), plus
+DeepSpeed's module file on data-parallel rank 0; while the elastic file is written DCP holds its own copy of each
+chunk until the file is closed.
+
 Same layout (world size, EP size, ZeRO stage, precision, MoE implementation) loads DeepSpeed's own files, the fast
 path; any other layout loads the elastic part (`elastic/`, see `timemoe_train.checkpoint.elastic` for why DCP).
 """
@@ -17,6 +25,8 @@ import json
 import os
 import random
 import shutil
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +40,53 @@ from .engine_state import engine_state, load_engine_state
 
 # A checkpoint being replaced by a re-save of its step, kept under this name until the new copy is in place.
 OLD_PREFIX = ".old-"
+# DeepSpeed 0.19.8 hands its checkpoint engine fresh copies of everything (`clone_tensors_for_torch_save`) except
+# the ZeRO partition files, which reference the live optimizer state: the fp32 partitions and Adam's moments, the
+# very tensors the elastic part's ranges are views of.
+_LIVE_FILES = "zero_pp_rank_"
 
 
-def run_dir_checkpoint_engine(root: Path, records: dict):
-    """DeepSpeed's checkpoint engine, reading through `load_checkpoint_file` and writing through DigestWriter
-    (torch's zip format: the legacy one writes storages past a file object, straight to its descriptor)."""
+class HostCopies:
+    """Copies of live tensors in host memory for a background write, each storage copied once: a view of a tensor
+    already copied (the elastic part's ranges of the ZeRO partitions DeepSpeed's own file holds) is the same view
+    of its copy."""
+
+    def __init__(self):
+        self._copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # storage address -> (live, copy)
+
+    def tree(self, obj):
+        """`obj` (nested dicts, lists, tuples) with every tensor copied."""
+        if isinstance(obj, torch.Tensor):
+            copy = obj.detach().to("cpu", copy=True)
+            if obj.is_contiguous():
+                self._copies[obj.untyped_storage().data_ptr()] = (obj, copy)
+            return copy
+        if isinstance(obj, dict):
+            return type(obj)((k, self.tree(v)) for k, v in obj.items())
+        if isinstance(obj, list):
+            return [self.tree(v) for v in obj]
+        if isinstance(obj, tuple):
+            return tuple(self.tree(v) for v in obj)
+        return obj
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        """`t`'s copy: a view of an existing copy when `t` lies inside a tensor copied before, else a new one."""
+        live, copy = self._copies.get(t.untyped_storage().data_ptr(), (None, None))
+        if live is not None and t.is_contiguous():
+            start = t.storage_offset() - live.storage_offset()
+            if 0 <= start and start + t.numel() <= live.numel():
+                return copy.view(-1)[start:start + t.numel()].view(t.shape)
+        return t.detach().to("cpu", copy=True)
+
+
+def run_dir_checkpoint_engine(root: Path, write):
+    """DeepSpeed's checkpoint engine, reading through `load_checkpoint_file` and handing each file to
+    `write(obj, path)` (the Checkpointer's: now, or staged for the background)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     class RunDirCheckpointEngine(TorchCheckpointEngine):
         def save(self, state_dict, path):
-            save_file(state_dict, path, records)
+            write(state_dict, Path(path))
 
         def load(self, path, map_location=None):
             return load_checkpoint_file(path, root, map_location or "cpu")
@@ -48,6 +95,8 @@ def run_dir_checkpoint_engine(root: Path, records: dict):
 
 
 def save_file(obj, path: Path, records: dict) -> None:
+    """torch.save through DigestWriter (torch's zip format: the legacy one writes storages past a file object,
+    straight to its descriptor)."""
     with DigestWriter(path, records) as f:
         torch.save(obj, f)
 
@@ -80,16 +129,14 @@ class Checkpointer:
         self.rank, self.world_size = rank, world_size
         self.layout = current_layout()
         self.root = Path(cfg.dir).resolve()
-        self.records: dict = {}  # digests of the files this rank wrote into the checkpoint being saved
-        engine.checkpoint_engine = run_dir_checkpoint_engine(self.root, self.records)
+        self._files: list[tuple[Path, object]] = []  # the checkpoint being saved: its files staged (async_save)
+        self._records: dict = {}  # the digests of the files this rank wrote into it
+        self._copies = HostCopies()
+        self._pending: Future | None = None
+        self._group = None  # the saves' own process group, made by the first save (a collective)
+        engine.checkpoint_engine = run_dir_checkpoint_engine(self.root, self._add_file)
 
     # --- reading -------------------------------------------------------------------------------------------
-    def resumable_tag(self, verified: str | None) -> str | None:
-        """Rank 0's `resume_point` (verified before the engine started), for every rank."""
-        answer = [verified]
-        dist.broadcast_object_list(answer, src=0)
-        return answer[0]
-
     def load(self, tag: str, layout: dict, seed: int) -> dict:
         """Restore engine (weights, optimizer) and RNG from `tag`; returns the trainer state. `layout` is this
         run's (`world_size`, `ep_size`, `zero_stage` …): the one written down in meta.json picks the path."""
@@ -134,37 +181,76 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
         dist.barrier()
 
-    def save(self, step: int, trainer_state: dict, meta: dict, config_yaml: str) -> Path:
+    def _add_file(self, obj, path: Path, live: bool = False) -> None:
+        """A file of the checkpoint being saved: written now, or (async_save) its copy in host memory queued.
+        `live`: `obj` holds tensors that training goes on changing."""
+        if not self.cfg.async_save:
+            save_file(obj, path, self._records)
+            return
+        if live or path.name.startswith(_LIVE_FILES):
+            obj = self._copies.tree(obj)
+        self._files.append((path, obj))
+
+    def save(self, step: int, trainer_state: dict, meta: dict, config_yaml: str, best: bool = False) -> Path:
+        """Collective. Returns once this rank's share is in host memory (async_save) or on disk; the checkpoint
+        becomes `latest` (and `best` with `best`) when every rank's files are durable (`wait`)."""
+        self.wait()
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo")
         tag, tmp = tag_for(step), TMP_PREFIX + tag_for(step)
         tmp_dir = self.root / tmp
         if self.rank == 0:
             shutil.rmtree(tmp_dir, ignore_errors=True)
         dist.barrier()
-        self.records.clear()
-        self.engine.save_checkpoint(str(self.root), tag=tmp, save_latest=False)
-        if self.engine.zero_optimization_partition_weights():
-            self.engine.save_16bit_model(str(tmp_dir), CONSOLIDATED)
-        else:
+        self._files, self._records, self._copies = [], {}, HostCopies()
+        entries = None
+        if not self.engine.zero_optimization_partition_weights():
             lay = self.layout
-            elastic.save(engine_state(self.engine, self.module.model, lay.ep_rank, lay.ep_size),
-                         tmp_dir / ELASTIC, self.records)
+            entries = engine_state(self.engine, self.module.model, lay.ep_rank, lay.ep_size)
+        self.engine.save_checkpoint(str(self.root), tag=tmp, save_latest=False)  # into self._files
+        if entries is None:
+            self.engine.save_16bit_model(str(tmp_dir), CONSOLIDATED)
+        elif self.cfg.async_save:
+            entries = {key: chunks.staged(self._copies.view) for key, chunks in entries.items()}
         tmp_dir.mkdir(parents=True, exist_ok=True)  # ranks that wrote no DeepSpeed file
-        save_file({**trainer_state, "rng": rng_state()}, tmp_dir / trainer_state_file(self.rank), self.records)
-        if self.rank == 0:
-            for name, text in ((META, json.dumps({**meta, "step": step}, indent=2)), (CONFIG, config_yaml)):
-                with DigestWriter(tmp_dir / name, self.records) as f:
-                    f.write(text.encode())
-        every_rank = [None] * self.world_size
-        dist.all_gather_object(every_rank, dict(self.records))  # every rank's files are on disk, fsynced
-        if self.rank == 0:
-            write_manifest(tmp_dir, {k: v for records in every_rank for k, v in records.items()})
-            self._publish(tmp_dir, tag)
-        dist.barrier()
+        self._add_file({**trainer_state, "rng": rng_state()}, tmp_dir / trainer_state_file(self.rank), live=True)
+        texts = {META: json.dumps({**meta, "step": step}, indent=2), CONFIG: config_yaml} if self.rank == 0 else {}
+        job = (tmp_dir, tag, self._files, self._records, entries, texts, best)
+        self._files, self._records, self._copies = [], {}, HostCopies()
+        if self.cfg.async_save:
+            self._pending = _in_background(self._write, *job)
+        else:
+            self._write(*job)
         return self.root / tag
 
-    def mark_best(self, tag: str) -> None:
+    def _write(self, tmp_dir: Path, tag: str, files: list, records: dict, entries: dict | None, texts: dict,
+               best: bool) -> None:
+        """Every rank writes its (staged) files; when all are on disk, fsynced, rank 0 writes the manifest and moves
+        the checkpoint into place. Collectives only over the saves' own group: training may go on meanwhile."""
+        while files:  # each staged file's memory goes as soon as it is written
+            path, obj = files.pop(0)
+            save_file(obj, path, records)
+            del obj
+        if entries is not None:
+            elastic.save(entries, tmp_dir / ELASTIC, records, self._group)
+            entries.clear()
+        for name, text in texts.items():
+            with DigestWriter(tmp_dir / name, records) as f:
+                f.write(text.encode())
+        every_rank = [None] * self.world_size
+        dist.all_gather_object(every_rank, records, group=self._group)  # every rank's files are on disk, fsynced
         if self.rank == 0:
-            _write_atomically(self.root / BEST, tag)
+            write_manifest(tmp_dir, {k: v for each in every_rank for k, v in each.items()})
+            self._publish(tmp_dir, tag)
+            if best:
+                _write_atomically(self.root / BEST, tag)
+        dist.barrier(group=self._group)
+
+    def wait(self) -> None:
+        """Until the save in flight (if any) is in place on every rank; raises what it raised."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def _publish(self, tmp_dir: Path, tag: str) -> None:
         """Move the complete checkpoint into place, point `latest` and the lineage at it, then prune the lineage
@@ -183,6 +269,21 @@ class Checkpointer:
         _write_atomically(self.root / LINEAGE, "".join(t + "\n" for t in kept))
         for gone in [old, *(self.root / t for t in tags if t not in kept)]:
             shutil.rmtree(gone, ignore_errors=True)
+
+
+def _in_background(fn, *args) -> Future:
+    """`fn(*args)` in a daemon thread: a process that dies or exits on an error does not wait for it (its
+    checkpoint then stays an incomplete `.tmp-` directory, which the next start removes)."""
+    future = Future()
+
+    def run():
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 -- handed to whoever waits
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="checkpoint-write", daemon=True).start()
+    return future
 
 
 def _write_atomically(path: Path, text: str) -> None:

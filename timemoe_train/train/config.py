@@ -93,6 +93,10 @@ class CheckpointConfig:
     # True: continue from `dir/latest`. False: move the previous lineage aside (run dir/previous-<time>/), start over.
     resume: bool = True
     save_at_end: bool = True
+    # True: the step loop waits only while this rank's share is copied to host memory; writing, hashing and the
+    # move into place run in the background. False: it waits until the checkpoint is in place, and needs no host
+    # memory for the copy.
+    async_save: bool = True
 
 
 @dataclass

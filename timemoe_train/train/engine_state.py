@@ -1,21 +1,25 @@
-"""The engine's full fp32 weights, Adam moments and step count under the released names, out of it and into it,
-for the elastic part of a checkpoint (`timemoe_train.checkpoint.elastic`).
+"""This rank's share of the engine's fp32 weights, Adam moments and step count under the released names, out of it
+and into it, for the elastic part of a checkpoint (`timemoe_train.checkpoint.elastic`).
 
-Through DeepSpeed's public accessors (`safe_get_full_fp32_param`, `safe_get_full_optimizer_state` and their
-setters), which assemble a parameter from, and scatter it over, any ZeRO 1/2 (or bf16) partitioning; reading is
-a collective over the parameter's data-parallel group (the expert-data-parallel one for experts), so every rank
-walks the parameters in the same order. ZeRO-0 in fp32 keeps no master copy: there the parameter and the torch
-optimizer's own state are the full tensors.
+At ZeRO 1/2 (and in a bf16 run) DeepSpeed keeps each parameter's fp32 copy and moments partitioned over its
+data-parallel group (the expert-data-parallel one for experts): this rank holds one contiguous range of the
+flattened parameter, `param._hp_mapping` (DeepSpeed's fragment record, which its universal checkpoint reads too:
+`lp_fragment_address` is where the range starts in the parameter, `hp_fragment` / `get_hp_fragment(key)` its
+fp32 values and moments). Saving writes just that range of each released tensor; loading reads just that range,
+plus the whole weights for the module's own copy (full on every rank at ZeRO <= 2). Nothing is gathered. ZeRO-0
+in fp32 keeps no master copy: there the parameter and the torch optimizer's own state are the full tensors.
+The fragment record is private API, version-pinned by ep_adapter.check_versions and tested by
+tests/test_checkpoint_elastic.py.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
-                             safe_set_full_optimizer_state)
 
 from ..checkpoint import CheckpointError
-from ..checkpoint.elastic import MODEL, MOMENTS, OPTIMIZER_STEP
+from ..checkpoint.elastic import MODEL, MOMENTS, OPTIMIZER_STEP, Chunks
 from ..model.hf_layout import released_view
 
 
@@ -31,47 +35,82 @@ def adam_step(optimizer: torch.optim.Optimizer) -> float:
     return steps.pop()
 
 
-def engine_state(engine, model, ep_rank: int, ep_size: int) -> dict:
-    """Collective: this rank's entries of the elastic checkpoint (views of fresh full tensors)."""
-    weights, moments = {}, {k: {} for k in MOMENTS}
+def released_ranges(model, ep_rank: int, ep_size: int) -> dict[str, list[tuple[str, int, torch.Size]]]:
+    """Parameter name -> the released tensors it holds: (released name, first element in the flattened parameter,
+    shape). Under megatron one `linear_fc1` holds gate_proj's rows then up_proj's; otherwise one each."""
+    params = dict(model.named_parameters())
+    spans = sorted((p.data_ptr(), p.data_ptr() + p.nbytes, n) for n, p in params.items())
+    ranges = {n: [] for n in params}
+    for released, view in released_view(model, {n: p.data for n, p in params.items()}, ep_rank, ep_size).items():
+        owner = next((n for lo, hi, n in spans if lo <= view.data_ptr() < hi), None)
+        if owner is None or not view.is_contiguous():
+            raise RuntimeError(f"{released}: not a contiguous range of one parameter")
+        p = params[owner]
+        ranges[owner].append((released, (view.data_ptr() - p.data_ptr()) // p.element_size(), view.shape))
+    return ranges
+
+
+def _owned(engine, p: torch.Tensor) -> tuple[int, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """(first element, fp32 values, moments) of the range of `p` this rank owns; no values: it owns none."""
+    if not _has_master(p):
+        return 0, p.detach().float().view(-1), {k: engine.basic_optimizer.state[p][k].view(-1) for k in MOMENTS}
+    fragment = p._hp_mapping
+    if fragment is None:
+        return 0, None, {}
+    return (fragment.lp_fragment_address.start, fragment.hp_fragment,
+            {k: fragment.get_hp_fragment(k) for k in MOMENTS})
+
+
+def _add_ranges(state: dict, key: str, start: int, values: torch.Tensor, ranges) -> None:
+    """Into state[`key`.released]: the part of `values` (elements [start, …) of one flattened parameter) that
+    falls in each released tensor of that parameter."""
+    for released, first, shape in ranges:
+        lo, hi = max(first, start), min(first + math.prod(shape), start + values.numel())
+        if lo < hi:
+            state.setdefault(f"{key}.{released}", Chunks(shape)).add_range(lo - first, values[lo - start:hi - start])
+
+
+def engine_state(engine, model, ep_rank: int, ep_size: int) -> dict[str, Chunks]:
+    """This rank's entries of the elastic checkpoint: views of what it owns (no communication)."""
     _link_optimizer_state(engine)
+    ranges = released_ranges(model, ep_rank, ep_size)
+    state = {}
     for name, p in model.named_parameters():
-        if _has_master(p):
-            weights[name] = safe_get_full_fp32_param(p)
-            for k in MOMENTS:
-                moments[k][name] = safe_get_full_optimizer_state(p, k)
-        else:
-            weights[name] = p.detach().float()
-            for k in MOMENTS:
-                moments[k][name] = engine.basic_optimizer.state[p][k].detach().float()
-    state = {MODEL: released_view(model, weights, ep_rank, ep_size)}
-    for k in MOMENTS:
-        state[k] = released_view(model, moments[k], ep_rank, ep_size)
-    state[OPTIMIZER_STEP] = torch.tensor(adam_step(engine.basic_optimizer), dtype=torch.float64)
+        start, weights, moments = _owned(engine, p)
+        if weights is None:
+            continue
+        for key, values in ((MODEL, weights), *moments.items()):
+            _add_ranges(state, key, start, values, ranges[name])
+    state[OPTIMIZER_STEP] = Chunks.whole(torch.tensor(adam_step(engine.basic_optimizer), dtype=torch.float64))
     return state
 
 
 def load_engine_state(engine, model, ep_rank: int, ep_size: int, read) -> None:
-    """`read(state)` fills the released-name entries this rank needs; they go into the module's parameters, the
-    master copies and the optimizer state of a freshly built engine (any ZeRO stage 0-2, any layout)."""
+    """`read(state)` fills the Chunks of `state` (collective); here: the whole weights for the module's own copy,
+    and the moments of the range each parameter's fp32 copy has on this rank, into a freshly built engine (any
+    ZeRO stage 0-2, any layout)."""
+    step = {OPTIMIZER_STEP: Chunks.whole(torch.zeros((), dtype=torch.float64))}
+    read(step)
+    _seed_optimizer_state(engine, float(step[OPTIMIZER_STEP].boxes[()]))
+    ranges = released_ranges(model, ep_rank, ep_size)
     params = dict(model.named_parameters())
-    weights = {n: torch.empty(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
-    moments = {k: {n: torch.empty_like(w) for n, w in weights.items()} for k in MOMENTS}
-    state = {MODEL: released_view(model, weights, ep_rank, ep_size),
-             **{k: released_view(model, moments[k], ep_rank, ep_size) for k in MOMENTS},
-             OPTIMIZER_STEP: torch.zeros((), dtype=torch.float64)}
+    # The weights straight into the parameters (fp32), else through one fp32 copy (bf16 keeps its master apart).
+    weights = {n: p.data if p.dtype == torch.float32 else torch.empty(p.shape, dtype=torch.float32)
+               for n, p in params.items()}
+    state = {}
+    for name, p in params.items():
+        _add_ranges(state, MODEL, 0, weights[name].view(-1), ranges[name])
+        start, values, moments = _owned(engine, p)
+        for key, into in moments.items():
+            _add_ranges(state, key, start, into, ranges[name])
     read(state)
-    _seed_optimizer_state(engine, float(state[OPTIMIZER_STEP]))
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(weights[name])  # the module's own copy (bf16 in a bf16 run), full on every rank at ZeRO <= 2
-            if _has_master(p):
-                safe_set_full_fp32_param(p, weights[name])
-                for k in MOMENTS:
-                    safe_set_full_optimizer_state(p, moments[k][name], k)
-            else:
-                for k in MOMENTS:
-                    engine.basic_optimizer.state[p][k].copy_(moments[k][name])
+            if weights[name] is not p.data:
+                p.copy_(weights[name])
+            start, values, _ = _owned(engine, p)
+            if _has_master(p) and values is not None:
+                values.copy_(weights[name].view(-1)[start:start + values.numel()])
 
 
 def _seed_optimizer_state(engine, step: float) -> None:
@@ -87,15 +126,19 @@ def _seed_optimizer_state(engine, step: float) -> None:
             state[index] = {"step": torch.tensor(step, dtype=torch.float32),
                             **{k: torch.zeros_like(p, dtype=torch.float32) for k in MOMENTS}}
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
-    _link_optimizer_state(engine)
+    _link_optimizer_state(engine, again=True)
 
 
-def _link_optimizer_state(engine) -> None:
+def _link_optimizer_state(engine, again: bool = False) -> None:
     """Point each parameter's DeepSpeed fragment at its slice of Adam's state, which the accessors read and write.
     DeepSpeed 0.19.8 links them once, right after the *first* parameter group's first step, when the other groups
-    have no state yet (their moments are then "not found"): link them again here. Private API, version-pinned by
-    ep_adapter.check_versions and tested by tests/test_checkpoint_elastic.py."""
+    have no state yet (their moments are then "not found"): link them again here when a moment is missing, or
+    `again` (a state just loaded). Relinking copies the moments into new tensors: not at every save. Private API,
+    version-pinned by ep_adapter.check_versions and tested by tests/test_checkpoint_elastic.py."""
     zero = engine.optimizer
-    if hasattr(zero, "_hp_optimizer_states_linked"):
+    if not hasattr(zero, "_hp_optimizer_states_linked"):
+        return
+    fragments = [p._hp_mapping for p in engine.module.parameters() if getattr(p, "_hp_mapping", None) is not None]
+    if again or any(set(MOMENTS) - set(f.optim_fragment or {}) for f in fragments):
         zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import read_meta, tag_for
+from ..checkpoint import read_meta
 from ..data.loader import STOP_SIGNALS
 from ..model.hf_layout import load_hf_state
 from ..model import TimeMoeForPrediction
@@ -88,8 +88,8 @@ class StopRequest:
 class Trainer:
     def __init__(self, run: RunConfig, run_dir: str | Path, config_yaml: str, config_dict: dict,
                  resume_tag: str | None = None):
-        """`resume_tag`: on rank 0, the checkpoint to resume from (`timemoe_train.checkpoint.resume.resume_point`, verified before any
-        engine start-up); the other ranks receive rank 0's."""
+        """`resume_tag`: the checkpoint to resume from (`timemoe_train.checkpoint.resume.resume_point`, verified by
+        all ranks together before any engine start-up)."""
         self.run, self.run_dir, self.config_yaml = run, Path(run_dir), config_yaml
         self.stop = StopRequest()  # from the start: a signal during set-up ends the process at once
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists, also in a plain one-process run
@@ -139,9 +139,8 @@ class Trainer:
                 "precision": self.run.trainer.precision, "moe_impl": self.run.model.moe_impl,
                 "offload_optimizer": p.offload_optimizer}
 
-    def _resume(self, verified: str | None) -> None:
+    def _resume(self, tag: str | None) -> None:
         self.checkpointer.remove_incomplete()
-        tag = self.checkpointer.resumable_tag(verified)
         if tag is None:
             return
         state = self.checkpointer.load(tag, self._layout_meta(), self.run.trainer.seed)
@@ -155,15 +154,16 @@ class Trainer:
         self.weights = f"resumed from step {self.step} ({self.checkpointer.root / tag})" + (
             f"; {change}" if change else "")
 
-    def save(self) -> Path:
+    def save(self, best: bool = False) -> Path:
         state = {"step": self.step, "loader": self.loader.state_dict(), "guard": self.guard.state_dict(),
                  "wandb_id": self.monitor.wandb_id}
         if self.validator is not None:
             state["validation"] = self.validator.state_dict()
         meta = {**self._layout_meta(), "model": dataclasses.asdict(self.run.model),
                 "precision": self.run.trainer.precision, "expert_aliases": self.module.expert_aliases}
-        path = self.report.checkpoint = self.checkpointer.save(self.step, state, meta, self.config_yaml)
-        self.monitor.message(f"checkpoint {path}")
+        path = self.report.checkpoint = self.checkpointer.save(self.step, state, meta, self.config_yaml, best)
+        self.monitor.message(f"checkpoint {path}" + (" (writing in the background)"
+                                                      if self.run.checkpoint.async_save else ""))
         return path
 
     # --- the loop ------------------------------------------------------------------------------------------
@@ -198,10 +198,8 @@ class Trainer:
                         self._log_heatmaps(domain_load)
                         domain_load = None
                 if reduced.stop or best or (c.interval and self.step % c.interval == 0):
-                    self.save()
+                    self.save(best)
                     saved_at = self.step
-                if best:
-                    self.checkpointer.mark_best(tag_for(self.step))
                 if validated:
                     v = self.validator
                     self.monitor.message(f"step {self.step}: val_loss {summary['val_loss']:.4f} (best {v.best:.4f} "
@@ -213,6 +211,7 @@ class Trainer:
             else:
                 if c.save_at_end and saved_at != self.step:
                     self.save()
+            self.checkpointer.wait()  # the last save is in place before the run reports itself done
         finally:
             getattr(batches, "close", lambda: None)()  # the loader's workers leave now, not at garbage collection
             self.monitor.close()
