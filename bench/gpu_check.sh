@@ -4,8 +4,10 @@
 #   0. install: the wheelhouse into a scratch venv over the node's python3, --no-index [45 s]
 #   1. the tests marked `cuda` [90 s]: every attention path vs the dense mask (fp32, 1e-5), the bf16 grouped GEMM
 #      vs the per-expert loop without a host sync, a whole bf16 step (flex block mask, grouped GEMM, fused AdamW)
-#      under torch.cuda.set_sync_debug_mode("error"), bf16 vs fp32 loss curves over 50 steps of the tiny model;
-#      then export of a bf16 run equals its fp32 master weights (it trains on the GPU when there is one) [60 s]
+#      under torch.cuda.set_sync_debug_mode("error"), the Trainer's step likewise (no sync in a micro-batch's
+#      forward, backward or bookkeeping; at most 2 in its optimizer step), bf16 vs fp32 loss curves over 50 steps
+#      of the tiny model; then export of a bf16 run equals its fp32 master weights (it trains on the GPU when
+#      there is one) [60 s]
 #   2. MFU of base and large, bf16, 4096-point packed windows, the installed trainer on one process [2 x 70 s]
 #   3. the bf16 benches on the device: attention paths [40 s], the MoE block [35 s], forecasting with the exported
 #      code vs the released-style code [60 s] (its CPU fp32 comparison runs first)
@@ -88,7 +90,7 @@ EOF
 # --- 1: tests marked cuda (on the CPU they are collected and skipped), and the bf16 export test -----------------
 t0=$SECONDS
 lines=()
-for tests in "90 -m cuda tests/test_attention.py tests/test_moe_paths.py tests/test_bf16_cuda.py" \
+for tests in "90 -m cuda tests/test_attention.py tests/test_moe_paths.py tests/test_bf16_cuda.py tests/test_host_syncs.py" \
              "60 tests/test_checkpoint_export.py"; do
   read -r -a argv <<<"$tests"
   stage tests "$OUT/tests.log" "${argv[0]}" "$VPY" -P -m pytest -q -p no:cacheprovider "${argv[@]:1}"

@@ -24,6 +24,7 @@ import argparse
 import os
 import sys
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -91,6 +92,52 @@ class HostSyncCounter(TorchDispatchMode):
         return {kind: n for (p, kind), n in sorted(self.counts.items()) if p == phase}
 
 
+class CudaSyncCounter:
+    """The same phases on a GPU, watched by CUDA itself (`torch.cuda.set_sync_debug_mode`): any sync in the model
+    or the bookkeeping raises; in the optimizer step each one is counted from its warning."""
+
+    STRICT = ("model", "bookkeeping")
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self._phase = "other"
+        self._caught = None
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, phase: str) -> None:
+        import torch
+
+        torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()  # what was queued before belongs to the phase before
+        self._tally()
+        self._phase = phase
+        torch.cuda.set_sync_debug_mode("error" if phase in self.STRICT else "warn" if phase == "step" else 0)
+
+    def _tally(self) -> None:
+        if self._caught:
+            self.counts[self._phase, "cuda sync"] += sum("synchroniz" in str(w.message) for w in self._caught)
+            self._caught.clear()
+
+    def __enter__(self):
+        self._warnings = warnings.catch_warnings(record=True)
+        self._caught = self._warnings.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.cuda.set_sync_debug_mode(0)
+        self._tally()
+        self._warnings.__exit__(*exc)
+
+    total, kinds = HostSyncCounter.total, HostSyncCounter.kinds
+
+
 def synthetic_batches(count: int, micro: int, max_length: int) -> list[dict]:
     from timemoe_train.train.synthetic import SyntheticDataConfig
 
@@ -136,8 +183,10 @@ class PrebuiltBatches(list):
         self.domain_names = domain_names
 
 
-def trainer_syncs(size: str, micro: int, accumulation: int, max_length: int, extra: tuple = ()) -> tuple:
-    """Three steps of a real Trainer; step 2 (not a logging step) counted by phase. Returns (counter, accumulation)."""
+def trainer_syncs(size: str, micro: int, accumulation: int, max_length: int, extra: tuple = (),
+                  device: str = "cpu") -> tuple:
+    """Three steps of a real Trainer; step 2 (not a logging step) counted by phase. Returns (counter, accumulation).
+    On "cuda": bf16 and the attention `auto` picks (FlexAttention), watched by `CudaSyncCounter`."""
     from hydra import compose, initialize_config_dir
 
     from timemoe_train.train.__main__ import CONFIG_DIR, make_trainer
@@ -150,13 +199,14 @@ def trainer_syncs(size: str, micro: int, accumulation: int, max_length: int, ext
                  "logger.progress=false", f"logger.interval={steps}", f"logger.progress_interval={steps}", "logger.heatmap_interval=0",
                  f"trainer.max_steps={steps}", f"trainer.global_batch_size={micro * accumulation}",
                  f"trainer.micro_batch_size={micro}", "checkpoint.save_at_end=false", "checkpoint.interval=0",
-                 "trainer.device=cpu", "trainer.precision=fp32", f"checkpoint.dir={run_dir}/checkpoints",
-                 "model.attn_impl=dense_mask", *extra]
+                 f"checkpoint.dir={run_dir}/checkpoints", f"trainer.device={device}", *extra]
+    overrides += (["trainer.precision=fp32", "model.attn_impl=dense_mask"] if device == "cpu"
+                  else ["trainer.precision=bf16", "model.attn_impl=auto"])
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     trainer = make_trainer(cfg, run_dir)
     trainer.loader = PrebuiltBatches(batches, trainer.loader.domain_names)
-    counter = HostSyncCounter()
+    counter = HostSyncCounter() if device == "cpu" else CudaSyncCounter()
     engine = trainer.engine
 
     def in_phase(phase, fn):  # relabels within the counted step only

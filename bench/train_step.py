@@ -97,6 +97,7 @@ def run_ours_here(size: str, peak: float, workdir: Path, warmup: int, extra: tup
 
 def child(size: str, peak: str, workdir: str, warmup: str, *extra: str) -> None:
     from hydra import compose, initialize_config_dir
+    from host_syncs import PrebuiltBatches  # this script's folder is on the path
 
     from timemoe_train.train.__main__ import CONFIG_DIR, make_trainer
 
@@ -106,7 +107,7 @@ def child(size: str, peak: str, workdir: str, warmup: str, *extra: str) -> None:
         cfg = compose("train", overrides=[*common_overrides(size, peak, 1), f"checkpoint.dir={run_dir}/checkpoints",
                                           *extra])
     trainer = make_trainer(cfg, run_dir)
-    trainer.loader = batches
+    trainer.loader = PrebuiltBatches(batches, trainer.loader.domain_names)
     try:
         trainer.fit()
     finally:

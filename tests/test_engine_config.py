@@ -46,6 +46,14 @@ def test_fp32_config_leaves_the_data_types_alone():
     assert "data_types" not in config and "communication_data_type" not in config
 
 
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_deepspeed_clips_only_at_zero_3(zero_stage):
+    """Below ZeRO-3 the optimizer clips on the device (DeepSpeed's ZeRO-1/2 clip reads the norm back per group);
+    tests/test_train_parallel.py shows every stage clipping alike."""
+    config = deepspeed_config(run(zero_stage=zero_stage), gas=2)
+    assert config["gradient_clipping"] == (OptimConfig().clip_grad if zero_stage == 3 else 0.0)
+
+
 def test_bf16_at_zero_stage_0_is_refused():
     with pytest.raises(TrainConfigError, match=r"trainer.precision='bf16': bf16 needs parallel.zero_stage >= 1"):
         run("bf16", zero_stage=0).validate(world_size=1)

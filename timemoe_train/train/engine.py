@@ -1,6 +1,7 @@
 """The DeepSpeed engine around the train module: ZeRO config, AdamW parameter groups, the learning-rate schedule,
-and an optimizer whose step can be vetoed (the non-finite guard) and, where DeepSpeed's norm is not exact under
-expert parallelism, clips by the exact global gradient norm itself."""
+and an optimizer whose step can be vetoed (the non-finite guard) and that clips the gradients itself, on the device:
+by the exact global norm where DeepSpeed's is not exact under expert parallelism (ZeRO-0), by the norm DeepSpeed's
+ZeRO step computed otherwise (ZeRO-1/2, whose own clipping reads that norm back to the host once per group)."""
 
 from __future__ import annotations
 
@@ -25,13 +26,16 @@ def learning_rate(step: int, cfg, max_steps: int) -> float:
 
 class SkippableStep:
     """Mixed into the optimizer class: while `veto` is set, `step()` does nothing (the trainer sets and clears it
-    around a step it skips). With `exact_clipping`, `step()` first clips by the exact global gradient norm
-    (`clip_grad`, 0: measure only), kept in `last_norm`."""
+    around a step it skips). Before stepping it clips to `clip_grad` (0: no clipping): with `exact_clipping` by the
+    exact global gradient norm, kept in `last_norm`; under a ZeRO-1/2 `zero_optimizer` (which calls this step once
+    per parameter group, its grads being this rank's flat partitions) by the global norm that one's step computed
+    just before, unless DeepSpeed clips itself (a checkpoint from before restores its `clip_grad`)."""
 
     veto = False
     exact_clipping = False
     clip_grad = 0.0
     expert_group = None  # the group whose ranks hold different experts (EP); None: every rank holds them all
+    zero_optimizer = None  # DeepSpeed's ZeRO-1/2 optimizer around this one
     last_norm: torch.Tensor | None = None  # on the device: read on logging steps only
 
     @torch.no_grad()
@@ -40,7 +44,20 @@ class SkippableStep:
             return None
         if self.exact_clipping:
             self.last_norm = self._clip_by_global_norm()
+        elif self.clip_grad > 0 and self.zero_optimizer is not None and self.zero_optimizer.clip_grad == 0:
+            # A non-finite norm never gets here: DeepSpeed's step skips it before calling this one.
+            self._clip(self._grads(), self.zero_optimizer._global_grad_norm)
         return super().step(*args, **kwargs)
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+
+    def _clip(self, grads: list[torch.Tensor], norm: torch.Tensor) -> None:
+        """Scale by clip_grad / (norm + 1e-6) where that is below 1, as DeepSpeed's ZeRO does (the same
+        operations, so the same bits), with no host read: the scale is applied also when it is 1."""
+        scale = 1.0 / torch.clamp((norm + 1e-6) / self.clip_grad, min=1.0)
+        for g in grads:
+            g.mul_(scale.to(g.device))
 
     def _clip_by_global_norm(self) -> torch.Tensor:
         from deepspeed.moe.utils import is_moe_param
@@ -58,9 +75,7 @@ class SkippableStep:
             dist.all_reduce(sq[1:], group=self.expert_group)
         norm = sq.sum().sqrt()
         if self.clip_grad > 0:
-            coef = (self.clip_grad / (norm + 1e-6)).clamp(max=1.0)
-            for g in dense + expert:
-                g.mul_(coef)
+            self._clip(dense + expert, norm)
         return norm
 
 
@@ -93,7 +108,7 @@ def deepspeed_config(run: RunConfig, gas: int) -> dict:
     config = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gas,
-        "gradient_clipping": 0.0 if exact_clipping(run) else run.optim.clip_grad,
+        "gradient_clipping": run.optim.clip_grad if p.zero_stage == 3 else 0.0,  # else the optimizer clips
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},
         "zero_allow_untested_optimizer": True,
@@ -134,6 +149,8 @@ def build_engine(module: nn.Module, run: RunConfig, gas: int, expert_group):
     optimizer.clip_grad, optimizer.expert_group = o.clip_grad, expert_group
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(run, gas),
                                       dist_init_required=False)
+    if run.parallel.zero_stage in (1, 2):  # DeepSpeedZeroOptimizer, or BF16_Optimizer for bf16 ZeRO-1
+        optimizer.zero_optimizer = engine.optimizer
     return engine, optimizer
 
 
