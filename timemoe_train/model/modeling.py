@@ -78,7 +78,8 @@ class KVCache:
         if end > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} points, {end} requested")
         if self.k_BShd is None:
-            self.k_BShd, self.v_BShd = k_BThd.new_empty(B, self.capacity, h, d), v_BThd.new_empty(B, self.capacity, h, d)
+            shape = (B, self.capacity, h, d)
+            self.k_BShd, self.v_BShd = k_BThd.new_empty(shape), v_BThd.new_empty(shape)
         self.k_BShd[:, self.length:end] = k_BThd
         self.v_BShd[:, self.length:end] = v_BThd
         self.length = end
