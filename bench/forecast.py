@@ -5,6 +5,8 @@ side in one run (repeats interleaved: the machine may be shared), medians report
 - reference: bench/reference/modeling_time_moe.py, computing what the released code computes the way it computes
              it (eager attention with an additive mask, a Python loop over experts with `torch.where` +
              `index_add_`, every head at every position): the export's code before it was made fast.
+- library:   `TimeMoeForPrediction.forecast()` on the same weights (what timemoe-eval, the fine-tuning report and
+             `timemoe-forecast --backend native` run); the speed-up line does not read it.
 Times are CPU seconds of the process on CPU (see `timed`), wall seconds on a GPU. Both are loaded from the same
 export directory through `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`, the reference as its
 own copy of that directory with its modeling file swapped in.
@@ -97,7 +99,8 @@ def measure(models: dict, device: str, batches, context_length: int, repeats: in
             out[batch, horizon] = {name: statistics.median(t) for name, t in times.items()}
             row = out[batch, horizon]
             print(f"  batch {batch:3d}  h {horizon:4d}   reference {row['reference']:7.2f} s   exported "
-                  f"{row['exported']:7.2f} s   x{row['reference'] / row['exported']:.2f}   (wall so far "
+                  f"{row['exported']:7.2f} s   x{row['reference'] / row['exported']:.2f}   library "
+                  f"{row['library']:7.2f} s   x{row['reference'] / row['library']:.2f}   (wall so far "
                   f"{time.perf_counter() - started:.0f} s)", flush=True)
     return out
 
@@ -131,7 +134,9 @@ def main() -> None:
         devices = [("cpu", torch.float32)] + ([("cuda", torch.bfloat16)] if torch.cuda.is_available() else [])
         results = {}
         for device, dtype in devices:
-            models = {"reference": load(reference, device, dtype), "exported": load(exported, device, dtype)}
+            library = TimeMoeForPrediction.from_pretrained(exported).to(device, dtype).eval()
+            models = {"reference": load(reference, device, dtype), "exported": load(exported, device, dtype),
+                      "library": library}
             print(f"{device} {str(dtype).removeprefix('torch.')}, preset {args.preset}, context "
                   f"{args.context_length}, {torch.get_num_threads()} threads, {args.repeats} repeats, medians "
                   f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)", flush=True)

@@ -64,6 +64,28 @@ def apply_rotary(x, cos, sin):
     return x * cos + rotated * sin
 
 
+class KVCache:
+    """One layer's keys and values [B, S, kv_heads, head_dim] over a whole roll-out, allocated at its final length
+    on first use and filled in place: appending with torch.cat would copy every cached point again at each step."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.length = capacity, 0
+        self.k_BShd = self.v_BShd = None
+
+    def append(self, k_BThd: torch.Tensor, v_BThd: torch.Tensor):
+        B, T, h, d = k_BThd.shape
+        end = self.length + T
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} points, {end} requested")
+        if self.k_BShd is None:
+            shape = (B, self.capacity, h, d)
+            self.k_BShd, self.v_BShd = k_BThd.new_empty(shape), v_BThd.new_empty(shape)
+        self.k_BShd[:, self.length:end] = k_BThd
+        self.v_BShd[:, self.length:end] = v_BThd
+        self.length = end
+        return self.k_BShd[:, :end], self.v_BShd[:, :end]
+
+
 class TimeMoeAttention(nn.Module):
     def __init__(self, config: TimeMoeConfig):
         super().__init__()
@@ -77,18 +99,20 @@ class TimeMoeAttention(nn.Module):
         self.v_proj = nn.Linear(d, kv, bias=True)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x_BTD, rope, layout: AttentionLayout, past_kv=None):
-        """rope: (cos, sin) [B, T, 1, head_dim]; past_kv: cached (k, v) [B, kv_heads, S, head_dim]."""
+    def forward(self, x_BTD, rope, layout: AttentionLayout, kv_cache: KVCache | None = None, last_only: bool = False):
+        """rope: (cos, sin) [B, T, 1, head_dim]; kv_cache: the keys and values of the earlier points, extended in
+        place; last_only: keys and values of every point (the cache needs them), the query of the last one alone."""
         B, T, _ = x_BTD.shape
-        q_BThd = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim)
-        k_BThd = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
+        q_BTD, q_rope = (x_BTD[:, -1:], tuple(r[:, -1:] for r in rope)) if last_only else (x_BTD, rope)
+        q_BThd = apply_rotary(self.q_proj(q_BTD).view(B, q_BTD.shape[1], self.num_heads, self.head_dim), *q_rope)
+        k_BThd = apply_rotary(self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim), *rope)
         v_BThd = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
-        q_BThd, k_BThd = apply_rotary(q_BThd, *rope), apply_rotary(k_BThd, *rope)
-        if past_kv is not None:
-            k_BThd = torch.cat([past_kv[0].transpose(1, 2), k_BThd], dim=1)
-            v_BThd = torch.cat([past_kv[1].transpose(1, 2), v_BThd], dim=1)
+        if kv_cache is not None:
+            k_BThd, v_BThd = kv_cache.append(k_BThd, v_BThd)
+        if last_only:  # the last point sees every key: no mask
+            layout = AttentionLayout("causal", past_len=k_BThd.shape[1] - 1)
         out_BThd = attend(q_BThd, k_BThd, v_BThd, layout, self.dropout if self.training else 0.0)
-        return self.o_proj(out_BThd.reshape(B, T, -1)), (k_BThd.transpose(1, 2), v_BThd.transpose(1, 2))
+        return self.o_proj(out_BThd.reshape(B, q_BThd.shape[1], -1))
 
 
 class TimeMoeDecoderLayer(nn.Module):
@@ -99,11 +123,12 @@ class TimeMoeDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h_BTD, rope, layout, past_kv=None):
-        attn_BTD, kv = self.self_attn(self.input_layernorm(h_BTD), rope, layout, past_kv)
-        h_BTD = h_BTD + attn_BTD
+    def forward(self, h_BTD, rope, layout, kv_cache=None, last_only: bool = False):
+        """last_only: the output of the last point alone, [B, 1, D] (forecasting reads nothing else)."""
+        attn_BTD = self.self_attn(self.input_layernorm(h_BTD), rope, layout, kv_cache, last_only)
+        h_BTD = (h_BTD[:, -1:] if last_only else h_BTD) + attn_BTD
         ffn_BTD, router_logits_NE = self.ffn_layer(self.post_attention_layernorm(h_BTD))
-        return h_BTD + ffn_BTD, router_logits_NE, kv
+        return h_BTD + ffn_BTD, router_logits_NE
 
 
 class TimeMoeModel(nn.Module):
@@ -128,12 +153,15 @@ class TimeMoeModel(nn.Module):
             self._attn_impl[device.type] = impl
         return self._attn_impl[device.type]
 
-    def forward(self, inputs_BTC, sequence_ids_BT=None, past_key_values=None, use_cache=False):
+    def forward(self, inputs_BTC, sequence_ids_BT=None, kv_cache: list[KVCache] | None = None,
+                last_only: bool = False):
+        """kv_cache: one KVCache per layer, extended in place with the new points; last_only: the last layer and the
+        final norm for the last point alone ([B, 1, D] out)."""
         B, T, _ = inputs_BTC.shape
         device = inputs_BTC.device
-        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        past_len = 0 if kv_cache is None else kv_cache[0].length
         if sequence_ids_BT is not None:
-            if past_key_values is not None:
+            if kv_cache is not None:
                 raise ValueError("packed sequences (sequence_ids) cannot be combined with a KV cache")
             positions_BT = packed_positions(sequence_ids_BT)
         else:
@@ -143,16 +171,15 @@ class TimeMoeModel(nn.Module):
         h_BTD = self.embed_layer(inputs_BTC)
         cos, sin = rotary_cos_sin(positions_BT, self.config.head_dim, self.config.rope_theta, h_BTD.dtype)
         rope = (cos.transpose(1, 2), sin.transpose(1, 2))  # [B, T, 1, d]: broadcast over the heads
-        router_logits, new_cache = [], []
+        router_logits = []
         for i, layer in enumerate(self.layers):
-            past_kv = None if past_key_values is None else past_key_values[i]
+            layer_cache = None if kv_cache is None else kv_cache[i]
             if self.config.gradient_checkpointing and self.training:
-                h_BTD, logits_NE, kv = checkpoint(layer, h_BTD, rope, layout, past_kv, use_reentrant=False)
+                h_BTD, logits_NE = checkpoint(layer, h_BTD, rope, layout, layer_cache, use_reentrant=False)
             else:
-                h_BTD, logits_NE, kv = layer(h_BTD, rope, layout, past_kv)
+                h_BTD, logits_NE = layer(h_BTD, rope, layout, layer_cache, last_only and i == len(self.layers) - 1)
             router_logits.append(logits_NE)
-            new_cache.append(kv)
-        return self.norm(h_BTD), router_logits, (new_cache if use_cache else None)
+        return self.norm(h_BTD), router_logits
 
 
 class TimeMoeOutputLayer(nn.Module):
@@ -171,7 +198,6 @@ class TimeMoeOutput:
     aux_loss: torch.Tensor | None = None
     predictions: list[torch.Tensor] | None = None  # per head [B, T, h * input_size]
     router_logits: list[torch.Tensor] | None = None  # per layer [B*T, E], batch-major
-    past_key_values: list | None = None
 
 
 def horizon_targets(labels_BTC, loss_mask_BT, sequence_ids_BT, horizon: int):
@@ -219,15 +245,14 @@ class TimeMoeForPrediction(nn.Module):
             for name, p in self.named_parameters():
                 init_tensor_(p, name, config)
 
-    def forward(self, inputs_BT, labels_BT=None, loss_mask_BT=None, sequence_ids_BT=None,
-                past_key_values=None, use_cache=False) -> TimeMoeOutput:
+    def forward(self, inputs_BT, labels_BT=None, loss_mask_BT=None, sequence_ids_BT=None) -> TimeMoeOutput:
         """inputs_BT: float values [B, T] (or [B, T, input_size]); labels_BT: the next points, labels[t] = x[t+1];
         loss_mask_BT: 1 where labels[t] is a real point of the same sequence as inputs[t];
         sequence_ids_BT: sequence number of each point inside its row, -1 for padding."""
         inputs_BTC = inputs_BT.unsqueeze(-1) if inputs_BT.dim() == 2 else inputs_BT
-        h_BTD, router_logits, cache = self.model(inputs_BTC, sequence_ids_BT, past_key_values, use_cache)
+        h_BTD, router_logits = self.model(inputs_BTC, sequence_ids_BT)
         predictions = [head(h_BTD) for head in self.lm_heads]
-        out = TimeMoeOutput(predictions=predictions, router_logits=router_logits, past_key_values=cache)
+        out = TimeMoeOutput(predictions=predictions, router_logits=router_logits)
         if labels_BT is None:
             return out
 
@@ -270,11 +295,13 @@ class TimeMoeForPrediction(nn.Module):
         std_B1 = torch.where(std_B1 > 1e-8, std_B1, torch.ones_like(std_B1))
         step_input = ((x_BT - mean_B1) / std_B1).to(param.dtype)
 
-        chunks, remaining, cache = [], horizon, None
+        chunks, remaining = [], horizon
+        cache = [KVCache(x_BT.shape[1] + horizon) for _ in self.model.layers]
         while remaining > 0:
             j = max(i for i, h in enumerate(self.config.horizon_lengths) if h <= remaining)
-            h_BTD, _, cache = self.model(step_input.unsqueeze(-1), past_key_values=cache, use_cache=True)
-            pred_Bh = self.lm_heads[j](h_BTD[:, -1]).float()
+            # Only the last point's output is read: the last layer and the head skip the others.
+            h_B1D, _ = self.model(step_input.unsqueeze(-1), kv_cache=cache, last_only=True)
+            pred_Bh = self.lm_heads[j](h_B1D[:, -1]).float()
             chunks.append(pred_Bh)
             remaining -= pred_Bh.shape[1]
             step_input = pred_Bh.to(param.dtype)
