@@ -34,7 +34,8 @@ def hang_after(step: int, trainer: Trainer) -> None:
 
     def save_then_hang(at_step, *args, **kwargs):
         path = save(at_step, *args, **kwargs)
-        if at_step == step:  # published on every rank: wait for SIGKILL
+        if at_step == step:  # published on every rank (an async save's background write included): wait for SIGKILL
+            checkpointer.wait()
             (checkpointer.root / f"hanging.{dist.get_rank()}").touch()
             while True:
                 time.sleep(1)
