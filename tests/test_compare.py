@@ -31,6 +31,15 @@ def test_mean_and_sample_std_per_arm():
     assert "seasonal naive MSE 0.5000" in md
 
 
+def test_one_seed_per_arm_has_no_spread_and_no_gap_verdict():
+    jobs = [job("moe", 0, 0.2, 0.4), job("dense", 0, 0.3, 0.6)]
+    arms = summarise(jobs)
+    assert arms["moe"]["figures"]["ETTh1 h96 MSE"] == (pytest.approx(0.4), None)
+    md = markdown(jobs, arms, "cmd")
+    assert "| moe | 0 | 100 | 400 | 0.2000 (one seed) | 0.4000 (one seed) |" in md
+    assert "1 std" not in md and "± 0.0000" not in md
+
+
 def job_dir(root, name, cfg, finished=True, cwd="/launch"):
     (root / name / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, root / name / ".hydra" / "config.yaml")

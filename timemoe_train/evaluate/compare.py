@@ -214,8 +214,9 @@ def summarise(jobs: list[dict]) -> dict:
         mine = [j for j in jobs if j["arm"] == arm]
         arms[arm] = {"seeds": sorted(j["seed"] for j in mine), "activated_params": mine[0]["activated_params"],
                      "total_params": mine[0]["total_params"],
+                     # one seed has no spread: None, not a zero that every gap would "exceed"
                      "figures": {h: (float(np.mean([f(j) for j in mine])), float(np.std([f(j) for j in mine], ddof=1))
-                                     if len(mine) > 1 else 0.0) for h, f in columns(jobs)}}
+                                     if len(mine) > 1 else None) for h, f in columns(jobs)}}
     return arms
 
 
@@ -226,7 +227,8 @@ def moe_minus_dense(arms: dict) -> dict[str, tuple[float, bool]]:
     out = {}
     for head, (moe, moe_std) in arms["moe"]["figures"].items():
         dense, dense_std = arms["dense"]["figures"][head]
-        out[head] = (moe - dense, abs(moe - dense) > max(moe_std, dense_std))
+        spread = None if moe_std is None or dense_std is None else max(moe_std, dense_std)
+        out[head] = (moe - dense, spread is not None and abs(moe - dense) > spread)
     return out
 
 
@@ -237,7 +239,8 @@ def markdown(jobs: list[dict], arms: dict, command: str, notes: list[str] = ()) 
              "| arm | seeds | activated params / point | total params | " + " | ".join(heads) + " |",
              "|---|---|---|---|" + "---|" * len(heads)]
     for arm, a in arms.items():
-        cells = [f"{a['figures'][h][0]:.4f} ± {a['figures'][h][1]:.4f}" for h in heads]
+        cells = [f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f} (one seed)"
+                 for mean, std in (a["figures"][h] for h in heads)]
         lines.append(f"| {arm} | {','.join(map(str, a['seeds']))} | {a['activated_params']:,} | "
                      f"{a['total_params']:,} | " + " | ".join(cells) + " |")
     gaps = moe_minus_dense(arms)
@@ -290,7 +293,7 @@ def plot(jobs: list[dict], arms: dict, path: Path, smooth: int = 25) -> None:
     for ax, (head, f) in zip(panels, heads):
         for i, arm in enumerate(arms):
             mean, std = arms[arm]["figures"][head]
-            ax.bar(i, mean, yerr=std, color=f"C{i}", alpha=0.6, capsize=4)
+            ax.bar(i, mean, yerr=std or 0.0, color=f"C{i}", alpha=0.6, capsize=4)
             ax.scatter([i] * sum(j["arm"] == arm for j in jobs), [f(j) for j in jobs if j["arm"] == arm],
                        color="black", s=10, zorder=3)
         values = [f(j) for j in jobs]
