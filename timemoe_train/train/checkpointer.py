@@ -132,7 +132,9 @@ class Checkpointer:
         self._records: dict = {}  # the digests of the files this rank wrote into it
         self._copies = HostCopies()
         self._pending: Future | None = None
-        self._group = None  # the saves' own process group, made by the first save (a collective)
+        # The background writes' own process group (sync saves use the default one). Made now, a collective over
+        # torchrun's store: at the first save the store may be gone (a stop request after the agent died).
+        self._group = dist.new_group(backend="gloo") if cfg.async_save else None
         engine.checkpoint_engine = run_dir_checkpoint_engine(self.root, self._add_file)
 
     # --- reading -------------------------------------------------------------------------------------------
@@ -180,8 +182,6 @@ class Checkpointer:
         """Collective. Returns once this rank's share is in host memory (async_save) or on disk; the checkpoint
         becomes `latest` (and `best` with `best`) when every rank's files are durable (`wait`)."""
         self.wait()
-        if self._group is None:
-            self._group = dist.new_group(backend="gloo")
         tag, tmp = tag_for(step), TMP_PREFIX + tag_for(step)
         tmp_dir = self.root / tmp
         if self.rank == 0:
