@@ -42,8 +42,8 @@ import time
 from pathlib import Path
 
 DEFAULT_PORT = 29500
-# Passed on by this launcher as a stop request; torchrun's own handler keeps the rest of its default set.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# torchrun's own handler keeps these of its default set; the trainer's stop signals (data.loader.STOP_SIGNALS) this
+# launcher passes on as a stop request.
 TORCHRUN_SIGNALS = "SIGHUP,SIGQUIT"
 # Set for the trainer processes: a user error goes to torchrun's error file, and this launcher prints it once.
 LAUNCHED = "TIMEMOE_TRAIN_LAUNCHER"
@@ -162,6 +162,10 @@ def run_torchrun(torchrun_args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
+    # The signals the trainers take as a stop request; imported here, not at the top: --help and --dry-run stay
+    # free of torch.
+    from .data.loader import STOP_SIGNALS
+
     os.environ[LAUNCHED] = "1"
     if not os.environ.get("LOGLEVEL"):  # torchrun's variable; otherwise the agent narrates every failure it reports
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
@@ -195,7 +199,7 @@ def run_torchrun(torchrun_args: list[str]) -> int:
 
 
 class StopForwarder:
-    """The launcher's handler for STOP_SIGNALS: the first (and a repeat within a second, as when SLURM signals
+    """The launcher's handler for the trainers' stop signals: the first (and a repeat within a second, as when SLURM signals
     every process) is passed on to the trainer processes, this launcher's children, and torchrun keeps waiting for
     them to save and exit; a later SIGINT too (the trainers' "second Ctrl-C"); a later SIGTERM/SIGUSR1 is raised
     in torchrun as its own handler would, and torchrun stops the trainers."""
