@@ -171,8 +171,9 @@ def score_job(job: dict, held: tuple, csvs: list[str], protocol: dict) -> dict:
     key = protocol | {"checkpoint": (job["dir"] / "checkpoints" / "latest").read_text().strip(),
                       "csvs": [str(Path(c).resolve()) for c in csvs]}
     cache = job["dir"] / SCORES
-    if cache.exists() and json.loads(cache.read_text())["key"] == key:
-        return json.loads(cache.read_text())["scores"]
+    cached = json.loads(cache.read_text()) if cache.exists() else None
+    if cached is not None and cached["key"] == key:
+        return cached["scores"]
     hf = export(job["dir"] / "checkpoints", job["dir"] / "hf")
     model = TimeMoeForPrediction.from_pretrained(hf).eval()
     scores = {"activated_params": active_params_per_token(model.config),
