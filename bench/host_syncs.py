@@ -199,7 +199,7 @@ def trainer_syncs(size: str, micro: int, accumulation: int, max_length: int, ext
                  "logger.progress=false", f"logger.interval={steps}", f"logger.progress_interval={steps}", "logger.heatmap_interval=0",
                  f"trainer.max_steps={steps}", f"trainer.global_batch_size={micro * accumulation}",
                  f"trainer.micro_batch_size={micro}", "checkpoint.save_at_end=false", "checkpoint.interval=0",
-                 f"checkpoint.dir={run_dir}/checkpoints", f"trainer.device={device}", *extra]
+                 f"checkpoint.dir={run_dir}/checkpoints", f"trainer.device={device}", "parallel.zero_stage=1", *extra]
     overrides += (["trainer.precision=fp32", "model.attn_impl=dense_mask"] if device == "cpu"
                   else ["trainer.precision=bf16", "model.attn_impl=auto"])
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

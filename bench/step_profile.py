@@ -70,42 +70,6 @@ class OpTimer(TorchDispatchMode):
         return out
 
 
-def reference_step(size: str, batches: list[dict], gas: int, workdir: Path):
-    import transformers
-
-    from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
-
-    torch.manual_seed(0)
-    TimeMoeForPrediction(TimeMoeConfig.preset(size)).save_pretrained(workdir / "reference")
-    model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "reference", trust_remote_code=True).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-
-    def step(k: int) -> None:
-        for batch in batches[k * gas:(k + 1) * gas]:
-            out = model(input_ids=batch["inputs"], labels=batch["labels"], loss_masks=batch["loss_mask"])
-            (out.loss / gas).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-    return step
-
-
-def our_step(size: str, batches: list[dict], gas: int, workdir: Path):
-    from hydra import compose, initialize_config_dir
-
-    from timemoe_train.train.__main__ import CONFIG_DIR, make_trainer
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[*train_step.common_overrides(size, 1e12, 1), "logger.interval=1000",
-                                          "logger.progress_interval=1000", f"checkpoint.dir={workdir}/checkpoints"])
-    trainer = make_trainer(cfg, workdir)
-
-    def step(k: int) -> None:  # a step that is not a logging step
-        trainer._train_step(iter(batches[k * gas:(k + 1) * gas]), 0)
-        trainer.step += 1
-    return step
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="base", choices=list(train_step.SIZES))
@@ -113,14 +77,13 @@ def main() -> None:
     args = parser.parse_args()
     s = train_step.SIZES[args.size]
     s["steps"] = 2
-    gas = s["global"] // s["micro"]
     batches = train_step.global_batches(args.size)
     print(f"device: {train_step.device_line()}")
     print(f"{args.size}: global batch {s['global']} x {train_step.MAX_LENGTH}, micro-batch {s['micro']}; "
           "one step after a warm-up step, CPU seconds of its ops by where they were issued")
     with tempfile.TemporaryDirectory() as tmp:
-        steps = {"reference 1p": reference_step(args.size, batches, gas, Path(tmp) / "ref"),
-                 "ours 1p": our_step(args.size, batches, gas, Path(tmp) / "ours")}
+        steps = {"reference 1p": train_step.reference_step(args.size, batches, Path(tmp) / "ref"),
+                 "ours 1p": train_step.our_step(args.size, batches, Path(tmp) / "ours")}
         for step in steps.values():
             step(0)
         for name, step in steps.items():

@@ -4,15 +4,18 @@ reference model (the released code's scheme: HF model with a per-expert mask loo
 Runs, per model size, on the same synthetic packed windows (fp32, CPU), the same optimizer implementation
 (torch's fused AdamW, as our engine uses):
 - reference:   1 process, the exported remote-code model, forward/backward/AdamW by hand (gradient accumulation)
-- ours 1p:     the timemoe-train Trainer in this process (EP=1), attention as `model.attn_impl=auto` picks
+- ours 1p:     the timemoe-train Trainer in this process (EP=1, ZeRO-0 as `parallel.zero_stage` picks for one fp32
+               process), attention as `model.attn_impl=auto` picks
 - ours 1p compile: the same with `model.compile=true` (per-block torch.compile)
 - ours 2p:     timemoe-train on 2 processes (torchrun), EP=1 (data parallel)
 - ours 2p EP2: timemoe-train on 2 processes, experts split in two (megatron alltoall dispatch)
-The reference and the in-process runs get the global batches built before their timers start; the torchrun runs
-read the same stream through their own loader, inside the step timer. Rounds are interleaved (the machine is
-shared); each run's median step after `--warmup` steps is kept, and the median over rounds is printed with ratios
-to the reference. MFU = model FLOPs (6 x activated parameters per point + attention) over the measured fp32 GEMM
-peak of this machine (all cores), split evenly between processes.
+The reference and the in-process runs are each a process of their own, all alive at once and stepped in
+lockstep (step k of each before step k+1 of any), so that a machine shared with other jobs slows them alike; each
+builds the run's global batches before its first step and times the whole step (forward, backward, clipping,
+AdamW). The torchrun runs read the same stream through their own loader, inside the step timer, one after another.
+Each run's median step after `--warmup` steps is kept, the median over `--rounds` printed with ratios to the
+reference. MFU = model FLOPs (6 x activated parameters per point + attention) over the measured fp32 GEMM peak of
+this machine (all cores), split evenly between processes.
 
     python bench/train_step.py [--sizes tiny base] [--rounds 1] [--runs reference "ours 1p" ...]
 """
@@ -37,7 +40,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 SIZES = {  # windows of 512 points; global batch split into micro-batches of `micro` windows
     "tiny": {"global": 16, "micro": 8, "steps": 12},
-    "base": {"global": 4, "micro": 2, "steps": 6},
+    "base": {"global": 4, "micro": 2, "steps": 8},
 }
 MAX_LENGTH = 512
 for _size in SIZES.values():
@@ -85,34 +88,102 @@ def run_ours(size: str, nproc: int, ep: int, peak: float, workdir: Path, warmup:
     return step_records(run_dir, warmup)
 
 
-def run_ours_here(size: str, peak: float, workdir: Path, warmup: int, extra: tuple[str, ...] = ()) -> dict:
-    """One process of our Trainer (a fresh one per run: DeepSpeed keeps its groups per process), fed micro-batches
-    it builds before the trainer starts (its loader replaced by their list)."""
-    argv = [sys.executable, str(Path(__file__).resolve()), "--child", size, str(peak), str(workdir), str(warmup)]
-    proc = subprocess.run([*argv, *extra], capture_output=True, text=True, cwd=REPO)
-    if proc.returncode:
-        sys.exit(f"timemoe-train (in process) failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def reference_step(size: str, batches: list[dict], workdir: Path):
+    """What a user of the released code gets: its model class, a plain loop (gradient accumulation by hand,
+    clipping, our engine's fused AdamW), one process. Returns step(k), which runs global batch k."""
+    import transformers
+
+    from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
+
+    torch.manual_seed(0)
+    TimeMoeForPrediction(TimeMoeConfig.preset(size)).save_pretrained(workdir / "reference")
+    model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "reference", trust_remote_code=True).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    gas = SIZES[size]["global"] // SIZES[size]["micro"]
+
+    def step(k: int) -> None:
+        for batch in batches[k * gas:(k + 1) * gas]:
+            out = model(input_ids=batch["inputs"], labels=batch["labels"], loss_masks=batch["loss_mask"])
+            (out.loss / gas).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    return step
 
 
-def child(size: str, peak: str, workdir: str, warmup: str, *extra: str) -> None:
+def our_step(size: str, batches: list[dict], workdir: Path, extra: tuple[str, ...] = ()):
+    """The timemoe-train Trainer's step (one process, not a logging step) on global batch k."""
     from hydra import compose, initialize_config_dir
-    from host_syncs import PrebuiltBatches  # this script's folder is on the path
 
     from timemoe_train.train.__main__ import CONFIG_DIR, make_trainer
 
-    peak, warmup, batches = float(peak), int(warmup), global_batches(size)
-    run_dir = Path(tempfile.mkdtemp(dir=workdir))
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[*common_overrides(size, peak, 1), f"checkpoint.dir={run_dir}/checkpoints",
+        cfg = compose("train", overrides=[*common_overrides(size, 1e12, 1), "logger.interval=1000",
+                                          "logger.progress_interval=1000", f"checkpoint.dir={workdir}/checkpoints",
                                           *extra])
-    trainer = make_trainer(cfg, run_dir)
-    trainer.loader = PrebuiltBatches(batches, trainer.loader.domain_names)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-    print(json.dumps(step_records(run_dir, warmup)))
+    trainer = make_trainer(cfg, workdir)
+    gas = trainer.gas
+
+    def step(k: int) -> None:
+        trainer._train_step(iter(batches[k * gas:(k + 1) * gas]), 0)
+        trainer.step += 1
+    return step
+
+
+IN_PROCESS = {"reference 1p": ("reference",), "ours 1p": ("ours",), "ours 1p compile": ("ours", "model.compile=true")}
+
+
+def child(kind: str, size: str, workdir: str, *extra: str) -> None:
+    """One in-process run, kept alive: runs global batch k for each k read from stdin, answering its seconds."""
+    batches, workdir = global_batches(size), Path(workdir)
+    step = reference_step(size, batches, workdir) if kind == "reference" else our_step(size, batches, workdir, extra)
+    print("bench: ready", flush=True)
+    for line in sys.stdin:
+        start = time.perf_counter()
+        step(int(line))
+        print(f"bench: {time.perf_counter() - start}", flush=True)
+
+
+def run_in_lockstep(names: list[str], size: str, peak: float, workdir: Path, warmup: int) -> dict[str, dict]:
+    """The in-process runs `names`, one process each, stepped alternately; points/s and MFU per run."""
+    from timemoe_train.model import TimeMoeConfig
+    from timemoe_train.train.metrics import segment_square_sum, train_flops
+
+    procs = {}
+    for name in names:
+        run_dir = Path(tempfile.mkdtemp(dir=workdir))
+        procs[name] = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", *IN_PROCESS[name][:1],
+                                        size, str(run_dir), *IN_PROCESS[name][1:]], cwd=REPO, text=True,
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=open(run_dir / "stderr.log", "w"))
+
+    def answer(name: str) -> str:
+        for line in procs[name].stdout:  # the trainer prints its own lines too
+            if line.startswith("bench: "):
+                return line[len("bench: "):].strip()
+        err = Path(procs[name].args[5]) / "stderr.log"
+        sys.exit(f"{name} failed:\n{err.read_text()[-4000:]}")
+
+    for name in names:
+        answer(name)
+    s, config = SIZES[size], TimeMoeConfig.preset(size)
+    gas, batches = s["global"] // s["micro"], global_batches(size)
+    rates, mfus = {n: [] for n in names}, {n: [] for n in names}
+    for k in range(s["steps"]):
+        step_batches = batches[k * gas:(k + 1) * gas]
+        points = sum(float((b["sequence_ids"] >= 0).sum()) for b in step_batches)
+        flops = train_flops(config, points, sum(float(segment_square_sum(b["sequence_ids"])) for b in step_batches))
+        for name, proc in procs.items():
+            proc.stdin.write(f"{k}\n")
+            proc.stdin.flush()
+            seconds = float(answer(name))
+            if k >= warmup:
+                rates[name].append(points / seconds)
+                mfus[name].append(flops / (seconds * peak))
+    for proc in procs.values():
+        proc.stdin.close()
+        proc.wait()
+    return {n: {"points_per_s": statistics.median(rates[n]), "mfu": statistics.median(mfus[n])} for n in names}
 
 
 def global_batches(size: str) -> list[dict]:
@@ -122,42 +193,6 @@ def global_batches(size: str) -> list[dict]:
     s = SIZES[size]
     loader = iter(SyntheticDataConfig(max_length=MAX_LENGTH).build_train_loader(0, 1, s["global"], s["micro"]))
     return [next(loader) for _ in range(s["steps"] * (s["global"] // s["micro"]))]
-
-
-def run_reference(size: str, peak: float, workdir: Path, batches: list[dict], warmup: int) -> dict:
-    """What a user of the released code gets: its model class, a plain loop, one process."""
-    import transformers
-
-    from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
-    from timemoe_train.train.metrics import segment_square_sum, train_flops
-
-    s = SIZES[size]
-    config = TimeMoeConfig.preset(size)
-    hf_dir = workdir / f"reference-{size}"
-    if not hf_dir.exists():
-        torch.manual_seed(0)
-        TimeMoeForPrediction(config).save_pretrained(hf_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).train()
-    # Our engine's optimizer implementation (train/engine.py): fused AdamW.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    gas = s["global"] // s["micro"]
-    rates, mfus = [], []
-    for step in range(s["steps"]):
-        step_batches = batches[step * gas:(step + 1) * gas]
-        start = time.perf_counter()
-        for batch in step_batches:
-            out = model(input_ids=batch["inputs"], labels=batch["labels"], loss_masks=batch["loss_mask"])
-            (out.loss / gas).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        elapsed = time.perf_counter() - start
-        points = sum(float((b["sequence_ids"] >= 0).sum()) for b in step_batches)
-        square_sum = sum(float(segment_square_sum(b["sequence_ids"])) for b in step_batches)
-        if step >= warmup:
-            rates.append(points / elapsed)
-            mfus.append(train_flops(config, points, square_sum) / (elapsed * peak))
-    return {"points_per_s": statistics.median(rates), "mfu": statistics.median(mfus)}
 
 
 def device_line() -> str:
@@ -186,19 +221,19 @@ def main() -> None:
     peak = gemm_peak_flops()
     print(f"fp32 GEMM peak (all cores): {peak / 1e9:.1f} GFLOP/s; windows of {MAX_LENGTH} points, fp32\n")
     w = args.warmup
-    runs = {"reference 1p": lambda size, d, b: run_reference(size, peak, d, b, w),
-            "ours 1p": lambda size, d, b: run_ours_here(size, peak, d, w),
-            "ours 1p compile": lambda size, d, b: run_ours_here(size, peak, d, w, ("model.compile=true",)),
-            "ours 2p EP1": lambda size, d, b: run_ours(size, 2, 1, peak, d, w),
-            "ours 2p EP2": lambda size, d, b: run_ours(size, 2, 2, peak, d, w)}
-    runs = {name: runs[name] for name in RUNS if name in args.runs}
+    torchrun_runs = {"ours 2p EP1": 1, "ours 2p EP2": 2}
+    names = [name for name in RUNS if name in args.runs]
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
-            batches = global_batches(size)
-            results = {name: [] for name in runs}
+            results = {name: [] for name in names}
             for _ in range(args.rounds):
-                for name, fn in runs.items():
-                    results[name].append(fn(size, Path(tmp), batches))
+                here = [name for name in names if name in IN_PROCESS]
+                if here:
+                    for name, result in run_in_lockstep(here, size, peak, Path(tmp), w).items():
+                        results[name].append(result)
+                for name in names:
+                    if name in torchrun_runs:
+                        results[name].append(run_ours(size, 2, torchrun_runs[name], peak, Path(tmp), w))
             first = next(iter(results))
             ref = statistics.median(r["points_per_s"] for r in results[first])
             print(f"{size}: global batch {SIZES[size]['global']} x {MAX_LENGTH}, micro-batch {SIZES[size]['micro']}, "

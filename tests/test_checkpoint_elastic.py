@@ -145,7 +145,7 @@ def test_resume_on_one_process_with_the_native_layer(straight, one_rank):
     run_dir, proc, damaged = one_rank
     assert_fell_back(proc, damaged)
     assert (f"timemoe-train: weights: resumed from step 4 ({run_dir / 'checkpoints' / STEP4}); layout 2 processes "
-            "EP=2 moe_impl=megatron → 1 process EP=1 moe_impl=native (elastic resume)") in proc.stdout.splitlines()
+            "EP=2 zero_stage=1 moe_impl=megatron → 1 process EP=1 zero_stage=0 moe_impl=native (elastic resume)") in proc.stdout.splitlines()
     assert_continues_straight(straight, run_dir)
 
 

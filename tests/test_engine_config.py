@@ -59,6 +59,15 @@ def test_bf16_at_zero_stage_0_is_refused():
         run("bf16", zero_stage=0).validate(world_size=1)
 
 
+def test_zero_stage_left_unset_is_0_for_one_fp32_process_else_1():
+    def stage(precision, world_size):
+        r = run(precision, zero_stage=None)
+        r.validate(world_size=world_size)
+        return r.parallel.zero_stage
+    assert (stage("fp32", 1), stage("bf16", 1), stage("fp32", 2)) == (0, 1, 1)
+    assert ParallelConfig().zero_stage is None
+
+
 def test_precision_auto_follows_the_device():
     assert TrainerConfig(precision="auto", device="cpu").precision == "fp32"
     assert TrainerConfig(precision="auto", device="cuda").precision == "bf16"

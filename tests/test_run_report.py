@@ -90,7 +90,7 @@ def test_a_run_in_a_log_file_says_what_it_will_do_and_did(corpus, tmp_path):
     total, active = parameter_counts(TimeMoeForPrediction(c), c, 1)
     assert f"model: {total:,} parameters, {active:,} activated per point (2 layers, hidden 32, 4 experts, top-2, " \
            "native MoE)" in lines
-    assert ("layout: 1 process (data-parallel 1, expert-parallel 1), ZeRO-1, fp32 on cpu; 8 windows per step = "
+    assert ("layout: 1 process (data-parallel 1, expert-parallel 1), ZeRO-0, fp32 on cpu; 8 windows per step = "
             "4 per micro-batch x 2 accumulation x 1 data-parallel; up to 256 points per step") in lines
     assert "weights: random (trainer.seed=0)" in lines
     assert any(line.startswith(f"warning: the corpus fills {per_epoch} windows, fewer than one step's 8") for line in lines)

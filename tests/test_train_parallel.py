@@ -97,6 +97,13 @@ def assert_same_training(ref_dir: Path, run_dir: Path, first_loss: float, tol: f
     assert max((first[k] - last[k]).abs().max().item() for k in first) > 1e-3  # training moved the weights
 
 
+def test_one_process_by_default_trains_like_zero1(start, single, tmp_path_factory):
+    """One fp32 process defaults to ZeRO-0 with DeepSpeed's all-reduce off (no flat copies): the same training."""
+    run_dir = launch_ok(1, tmp_path_factory.mktemp("single_default"), start[0])
+    assert json.loads((run_dir / "checkpoints" / "step00000006" / "meta.json").read_text())["zero_stage"] == 0
+    assert_same_training(single, run_dir, start[1])
+
+
 def test_ep2_matches_single_rank(start, single, ep2):
     assert_same_training(single, ep2, start[1])
 

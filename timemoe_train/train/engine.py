@@ -70,7 +70,7 @@ class SkippableStep:
         sq = torch.zeros(2, dtype=torch.float32, device=self.param_groups[0]["params"][0].device)
         for i, grads in enumerate((dense, expert)):
             if grads:
-                sq[i] = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+                sq[i] = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).square().sum()
         if self.expert_group is not None:  # each EP rank holds other experts: their squares add up
             dist.all_reduce(sq[1:], group=self.expert_group)
         norm = sq.sum().sqrt()
@@ -151,6 +151,9 @@ def build_engine(module: nn.Module, run: RunConfig, gas: int, expert_group):
                                       dist_init_required=False)
     if run.parallel.zero_stage in (1, 2):  # DeepSpeedZeroOptimizer, or BF16_Optimizer for bf16 ZeRO-1
         optimizer.zero_optimizer = engine.optimizer
+    elif run.parallel.zero_stage == 0 and dist.get_world_size() == 1:
+        # DeepSpeed all-reduces even alone: it would flatten every gradient into buckets and copy it back.
+        engine.enable_backward_allreduce = False
     return engine, optimizer
 
 
