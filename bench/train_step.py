@@ -6,7 +6,8 @@ Runs, per model size, on the same synthetic packed windows (fp32, CPU), the same
 - reference:   1 process, the exported remote-code model, forward/backward/AdamW by hand (gradient accumulation)
 - ours 1p:     the timemoe-train Trainer in this process (EP=1, ZeRO-0 as `parallel.zero_stage` picks for one fp32
                process), attention as `model.attn_impl=auto` picks
-- ours 1p compile: the same with `model.compile=true` (per-block torch.compile)
+- ours 1p ZeRO-1: the same at `parallel.zero_stage=1` (what one process ran before ZeRO-0 became its default)
+- ours 1p compile: `ours 1p` with `model.compile=true` (per-block torch.compile)
 - ours 2p:     timemoe-train on 2 processes (torchrun), EP=1 (data parallel)
 - ours 2p EP2: timemoe-train on 2 processes, experts split in two (megatron alltoall dispatch)
 The reference and the in-process runs are each a process of their own, all alive at once and stepped in
@@ -130,7 +131,8 @@ def our_step(size: str, batches: list[dict], workdir: Path, extra: tuple[str, ..
     return step
 
 
-IN_PROCESS = {"reference 1p": ("reference",), "ours 1p": ("ours",), "ours 1p compile": ("ours", "model.compile=true")}
+IN_PROCESS = {"reference 1p": ("reference",), "ours 1p": ("ours",), "ours 1p ZeRO-1": ("ours", "parallel.zero_stage=1"),
+              "ours 1p compile": ("ours", "model.compile=true")}
 
 
 def child(kind: str, size: str, workdir: str, *extra: str) -> None:
@@ -202,7 +204,7 @@ def device_line() -> str:
     return f"{os.cpu_count()}-core CPU ({model}), shared: load average {load}; torch {torch.__version__}"
 
 
-RUNS = ("reference 1p", "ours 1p", "ours 1p compile", "ours 2p EP1", "ours 2p EP2")
+RUNS = ("reference 1p", "ours 1p", "ours 1p ZeRO-1", "ours 1p compile", "ours 2p EP1", "ours 2p EP2")
 
 
 def main() -> None:
