@@ -243,7 +243,10 @@ def main() -> None:
             for name, rs in results.items():
                 rate = statistics.median(r["points_per_s"] for r in rs)
                 mfu = statistics.median(r["mfu"] for r in rs)
-                print(f"  {name:15s} {rate:10.0f} points/s   MFU {100 * mfu:5.1f}%   x{rate / ref:.2f} vs {first}")
+                # Each round's own ratio too: on a shared VM a process's speed can differ by 15% from the next one's.
+                rounds = " ".join(f"{r['points_per_s'] / f['points_per_s']:.2f}" for r, f in zip(rs, results[first]))
+                print(f"  {name:15s} {rate:10.0f} points/s   MFU {100 * mfu:5.1f}%   x{rate / ref:.2f} vs {first}"
+                      f"   (rounds: {rounds})")
             print()
     print(f"device (end): {device_line()}")
 
