@@ -131,8 +131,8 @@ def our_step(size: str, batches: list[dict], workdir: Path, extra: tuple[str, ..
     return step
 
 
-IN_PROCESS = {"reference 1p": ("reference",), "ours 1p": ("ours",), "ours 1p ZeRO-1": ("ours", "parallel.zero_stage=1"),
-              "ours 1p compile": ("ours", "model.compile=true")}
+IN_PROCESS = {"reference 1p": ("reference",), "ours 1p": ("ours",),
+              "ours 1p ZeRO-1": ("ours", "parallel.zero_stage=1"), "ours 1p compile": ("ours", "model.compile=true")}
 
 
 def child(kind: str, size: str, workdir: str, *extra: str) -> None:
@@ -151,9 +151,8 @@ def run_in_lockstep(names: list[str], size: str, peak: float, workdir: Path, war
     from timemoe_train.model import TimeMoeConfig
     from timemoe_train.train.metrics import segment_square_sum, train_flops
 
-    procs = {}
-    for name in names:
-        run_dir = Path(tempfile.mkdtemp(dir=workdir))
+    procs, run_dirs = {}, {name: Path(tempfile.mkdtemp(dir=workdir)) for name in names}
+    for name, run_dir in run_dirs.items():
         procs[name] = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", *IN_PROCESS[name][:1],
                                         size, str(run_dir), *IN_PROCESS[name][1:]], cwd=REPO, text=True,
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -163,8 +162,7 @@ def run_in_lockstep(names: list[str], size: str, peak: float, workdir: Path, war
         for line in procs[name].stdout:  # the trainer prints its own lines too
             if line.startswith("bench: "):
                 return line[len("bench: "):].strip()
-        err = Path(procs[name].args[5]) / "stderr.log"
-        sys.exit(f"{name} failed:\n{err.read_text()[-4000:]}")
+        sys.exit(f"{name} failed:\n{(run_dirs[name] / 'stderr.log').read_text()[-4000:]}")
 
     for name in names:
         answer(name)

@@ -58,20 +58,20 @@ def released_ranges(model, ep_rank: int, ep_size: int) -> dict[str, list[tuple[s
     return ranges
 
 
-def _owned(engine, p: torch.Tensor, stepped: bool = True) -> tuple[int, torch.Tensor | None, dict[str, torch.Tensor]]:
-    """(first element, fp32 values, moments) of the range of `p` this rank owns; no values: it owns none.
-    Not `stepped` (Adam has no state yet): zero moments, what its first step starts from."""
+def _owned(p: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    """(first element, fp32 values) of the range of `p` this rank owns; no values: it owns none."""
     if not _has_master(p):
-        start, values = 0, p.detach().float().view(-1)
-    elif p._hp_mapping is None:
-        return 0, None, {}
-    else:
-        start, values = p._hp_mapping.lp_fragment_address.start, p._hp_mapping.hp_fragment
-    if not stepped:
-        return start, values, {k: torch.zeros_like(values) for k in MOMENTS}
+        return 0, p.detach().float().view(-1)
+    if p._hp_mapping is None:
+        return 0, None
+    return p._hp_mapping.lp_fragment_address.start, p._hp_mapping.hp_fragment
+
+
+def _owned_moments(engine, p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Adam's moments over the range `_owned` gives (once Adam has stepped: its state exists from then on)."""
     if not _has_master(p):
-        return start, values, {k: engine.basic_optimizer.state[p][k].view(-1) for k in MOMENTS}
-    return start, values, {k: p._hp_mapping.get_hp_fragment(k) for k in MOMENTS}
+        return {k: engine.basic_optimizer.state[p][k].view(-1) for k in MOMENTS}
+    return {k: p._hp_mapping.get_hp_fragment(k) for k in MOMENTS}
 
 
 def _add_ranges(state: dict, key: str, start: int, values: torch.Tensor, ranges) -> None:
@@ -92,9 +92,11 @@ def engine_state(engine, model, ep_rank: int, ep_size: int) -> dict[str, Chunks]
     ranges = released_ranges(model, ep_rank, ep_size)
     state = {}
     for name, p in model.named_parameters():
-        start, weights, moments = _owned(engine, p, stepped)
+        start, weights = _owned(p)
         if weights is None:
             continue
+        # Before the first step: zero moments, what Adam's first step starts from.
+        moments = _owned_moments(engine, p) if stepped else {k: torch.zeros_like(weights) for k in MOMENTS}
         for key, values in ((MODEL, weights), *moments.items()):
             _add_ranges(state, key, start, values, ranges[name])
     state[OPTIMIZER_STEP] = Chunks.whole(torch.tensor(adam_step(engine.basic_optimizer), dtype=torch.float64))
@@ -116,15 +118,15 @@ def load_engine_state(engine, model, ep_rank: int, ep_size: int, read) -> None:
     state = {}
     for name, p in params.items():
         _add_ranges(state, MODEL, 0, weights[name].view(-1), ranges[name])
-        start, values, moments = _owned(engine, p)
-        for key, into in moments.items():
+        start, values = _owned(p)
+        for key, into in (_owned_moments(engine, p) if values is not None else {}).items():
             _add_ranges(state, key, start, into, ranges[name])
     read(state)
     with torch.no_grad():
         for name, p in params.items():
             if weights[name] is not p.data:
                 p.copy_(weights[name])
-            start, values, _ = _owned(engine, p)
+            start, values = _owned(p)
             if _has_master(p) and values is not None:
                 values.copy_(weights[name].view(-1)[start:start + values.numel()])
 
