@@ -226,6 +226,25 @@ def test_exported_equals_library_and_released_reference(tmp_path, overrides):
         torch.testing.assert_close(la, lb, atol=1e-6, rtol=1e-6)
 
 
+def test_padded_rows_and_several_horizons_in_one_roll_out_match_the_reference(tmp_path):
+    """The library's roll-out of left-padded rows of different lengths, all horizons at once, against the reference
+    forecasting each row alone."""
+    from timemoe_train.model.rollout import roll_out
+
+    ours = make_ours()
+    _, reference_dir = export_with_reference(ours, tmp_path)
+    reference = load_remote(reference_dir)
+    lengths = [300, 120, 300, 33]
+    context_BT = mixed_contexts()
+    padded_BT = torch.where(torch.arange(300) >= 300 - torch.tensor(lengths)[:, None], context_BT, float("nan"))
+    got = roll_out(ours, padded_BT, (96, 192, 720), torch.tensor(lengths))
+    for i, n in enumerate(lengths):
+        row_1T = context_BT[i:i + 1, 300 - n:]
+        for horizon in (96, 192, 720):
+            err = normalised_error(got[horizon][i:i + 1], reference.forecast(row_1T, horizon), row_1T)
+            assert err <= 1e-5, f"row {i} ({n} points), horizon {horizon}: {err:.2e}"
+
+
 def test_padding_mask_and_cache_match_the_reference(tmp_path):
     exported_dir, reference_dir = export_with_reference(make_ours(num_key_value_heads=2), tmp_path)
     exported, reference = load_remote(exported_dir), load_remote(reference_dir)

@@ -5,6 +5,7 @@ forecasts against held-out truth): serving is what users do with an export, and 
 so `evaluate/` loads its models through `load_model` here rather than the other way round.
 """
 
+from .batched import forecast_contexts
 from .model import BACKENDS, DTYPES, ForecastError, load_model
 
-__all__ = ["BACKENDS", "DTYPES", "ForecastError", "load_model"]
+__all__ = ["BACKENDS", "DTYPES", "ForecastError", "forecast_contexts", "load_model"]

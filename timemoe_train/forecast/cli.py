@@ -26,6 +26,7 @@ from tqdm import tqdm
 from data_prep.errors import PrepError
 from data_prep.sources.tabular import TableLayout
 
+from .batched import forecast_contexts
 from .inputs import Inputs, read_inputs
 from .model import BACKENDS, DTYPES, ForecastError, load_model
 
@@ -72,22 +73,11 @@ def check_args(args) -> None:
             raise ForecastError(f"{args.out}: --out's folder {args.out.parent} does not exist")
 
 
-def forecast_all(model, inputs: Inputs, horizon: int, batch_size: int, device: str, progress: bool) -> np.ndarray:
-    """[series, horizon] float32 forecasts, in input order. Batches hold contexts of one length (forecast() takes
-    [B, T]), the common case being all of them."""
-    out = np.empty((len(inputs.contexts), horizon), dtype=np.float32)
-    lengths = np.array([len(c.values) for c in inputs.contexts])
-    order = np.argsort(-lengths, kind="stable")
-    with tqdm(total=len(order), unit="series", desc="forecast", disable=not progress, file=sys.stderr,
+def forecast_all(model, inputs: Inputs, horizon: int, batch_size: int, progress: bool) -> np.ndarray:
+    """[series, horizon] float32 forecasts, in input order."""
+    with tqdm(total=len(inputs.contexts), unit="series", desc="forecast", disable=not progress, file=sys.stderr,
               mininterval=5 if not sys.stderr.isatty() else 0.1) as bar:
-        for length in np.unique(lengths[order])[::-1]:
-            same = order[lengths[order] == length]
-            for b in range(0, len(same), batch_size):
-                rows = same[b:b + batch_size]
-                context_BT = torch.from_numpy(np.stack([inputs.contexts[i].values for i in rows])).to(device)
-                out[rows] = model.forecast(context_BT, horizon).float().cpu().numpy()
-                bar.update(len(rows))
-    return out
+        return forecast_contexts(model, [c.values for c in inputs.contexts], [horizon], batch_size, bar)[horizon]
 
 
 def as_frame(inputs: Inputs, forecasts_NH: np.ndarray) -> pd.DataFrame:
@@ -136,7 +126,7 @@ def run(args) -> None:
         for layer in model.model.layers:
             layer.compile()
     with torch.no_grad():
-        forecasts = forecast_all(model, inputs, args.horizon, args.batch_size, args.device, not args.no_progress)
+        forecasts = forecast_all(model, inputs, args.horizon, args.batch_size, not args.no_progress)
     write(as_frame(inputs, forecasts), args.out)
     print(f"timemoe-forecast: {len(inputs.contexts)} series x {args.horizon} points "
           f"in {time.perf_counter() - started:.1f} s" + (f" -> {args.out}" if args.out else ""), file=sys.stderr)

@@ -158,6 +158,16 @@ class AttentionLayout:
             return cls(impl, block_mask=_flex_block_mask(sequence_ids_BT))
         return cls("causal")
 
+    @classmethod
+    def padded(cls, attention_mask_BS: torch.Tensor, T: int) -> "AttentionLayout":
+        """The last T of S points (S - T of them cached) over left-padded rows: a point sees the real points up to
+        itself, and itself (a padding point that saw nothing would turn its output, and through its value every
+        later one, into NaN)."""
+        S, device = attention_mask_BS.shape[1], attention_mask_BS.device
+        key_S, query_T1 = torch.arange(S, device=device), torch.arange(S - T, S, device=device)[:, None]
+        mask_BTS = (key_S <= query_T1) & (attention_mask_BS.bool().unsqueeze(1) | (key_S == query_T1))
+        return cls("dense_mask", S - T, mask_B1TS=mask_BTS.unsqueeze(1))
+
 
 def attend(q_BThd: torch.Tensor, k_BShd: torch.Tensor, v_BShd: torch.Tensor, layout: AttentionLayout,
            dropout_p: float) -> torch.Tensor:

@@ -85,6 +85,14 @@ class KVCache:
         self.length = end
         return self.k_BShd[:, :end], self.v_BShd[:, :end]
 
+    def fork(self) -> "KVCache":
+        """A copy to extend on another branch of a roll-out (this one goes on unchanged)."""
+        other = KVCache(self.capacity)
+        other.length = self.length
+        if self.k_BShd is not None:
+            other.k_BShd, other.v_BShd = self.k_BShd.clone(), self.v_BShd.clone()
+        return other
+
 
 class TimeMoeAttention(nn.Module):
     def __init__(self, config: TimeMoeConfig):
@@ -109,8 +117,9 @@ class TimeMoeAttention(nn.Module):
         v_BThd = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
         if kv_cache is not None:
             k_BThd, v_BThd = kv_cache.append(k_BThd, v_BThd)
-        if last_only:  # the last point sees every key: no mask
-            layout = AttentionLayout("causal", past_len=k_BThd.shape[1] - 1)
+        if last_only:  # the last point sees every key (of a left-padded row, every real one)
+            layout = AttentionLayout("causal", past_len=k_BThd.shape[1] - 1) if layout.mask_B1TS is None else \
+                AttentionLayout("dense_mask", k_BThd.shape[1] - 1, mask_B1TS=layout.mask_B1TS[:, :, -1:])
         out_BThd = attend(q_BThd, k_BThd, v_BThd, layout, self.dropout if self.training else 0.0)
         return self.o_proj(out_BThd.reshape(B, q_BThd.shape[1], -1))
 
@@ -154,19 +163,24 @@ class TimeMoeModel(nn.Module):
         return self._attn_impl[device.type]
 
     def forward(self, inputs_BTC, sequence_ids_BT=None, kv_cache: list[KVCache] | None = None,
-                last_only: bool = False):
+                last_only: bool = False, attention_mask_BS=None):
         """kv_cache: one KVCache per layer, extended in place with the new points; last_only: the last layer and the
-        final norm for the last point alone ([B, 1, D] out)."""
+        final norm for the last point alone ([B, 1, D] out); attention_mask_BS: which of the cached and new points
+        are real (rows left-padded to one length): positions count real points only, so a padded row computes
+        what it would alone."""
         B, T, _ = inputs_BTC.shape
         device = inputs_BTC.device
         past_len = 0 if kv_cache is None else kv_cache[0].length
         if sequence_ids_BT is not None:
-            if kv_cache is not None:
-                raise ValueError("packed sequences (sequence_ids) cannot be combined with a KV cache")
+            if kv_cache is not None or attention_mask_BS is not None:
+                raise ValueError("packed sequences (sequence_ids) cannot be combined with a KV cache or padding")
             positions_BT = packed_positions(sequence_ids_BT)
+        elif attention_mask_BS is not None:
+            positions_BT = (attention_mask_BS.long().cumsum(dim=1) - 1).clamp(min=0)[:, -T:]
         else:
             positions_BT = torch.arange(past_len, past_len + T, device=device).expand(B, T)
-        layout = AttentionLayout.build(self.attn_impl(device), sequence_ids_BT, T, past_len, device)
+        layout = AttentionLayout.build(self.attn_impl(device), sequence_ids_BT, T, past_len, device) \
+            if attention_mask_BS is None else AttentionLayout.padded(attention_mask_BS, T)
 
         h_BTD = self.embed_layer(inputs_BTC)
         cos, sin = rotary_cos_sin(positions_BT, self.config.head_dim, self.config.rope_theta, h_BTD.dtype)
@@ -278,34 +292,12 @@ class TimeMoeForPrediction(nn.Module):
         c = self.config
         return c.apply_aux_loss and not c.use_dense and c.aux_loss_type == "timemoe"
 
-    @torch.no_grad()
-    def forecast(self, context_BT: torch.Tensor, horizon: int) -> torch.Tensor:
-        """Forecast `horizon` points after each context row: z-normalise per series, roll out autoregressively with
-        the largest head that does not overshoot, reusing the KV cache, then de-normalise."""
-        if context_BT.dim() != 2 or context_BT.shape[1] == 0:
-            raise ValueError(f"context must be [batch, time] with time > 0, got shape {tuple(context_BT.shape)}")
-        if horizon <= 0:
-            raise ValueError(f"horizon must be positive, got {horizon}")
-        if self.config.input_size != 1:
-            raise ValueError("forecast() handles univariate models (input_size=1)")
-        param = next(self.parameters())
-        x_BT = context_BT.to(device=param.device, dtype=torch.float32)
-        mean_B1 = x_BT.mean(dim=1, keepdim=True)
-        std_B1 = x_BT.std(dim=1, keepdim=True, unbiased=False)
-        std_B1 = torch.where(std_B1 > 1e-8, std_B1, torch.ones_like(std_B1))
-        step_input = ((x_BT - mean_B1) / std_B1).to(param.dtype)
+    def forecast(self, context_BT: torch.Tensor, horizon: int, lengths_B: torch.Tensor | None = None) -> torch.Tensor:
+        """Forecast `horizon` points after each context row (`lengths_B`: rows left-padded, each holding its last
+        lengths_B[b] points real): see `rollout.roll_out`, which also gives several horizons from one roll-out."""
+        from .rollout import roll_out
 
-        chunks, remaining = [], horizon
-        cache = [KVCache(x_BT.shape[1] + horizon) for _ in self.model.layers]
-        while remaining > 0:
-            j = max(i for i, h in enumerate(self.config.horizon_lengths) if h <= remaining)
-            # Only the last point's output is read: the last layer and the head skip the others.
-            h_B1D, _ = self.model(step_input.unsqueeze(-1), kv_cache=cache, last_only=True)
-            pred_Bh = self.lm_heads[j](h_B1D[:, -1]).float()
-            chunks.append(pred_Bh)
-            remaining -= pred_Bh.shape[1]
-            step_input = pred_Bh.to(param.dtype)
-        return torch.cat(chunks, dim=1) * std_B1 + mean_B1
+        return roll_out(self, context_BT, [horizon], lengths_B)[horizon]
 
     # --- HF layout --------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
