@@ -33,7 +33,7 @@ from ..checkpoint import CheckpointError, read_meta
 from ..model.config import ConfigError
 from .config import RunConfig, TrainConfigError, typed_values
 from .monitor import scrub
-from .run_dir import RunInUse, RunLock, set_aside
+from .run_dir import LockUnsupported, RunInUse, RunLock, set_aside
 
 
 def _config_dir() -> Path:
@@ -46,7 +46,8 @@ def _config_dir() -> Path:
 
 
 CONFIG_DIR = _config_dir()
-USER_ERRORS = (TrainConfigError, ConfigError, DataError, CheckpointError, FileNotFoundError, RunInUse)
+USER_ERRORS = (TrainConfigError, ConfigError, DataError, CheckpointError, FileNotFoundError, RunInUse,
+               LockUnsupported)
 _MAX_NAME = 100
 # Under plain torchrun, how long ranks other than a node's local rank 0 wait before saying a user error themselves.
 _SAY_ONCE_WAIT_S = 10.0
