@@ -24,11 +24,13 @@ FORMAT_VERSION = 1
 
 class DigestWriter(io.RawIOBase):
     """A new binary file: sha256 and size of its bytes as they pass; on close fsynced and entered in `record`
-    (absolute path -> (size, sha256)). Sequential only: a seek would make the digest lie."""
+    (absolute path -> (size, sha256); None while it is open, and after a write to it failed: so a failure names its
+    file). Sequential only: a seek would make the digest lie."""
 
     def __init__(self, path: str | Path, record: dict):
         super().__init__()
-        self.path, self._record = Path(path).absolute(), record
+        self.path, self._record, self._file = Path(path).absolute(), record, None
+        record[str(self.path)] = None
         self._file = open(self.path, "wb")
         self._sha, self._size = hashlib.sha256(), 0
 
@@ -49,15 +51,22 @@ class DigestWriter(io.RawIOBase):
         return self._file.fileno()
 
     def flush(self) -> None:
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.flush()
 
     def close(self) -> None:
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
             self._record[str(self.path)] = (self._size, self._sha.hexdigest())
+        super().close()
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.close()
+            return
+        self._file.close()  # left unrecorded: what was written is not the file's content
         super().close()
 
 
