@@ -7,15 +7,18 @@ outside the checkout, with test-only faults in the writer (tests/dist/writer_fau
   processes EP=2 with ZeRO-1 in bf16;
 - one rank's write failing (ENOSPC, which names no file) or hanging: every rank stops with one line naming the rank
   and the file, exit status 3, long before gloo's 30-minute default; `latest` still names the previous checkpoint,
-  which verifies."""
+  which verifies.
+The host copies themselves (`HostCopies`) also on a GPU: pinned, taken behind queued work, complete at `ready()`."""
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from train_launch import REPO, metrics, worker_env  # noqa: E402
 
 from timemoe_train.checkpoint import load_checkpoint_file, verify  # noqa: E402
+from timemoe_train.train.checkpointer import HostCopies  # noqa: E402
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -36,6 +40,44 @@ EP2_ZERO1 = ["parallel=expert", "parallel.zero_stage=1"]
 # ZeRO's bf16 partitions and their moments (bf16_zero_pp_rank_*) at EP=2.
 LAYOUTS = {"one-process-defaults": (1, []), "ep2-zero1-bf16": (2, EP2_ZERO1 + ["trainer.precision=bf16"])}
 TAGS = [f"step{s:08d}" for s in (2, 4, 6, 8)]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_host_copies_keep_the_values_they_had_when_taken(device):
+    """What a save stages: weights that are views of one flat buffer (as under ZeRO), Adam's moments, a loss
+    scaler object, and the elastic part's views of them. On a GPU the copies queue behind matrix products, as
+    behind a step. After `ready()` the live state changes in place at once; the copies keep the values
+    they had, in host memory (pinned, from a GPU), each tensor copied once and the views viewing those copies."""
+    flat = torch.randn(1 << 20, device=device)
+    moment = torch.randn(4096, device=device)
+    live = {"module": {"a": flat[:1000].view(10, 100), "b": flat[1000:3000]},
+            "optimizer": {"state": {0: {"exp_avg": moment}}, "scaler": SimpleNamespace(cur_scale=1.0)}}
+    want = copy.deepcopy(live)
+    if device == "cuda":
+        busy = torch.randn(8192, 8192, device=device)
+        for _ in range(20):
+            busy = busy @ busy / 8192
+    copies = HostCopies()
+    staged = copies.tree({**live, "again": live["module"]["a"]})
+    inside_b, inside_moment = copies.view(flat[1500:2500]), copies.view(moment[100:200])
+    copies.ready()
+    flat.mul_(-1)
+    moment.add_(1)
+    live["optimizer"]["scaler"].cur_scale = 2.0
+    a, b, exp_avg = staged["module"]["a"], staged["module"]["b"], staged["optimizer"]["state"][0]["exp_avg"]
+    expected_pairs = ((a, want["module"]["a"]), (b, want["module"]["b"]), (inside_b, want["module"]["b"][500:1500]),
+                      (exp_avg, want["optimizer"]["state"][0]["exp_avg"]))
+    for got, expected in expected_pairs:
+        assert got.device.type == "cpu" and got.is_pinned() == (device == "cuda")
+        assert torch.equal(got, expected.cpu())
+    assert staged["optimizer"]["scaler"].cur_scale == 1.0
+    assert staged["again"] is a
+
+    def storage(t):
+        return t.untyped_storage().data_ptr()
+
+    assert storage(inside_b) == storage(b) and storage(inside_moment) == storage(exp_avg)
 
 
 def train(nproc: int, run_dir: Path, overrides: list[str], **faults: str) -> subprocess.CompletedProcess:
