@@ -19,8 +19,9 @@ A write that fails on one rank fails the save on every rank: each rank catches i
 save group's collectives, which then skip the elastic part's (DCP's own collectives: every rank enters them or
 none) and the publishing, so `latest` keeps naming the previous checkpoint. The failure reaches every rank's step
 loop in the same step (`failed`, carried by the step's all-reduce), and `wait` raises `CheckpointWriteError` there,
-the same line on every rank. A rank whose write hangs is waited for `checkpoint.write_timeout_s`, not gloo's default
-30 minutes.
+the same line on every rank. A rank whose write hangs stops every rank within about twice
+`checkpoint.write_timeout_s` (the save group's timeout, then each rank's wait for its own write), not gloo's
+default 30 minutes.
 
 Same layout (world size, EP size, ZeRO stage, precision, MoE implementation) loads DeepSpeed's own files, the fast
 path; any other layout loads the elastic part (`elastic/`, see `timemoe_train.checkpoint.elastic` for why DCP).

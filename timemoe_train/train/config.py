@@ -99,8 +99,9 @@ class CheckpointConfig:
     # move into place run in the background. False: it waits until the checkpoint is in place, and needs no host
     # memory for the copy.
     async_save: bool = True
-    # Seconds a rank waits for the others in a save's collectives, and for its own write when the run stops: what a
-    # rank whose write hangs costs (one whose write fails says so at once). Every rank then stops with one line.
+    # Seconds a rank waits for the others in a save's collectives, and for its own write when it stops: a rank whose
+    # write hangs stops every rank within about twice this (one whose write fails says so at once). Every rank then
+    # stops in the same step with one line.
     write_timeout_s: float = 600.0
 
 
