@@ -8,6 +8,9 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
+from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -100,13 +103,48 @@ def test_resume_and_export_follow_latest_then_the_lineage_in_write_order_not_ste
         assert checkpoint_dir(tmp_path) == (tmp_path, tmp_path / "step00000004")
 
 
-def _verify_as_rank(rank: int, world: int, init_file: str, tag_dir, out) -> None:
-    """One rank of a gloo group: verify `tag_dir` together, noting the files this rank hashed and the verdict."""
+def test_a_checkpoint_skipped_as_damaged_leaves_the_lineage_and_never_counts_against_keep_last(tmp_path):
+    """A run resumes past a damaged step 12 to step 8: 12 leaves the lineage (its directory stays where it was,
+    named in the warning) and `latest` names 8. The next save, with keep_last=2, prunes step 4, not the good step 8
+    (before, the damaged 12 counted as one of the two kept); the next start no longer looks at 12."""
+    from timemoe_train.checkpoint.resume import resume_point
+    from timemoe_train.train.checkpointer import Checkpointer
+
+    for step in (4, 8, 12):
+        write_checkpoint(tmp_path, step)
+    (tmp_path / "latest").write_text("step00000012")
+    (tmp_path / "lineage").write_text("step00000004\nstep00000008\nstep00000012\n")
+    flip(tmp_path / "step00000012" / "model.pt")
+    config = SimpleNamespace(dir=str(tmp_path))
+    with pytest.warns(CheckpointWarning) as warned:
+        assert resume_point(config) == "step00000008"
+    assert str(warned[-1].message) == (
+        f"{tmp_path}: step00000012 left the lineage (resuming from step00000008, which `latest` now names); the "
+        f"damaged directories stay, never resumed from nor pruned: remove them when done with them "
+        f"({tmp_path / 'step00000012'})")
+    assert (tmp_path / "lineage").read_text().split() == ["step00000004", "step00000008"]
+    assert (tmp_path / "latest").read_text() == "step00000008"
+
+    (write_checkpoint(tmp_path, 10)).rename(tmp_path / ".tmp-step00000010")  # the resumed run's next save
+    Checkpointer._publish(SimpleNamespace(root=tmp_path, cfg=SimpleNamespace(keep_last=2)),
+                          tmp_path / ".tmp-step00000010", "step00000010")
+    assert (tmp_path / "lineage").read_text().split() == ["step00000008", "step00000010"]
+    assert sorted(p.name for p in tmp_path.glob("step*")) == ["step00000008", "step00000010", "step00000012"]
+    with warnings.catch_warnings(record=True) as again:
+        assert resume_point(config) == "step00000010"
+    assert not again
+
+
+def _verify_as_rank(rank: int, world: int, init_file: str, tag_dirs, out) -> None:
+    """One rank of a gloo group: verify `tag_dirs[rank]` (each rank's own view of the checkpoint) together, noting
+    the files this rank hashed and the verdict. A collective some rank skipped times out instead of hanging."""
     import torch.distributed as dist
 
     from timemoe_train.checkpoint import digests
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    tag_dir = tag_dirs[rank]
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
     hashed, digest = [], digests.file_digest
     digests.file_digest = lambda path: (hashed.append(path.relative_to(tag_dir).as_posix()), digest(path))[1]
     try:
@@ -118,12 +156,13 @@ def _verify_as_rank(rank: int, world: int, init_file: str, tag_dir, out) -> None
     dist.destroy_process_group()
 
 
-def verify_in_two_processes(tmp_path, tag_dir) -> list[dict]:
+def verify_in_two_processes(tmp_path, tag_dir, rank1_sees=None) -> list[dict]:
+    """`rank1_sees`: the directory rank 1 verifies instead of `tag_dir` (what a stale cache shows it)."""
     import torch.multiprocessing as mp
 
     out = tmp_path / f"out-{len(list(tmp_path.glob('out-*')))}"
     out.mkdir()
-    mp.spawn(_verify_as_rank, args=(2, str(out / "store"), tag_dir, out), nprocs=2)
+    mp.spawn(_verify_as_rank, args=(2, str(out / "store"), [tag_dir, rank1_sees or tag_dir], out), nprocs=2)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -140,6 +179,25 @@ def test_two_ranks_hash_a_share_each_and_agree_on_the_verdict(tmp_path):
     bad = verify_in_two_processes(tmp_path, tag_dir)
     assert bad[0]["verdict"] == bad[1]["verdict"]
     assert bad[0]["verdict"].startswith(f"{tag_dir / flipped}: sha256 differs")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank1_sees", ["a shorter file", "no manifest"])
+def test_ranks_that_see_different_files_agree_on_the_verdict_instead_of_hanging(tmp_path, rank1_sees):
+    """Rank 1's view of the checkpoint (a stale network file system cache) has one file shorter, or no manifest
+    at all: it must not raise before the verdicts are gathered, or rank 0 waits in that collective forever."""
+    tag_dir = write_checkpoint(tmp_path, 4)
+    stale = tmp_path / "stale" / tag_dir.name
+    shutil.copytree(tag_dir, stale)
+    if rank1_sees == "a shorter file":
+        os.truncate(stale / "model.pt", 10)
+        size = (tag_dir / "model.pt").stat().st_size
+        want = f"model.pt: 10 bytes, the manifest says {size} (truncated or overwritten)"
+    else:
+        (stale / MANIFEST).unlink()
+        want = f"{MANIFEST}: missing: the checkpoint cannot be verified"
+    verdicts = [r["verdict"] for r in verify_in_two_processes(tmp_path, tag_dir, rank1_sees=stale)]
+    assert verdicts[0] == f"{tag_dir}/{want}" and verdicts[1] == f"{stale}/{want}", verdicts
 
 
 def torn(tag_dir):

@@ -80,6 +80,20 @@ def broken_checkpoint(run_dir: Path) -> None:
     (run_dir / "checkpoints" / "latest").write_text("step00000007")
 
 
+NO_FLOCK = """import errno, fcntl, os
+def flock(fd, operation):  # as on Lustre mounted without -o flock
+    raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+fcntl.flock = flock
+"""
+
+
+def no_flock(run_dir: Path) -> dict:
+    """The run directory's file system has no flock: a sitecustomize for the command's process."""
+    (run_dir.parent / "no_flock").mkdir()
+    (run_dir.parent / "no_flock" / "sitecustomize.py").write_text(NO_FLOCK)
+    return {"PYTHONPATH": os.pathsep.join([str(run_dir.parent / "no_flock"), os.environ.get("PYTHONPATH", "")])}
+
+
 @pytest.mark.parametrize("args, message, setup", [
     (["data=synthetic", "parallel=expert", "parallel.expert_parallel_size=3"],
      "parallel.expert_parallel_size=3 does not divide the world size 2", None),
@@ -96,15 +110,18 @@ def broken_checkpoint(run_dir: Path) -> None:
     (["model=huge"], "Could not find 'model/huge'", None),
     (["data=synthetic", "data.max_length=48", "trainer.global_batch_size=2", "trainer.micro_batch_size=1",
       "logger=none"], "names 'step00000007', which is not a directory", broken_checkpoint),
+    (["data=synthetic"], "LockUnsupported: {run}: its file system cannot flock {run}/.lock (Function not implemented), "
+     "the lock that keeps a second launch off a live run: mount it with flock (Lustre: -o flock), or choose a run.dir "
+     "on a file system that has it (local disk, NFS with its lock daemon)", no_flock),
 ], ids=["layout", "no-data-path", "missing-data-path", "unknown-key", "bad-type", "bad-bool", "bad-model-bool",
-         "list-for-str", "bad-tuple", "unknown-group", "checkpoint"])
+         "list-for-str", "bad-tuple", "unknown-group", "checkpoint", "no-flock"])
 def test_each_user_error_is_one_line_with_exit_status_2(tmp_path, args, message, setup):
-    if setup:
-        setup(tmp_path / "run")
+    env = (setup(tmp_path / "run") if setup else None) or {}
+    message = message.format(run=tmp_path / "run")
     proc = subprocess.run([sys.executable, "-m", "timemoe_train.train", *args, f"run.dir={tmp_path / 'run'}"],
                           capture_output=True, text=True, cwd=tmp_path,
                           env={**{k: v for k, v in os.environ.items() if k != "WORLD_SIZE"},
-                               **({"WORLD_SIZE": "2"} if "parallel=expert" in args else {})})
+                               **({"WORLD_SIZE": "2"} if "parallel=expert" in args else {}), **env})
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("timemoe-train:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]

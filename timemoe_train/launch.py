@@ -20,7 +20,8 @@ SIGINT is passed on too (the trainers exit at once, unsaved, status 130); SIGTER
 which sends the trainers SIGTERM, waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30) and kills them. SIGHUP
 and SIGQUIT go to torchrun, which stops the trainers unsaved (exit 128 + the signal). If this launcher dies (even
 kill -9), every trainer gets SIGTERM from the kernel (its parent-death signal) and saves its step as well.
-Exit status: 0 finished or stopped and saved; 2 a user error, printed once; otherwise the trainers' failure.
+Exit status: 0 finished or stopped and saved; 2 a user error, 3 a checkpoint that could not be written, each printed
+once; otherwise the trainers' failure.
 
 Nodes that share a hostname which resolves elsewhere (network namespaces, some containers) also need:
   LOCAL_ADDR=<this node's address>  -> --local_addr, and --rdzv_conf is_host=1 on node 0, is_host=0 elsewhere
@@ -174,17 +175,18 @@ def run_torchrun(torchrun_args: list[str]) -> int:
     try:
         torchrun_main(torchrun_args)
     except ChildFailedError as e:
-        # A user error: some rank exited 2 with its line in torchrun's error file, and the others did the same or
-        # were stopped by torchrun's SIGTERM on the way.
+        # A user error (2) or a failed checkpoint write (3): some rank exited so with its line in torchrun's error
+        # file, and the others did the same or were stopped by torchrun's SIGTERM on the way.
         failures = list(e.failures.values())
         messages = [m for m in (f.message.get("message", "") if isinstance(f.message, dict) else f.message
                                 for f in failures) if m.startswith("timemoe-train:")]
         codes = {f.exitcode for f in failures}
-        if not messages or 2 not in codes or not all(c == 2 or c < 0 for c in codes):
+        said = codes & {2, 3}
+        if not messages or len(said) != 1 or not all(c in said or c < 0 for c in codes):
             raise
-        for message in dict.fromkeys(messages):  # every rank finds the same config error: said once
+        for message in dict.fromkeys(messages):  # every rank finds the same error: said once
             print(message, file=sys.stderr, flush=True)
-        return 2
+        return said.pop()
     except Exception as e:
         stop = stop_signal(e, SignalException)
         if stop is None:

@@ -18,10 +18,10 @@ Layout of a run's `checkpoint.dir`:
 
 from .files import load_checkpoint_file
 from .format import (BEST, CONFIG, CONSOLIDATED, ELASTIC, LATEST, LINEAGE, MANIFEST, META, MODEL_PREFIX, OLD_PREFIX,
-                     TMP_PREFIX, CheckpointCorrupt, CheckpointError, lineage, read_meta, step_tags, tag_for,
-                     trainer_state_file)
+                     TMP_PREFIX, CheckpointCorrupt, CheckpointError, CheckpointWriteError, lineage, read_meta,
+                     step_tags, tag_for, trainer_state_file)
 from .digests import DigestWriter, verify
 
 __all__ = ["BEST", "CONFIG", "CONSOLIDATED", "ELASTIC", "LATEST", "LINEAGE", "MANIFEST", "META", "MODEL_PREFIX",
-           "OLD_PREFIX", "TMP_PREFIX", "CheckpointCorrupt", "CheckpointError", "DigestWriter", "lineage",
-           "load_checkpoint_file", "read_meta", "step_tags", "tag_for", "trainer_state_file", "verify"]
+           "OLD_PREFIX", "TMP_PREFIX", "CheckpointCorrupt", "CheckpointError", "CheckpointWriteError", "DigestWriter",
+           "lineage", "load_checkpoint_file", "read_meta", "step_tags", "tag_for", "trainer_state_file", "verify"]

@@ -24,11 +24,13 @@ FORMAT_VERSION = 1
 
 class DigestWriter(io.RawIOBase):
     """A new binary file: sha256 and size of its bytes as they pass; on close fsynced and entered in `record`
-    (absolute path -> (size, sha256)). Sequential only: a seek would make the digest lie."""
+    (absolute path -> (size, sha256); None while it is open, and after a write to it failed: so a failure names its
+    file). Sequential only: a seek would make the digest lie."""
 
     def __init__(self, path: str | Path, record: dict):
         super().__init__()
-        self.path, self._record = Path(path).absolute(), record
+        self.path, self._record, self._file = Path(path).absolute(), record, None
+        record[str(self.path)] = None
         self._file = open(self.path, "wb")
         self._sha, self._size = hashlib.sha256(), 0
 
@@ -49,15 +51,22 @@ class DigestWriter(io.RawIOBase):
         return self._file.fileno()
 
     def flush(self) -> None:
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.flush()
 
     def close(self) -> None:
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
             self._record[str(self.path)] = (self._size, self._sha.hexdigest())
+        super().close()
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.close()
+            return
+        self._file.close()  # left unrecorded: what was written is not the file's content
         super().close()
 
 
@@ -79,6 +88,17 @@ def write_manifest(tag_dir: Path, records: dict) -> None:
         fsync_dir(d)
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """`path` holds `text`, or (killed midway) what it held before: written aside, fsynced, renamed over it."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -89,24 +109,42 @@ def fsync_dir(path: Path) -> None:
 
 def verify(tag_dir: Path, group=None) -> None:
     """Raise CheckpointCorrupt naming the first file of `tag_dir` (in manifest order) that differs from its
-    manifest. With `group` (a torch.distributed process group of several ranks; collective): each rank hashes a
-    share of the files, balanced by size, and every rank raises the same error."""
-    path = tag_dir / MANIFEST
+    manifest: a missing manifest or file, or a size, before any sha256. With `group` (a torch.distributed process
+    group of several ranks; collective): each rank hashes a share of the files, balanced by size, and every rank
+    raises the same error, also when the ranks see different things (a stale network file system cache): each
+    rank's findings, its own reading of the manifest and the sizes included, go into one all_gather."""
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+    files, bad = _check_sizes(tag_dir)  # bad: (kind, index in the manifest, path, why); kind 0 before 1 (hashes)
+    if bad is None:
+        bad = _check_hashes(tag_dir, files, _share(files, rank, world), rank)
+    if world > 1:
+        verdicts = [None] * world
+        dist.all_gather_object(verdicts, bad, group=group)
+        bad = min((v for v in verdicts if v is not None), default=None)
+    if bad is not None:
+        raise CheckpointCorrupt(tag_dir / bad[2], bad[3])
+
+
+def _check_sizes(tag_dir: Path) -> tuple[dict, tuple | None]:
+    """The manifest's files, and the first that is missing or has another size (cheap, and what a truncated copy
+    gets wrong)."""
     try:
-        files = json.loads(path.read_text())["files"]
+        files = json.loads((tag_dir / MANIFEST).read_text())["files"]
     except FileNotFoundError:
-        raise CheckpointCorrupt(path, "missing: the checkpoint cannot be verified") from None
+        return {}, (0, -1, MANIFEST, "missing: the checkpoint cannot be verified")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointCorrupt(path, f"unreadable ({e})") from None
-    for name, want in files.items():  # sizes first: cheap, and what a truncated copy gets wrong
+        return {}, (0, -1, MANIFEST, f"unreadable ({e})")
+    for index, (name, want) in enumerate(files.items()):
         f = tag_dir / name
         if not f.is_file():
-            raise CheckpointCorrupt(f, "missing (listed in the manifest)")
+            return files, (0, index, name, "missing (listed in the manifest)")
         if (size := f.stat().st_size) != want["size"]:
-            raise CheckpointCorrupt(f, f"{size} bytes, the manifest says {want['size']} (truncated or overwritten)")
-    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
-    mine = _share(files, rank, world)
-    bad = None
+            return files, (0, index, name, f"{size} bytes, the manifest says {want['size']} (truncated or overwritten)")
+    return files, None
+
+
+def _check_hashes(tag_dir: Path, files: dict, mine: set[str], rank: int) -> tuple | None:
+    """The first of this rank's share of the files whose sha256 differs from the manifest's."""
     total = sum(files[name]["size"] for name in mine)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"verifying {tag_dir.name}",
               disable=total < 2**30 or rank != 0) as bar:
@@ -116,18 +154,11 @@ def verify(tag_dir: Path, group=None) -> None:
             try:
                 same = file_digest(tag_dir / name)[1] == files[name]["sha256"]
             except OSError as e:
-                bad = (index, name, f"unreadable ({e})")
-                break
+                return 1, index, name, f"unreadable ({e})"
             if not same:
-                bad = (index, name, "sha256 differs from the manifest (altered after writing)")
-                break
+                return 1, index, name, "sha256 differs from the manifest (altered after writing)"
             bar.update(files[name]["size"])
-    if world > 1:
-        verdicts = [None] * world
-        dist.all_gather_object(verdicts, bad, group=group)
-        bad = min((v for v in verdicts if v is not None), default=None)
-    if bad is not None:
-        raise CheckpointCorrupt(tag_dir / bad[1], bad[2])
+    return None
 
 
 def _share(files: dict, rank: int, world: int) -> set[str]:

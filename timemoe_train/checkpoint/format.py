@@ -1,4 +1,4 @@
-"""Names inside a checkpoint directory, and the errors reading one raises."""
+"""Names inside a checkpoint directory, and the errors reading or writing one raises."""
 
 from __future__ import annotations
 
@@ -27,6 +27,11 @@ _TAG = re.compile(r"step(\d{8,})")
 
 class CheckpointError(ValueError):
     """A checkpoint or HF-layout directory that cannot be read; the message names the file."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A save that could not be completed (a rank's file system refused a write, or a rank's write hung): nothing
+    was published. The message names the rank and the file."""
 
 
 class CheckpointCorrupt(CheckpointError):

@@ -6,7 +6,9 @@ first (`--nproc-per-node`, `--nnodes`, …) the torchrun launcher of `timemoe_tr
 A run lives in `run.dir` (default `runs/<run.name>`, the name made of the command's overrides): the same command
 again continues from that directory's latest checkpoint. Exit status: 0 when the run finished or was stopped by
 SIGTERM / SIGUSR1 / SIGINT after saving, 2 for a user error (one line on stderr, before any engine start-up),
-130 for a second Ctrl-C (no save), 1 for anything else (a traceback).
+3 when a checkpoint could not be written (one line naming the rank and the file; every rank stops in the same step
+and `latest` still names the previous checkpoint), 130 for a second Ctrl-C (no save), 1 for anything else (a
+traceback).
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ..data.errors import DataError
 from ..launch import LAUNCH_OPTIONS, LAUNCHED
-from ..checkpoint import CheckpointError, read_meta
+from ..checkpoint import CheckpointError, CheckpointWriteError, read_meta
 from ..model.config import ConfigError
 from .config import RunConfig, TrainConfigError, typed_values
 from .monitor import scrub
-from .run_dir import RunInUse, RunLock, set_aside
+from .run_dir import LockUnsupported, RunInUse, RunLock, set_aside
 
 
 def _config_dir() -> Path:
@@ -46,7 +48,9 @@ def _config_dir() -> Path:
 
 
 CONFIG_DIR = _config_dir()
-USER_ERRORS = (TrainConfigError, ConfigError, DataError, CheckpointError, FileNotFoundError, RunInUse)
+USER_ERRORS = (TrainConfigError, ConfigError, DataError, CheckpointError, FileNotFoundError, RunInUse,
+               LockUnsupported)
+WRITE_FAILED = 3  # exit status: a checkpoint could not be written (CheckpointWriteError)
 _MAX_NAME = 100
 # Under plain torchrun, how long ranks other than a node's local rank 0 wait before saying a user error themselves.
 _SAY_ONCE_WAIT_S = 10.0
@@ -207,6 +211,8 @@ def _app(cfg: DictConfig) -> None:
         stopped = train(cfg, cfg.run.dir)
     except USER_ERRORS as e:
         _user_error(f"{type(e).__name__}: {e}")
+    except CheckpointWriteError as e:
+        _user_error(f"{type(e).__name__}: {e}", WRITE_FAILED)
     if stopped:  # also the end of a multirun: the signal asked this process to stop
         sys.exit(0)
 
@@ -224,13 +230,14 @@ def _omegaconf_message(e: OmegaConfBaseException, where: str) -> str:
     return f"{e.full_key or where}: {_one_line(e)}"
 
 
-def _user_error(message: str) -> None:
-    """One line, exit 2. Every rank meets the same error (the config, the corpus and the checkpoints are the same
-    for all), so a launch says it once: under `timemoe-train --nproc-per-node` the line goes to torchrun's error
-    file instead (its documented JSON), and the launcher prints it once for all ranks. Plain torchrun prints what
-    every rank prints: each node's local rank 0 prints it, and the others wait, so that torchrun, seeing local rank
-    0 fail, stops them unsaid (exiting at once, they could make torchrun stop local rank 0 before it printed). An
-    error local rank 0 did not meet is still said, by the rank that met it, when the wait is over."""
+def _user_error(message: str, status: int = 2) -> None:
+    """One line, exit `status` (2; 3 for a failed checkpoint write). Every rank meets the same error (the config,
+    the corpus and the checkpoints are the same for all; a failed write is agreed on by all), so a launch says it
+    once: under `timemoe-train --nproc-per-node` the line goes to torchrun's error file instead (its documented
+    JSON), and the launcher prints it once for all ranks. Plain torchrun prints what every rank prints: each node's
+    local rank 0 prints it, and the others wait, so that torchrun, seeing local rank 0 fail, stops them unsaid
+    (exiting at once, they could make torchrun stop local rank 0 before it printed). An error local rank 0 did not
+    meet is still said, by the rank that met it, when the wait is over."""
     line = f"timemoe-train: {message}"
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if os.environ.get(LAUNCHED) and error_file:
@@ -242,7 +249,7 @@ def _user_error(message: str) -> None:
                 signal.signal(sig, signal.SIG_DFL)
             time.sleep(_SAY_ONCE_WAIT_S)
         print(line, file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(status)
 
 
 # Notices from the libraries about their own internals, printed once per process; nothing a user can act on.

@@ -99,6 +99,10 @@ class CheckpointConfig:
     # move into place run in the background. False: it waits until the checkpoint is in place, and needs no host
     # memory for the copy.
     async_save: bool = True
+    # Seconds a rank waits for the others in a save's collectives, and for its own write when it stops: a rank whose
+    # write hangs stops every rank within about twice this (one whose write fails says so at once). Every rank then
+    # stops in the same step with one line.
+    write_timeout_s: float = 600.0
 
 
 @dataclass
@@ -232,6 +236,7 @@ class RunConfig:
             (o.clip_grad < 0, "optim.clip_grad", o.clip_grad, "must be >= 0 (0 disables clipping)"),
             (c.interval < 0, "checkpoint.interval", c.interval, "must be >= 0 (0: only at the end)"),
             (c.keep_last < 1, "checkpoint.keep_last", c.keep_last, "must be >= 1"),
+            (not c.write_timeout_s > 0, "checkpoint.write_timeout_s", c.write_timeout_s, "must be > 0 (seconds)"),
             (lg.wandb.mode not in WANDB_MODES, "logger.wandb.mode", lg.wandb.mode, f"choose one of {WANDB_MODES}"),
             (lg.interval < 1, "logger.interval", lg.interval, "must be >= 1"),
             (lg.progress_interval < 1 or lg.progress_interval % lg.interval, "logger.progress_interval",

@@ -54,8 +54,9 @@ class SkippableStep:
 
     def _clip(self, grads: list[torch.Tensor], norm: torch.Tensor) -> None:
         """Scale by clip_grad / (norm + 1e-6) where that is below 1, as DeepSpeed's ZeRO does (the same
-        operations, so the same bits), with no host read: the scale is applied also when it is 1."""
-        scale = 1.0 / torch.clamp((norm + 1e-6) / self.clip_grad, min=1.0)
+        operations, so the same bits), with no host read: the scale is applied also when it is 1. `norm` may be a
+        float: DeepSpeed's bf16 optimizer gives one when the model has MoE layers (`get_norm_with_moe_layers`)."""
+        scale = 1.0 / torch.clamp((torch.as_tensor(norm) + 1e-6) / self.clip_grad, min=1.0)
         for g in grads:
             g.mul_(scale.to(g.device))
 

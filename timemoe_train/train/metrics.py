@@ -52,6 +52,9 @@ def expert_choices(router_logits: list[torch.Tensor], top_k: int) -> torch.Tenso
     return torch.stack([torch.topk(logits_NE.detach().float(), top_k, dim=-1).indices for logits_NE in router_logits])
 
 
+_FLAGS = 3  # leading entries of the reduced vector: non-finite, stop request, failed save
+
+
 class StepStats:
     """Sums of one optimizer step on this rank, kept on the device: adding a micro-batch reads nothing back to the
     host (no `.item()`, boolean masks or `bincount`, which would make the host wait for the device). `reduce()`
@@ -96,20 +99,23 @@ class StepStats:
             flat_LNK = domain_N[None, :, None] * (L * E) + layer_L[:, None, None] * E + experts_LNK
             self.domain_load_DLE.view(-1).scatter_add_(0, flat_LNK.flatten(), valid_NK.expand(L, N, K).flatten())
 
-    def reduce(self, nonfinite_grads: torch.Tensor, stop_requested: bool) -> "ReducedStats":
-        """All-reduce the step's sums over every rank (each rank routes its own tokens), together with the guard's
-        and the signal handler's flags, so that every rank takes the same decisions: those two flags are the one
-        host read. The rest stays on the device until `ReducedStats.read()` (logging steps); the per-domain counts
-        stay local until `reduce_domain_load`."""
-        flags = torch.stack([self.nonfinite + nonfinite_grads.double(),
-                             torch.tensor(float(stop_requested), dtype=torch.float64, device=self.device)])
+    def reduce(self, nonfinite_grads: torch.Tensor, stop_requested: bool, save_failed: bool = False
+               ) -> "ReducedStats":
+        """All-reduce the step's sums over every rank (each rank routes its own tokens), together with the guard's,
+        the signal handler's and the background save's flags, so that every rank takes the same decisions: those
+        flags are the one host read. The rest stays on the device until `ReducedStats.read()` (logging steps); the
+        per-domain counts stay local until `reduce_domain_load`."""
+        flags = torch.cat([(self.nonfinite + nonfinite_grads.double()).reshape(1),
+                           torch.tensor([float(stop_requested), float(save_failed)], dtype=torch.float64,
+                                        device=self.device)])
         parts = [flags, self.loss, self.aux, self.micro, self.points, self.square_sum, self.heads,
                  self.load_LE.flatten()]
         flat = torch.cat([p.reshape(-1) for p in parts])
         if dist.is_initialized():
             dist.all_reduce(flat)
-        nonfinite, stop = flat[:2].tolist()
-        return ReducedStats(nonfinite > 0, stop > 0, flat, len(self.config.horizon_lengths), self.load_LE.shape)
+        nonfinite, stop, save_failed = flat[:_FLAGS].tolist()
+        return ReducedStats(nonfinite > 0, stop > 0, save_failed > 0, flat, len(self.config.horizon_lengths),
+                            self.load_LE.shape)
 
 
 @dataclass
@@ -118,16 +124,17 @@ class ReducedStats:
 
     nonfinite: bool
     stop: bool
+    save_failed: bool  # some rank's background save failed: every rank stops in this step
     flat: torch.Tensor
     num_heads: int
     load_shape: torch.Size
 
     def read(self) -> dict:
-        values = self.flat.cpu()
-        loss, aux, micro, points, square_sum = values[2:7].tolist()
-        heads = values[7:7 + self.num_heads] / micro
+        values = self.flat[_FLAGS:].cpu()
+        loss, aux, micro, points, square_sum = values[:5].tolist()
+        heads = values[5:5 + self.num_heads] / micro
         return {"loss": loss / micro, "aux_loss": aux / micro, "points": points, "square_sum": square_sum,
-                "head_losses": heads.tolist(), "load_LE": values[7 + self.num_heads:].view(self.load_shape)}
+                "head_losses": heads.tolist(), "load_LE": values[5 + self.num_heads:].view(self.load_shape)}
 
 
 def reduce_domain_load(domain_load_DLE: torch.Tensor) -> torch.Tensor:

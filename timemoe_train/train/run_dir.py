@@ -1,11 +1,13 @@
 """What a run directory promises: one live run at a time, and one lineage of checkpoints and metrics.
 
 The lock is a `flock` on `<run dir>/.lock`, which also names the host and process holding it: the kernel releases
-it when that process ends however it ends (kill -9 included), so a dead run never blocks the next launch.
+it when that process ends however it ends (kill -9 included), so a dead run never blocks the next launch. A file
+system without `flock` (Lustre mounted without `-o flock`) is refused in one line that says the way out.
 `checkpoint.resume=false` moves the previous lineage aside into a folder of the run, never deletes it."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -19,6 +21,15 @@ METRICS = "metrics.jsonl"
 
 class RunInUse(RuntimeError):
     """Another live process holds the run directory; the message names it."""
+
+
+class LockUnsupported(RuntimeError):
+    """The run directory's file system has no `flock`; the message names the directory and the way out."""
+
+
+# What flock raises where the file system does not implement it (Lustre without -o flock: ENOSYS; NFS without its
+# lock daemon: ENOLCK; some FUSE file systems: EOPNOTSUPP).
+_NO_FLOCK = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
 
 
 class RunLock:
@@ -35,6 +46,14 @@ class RunLock:
             os.close(self.fd)
             raise RunInUse(f"{run_dir} is in use by {holder}; one live run per run directory: wait for it, stop "
                            "it, or choose another run.dir") from None
+        except OSError as e:
+            os.close(self.fd)
+            if e.errno not in _NO_FLOCK:
+                raise
+            raise LockUnsupported(
+                f"{run_dir}: its file system cannot flock {path} ({os.strerror(e.errno)}), the lock that keeps a "
+                "second launch off a live run: mount it with flock (Lustre: -o flock), or choose a run.dir on a "
+                "file system that has it (local disk, NFS with its lock daemon)") from None
         os.ftruncate(self.fd, 0)
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         os.write(self.fd, f"timemoe-train pid {os.getpid()} on host {socket.gethostname()} since {started}\n".encode())

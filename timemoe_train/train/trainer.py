@@ -180,6 +180,8 @@ class Trainer:
                 summary, stats, elapsed = self._train_step(batches, num_domains)
                 self.step += 1
                 reduced = summary["reduced"]
+                if reduced.save_failed:  # on every rank in this step: raises CheckpointWriteError
+                    self.checkpointer.wait()
                 self.guard.record(reduced.nonfinite)
                 validated = bool(t.val_interval) and (self.step % t.val_interval == 0 or self.step == t.max_steps)
                 if validated:
@@ -230,7 +232,7 @@ class Trainer:
             stats.add(out, batch)
             self.engine.backward(out.loss)
             if micro == self.gas - 1:  # gradients are complete: every rank decides the same way before stepping
-                reduced = stats.reduce(self.guard.nonfinite, self.stop.requested)
+                reduced = stats.reduce(self.guard.nonfinite, self.stop.requested, self.checkpointer.failed())
                 self.optimizer.veto = reduced.nonfinite
             self.engine.step()
         self.optimizer.veto = False
