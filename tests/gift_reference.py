@@ -39,12 +39,13 @@ def gift_windows(name: str, hf, prediction_length: int) -> int:
     return min(max(1, math.ceil(0.1 * min(len(t) for t in first) / prediction_length)), 20)
 
 
-def gift_test_data(path, name: str, term: str):
-    """(test data, prediction length, freq) of GIFT-Eval's Dataset(name, term, to_univariate=multivariate)."""
+def gift_entries(path, freq: str | None = None):
+    """(entries, the dataset, freq): GIFT-Eval's Dataset(to_univariate=multivariate) before its split; `freq`
+    overrides the rows' (for one a pandas Period refuses)."""
     import datasets
 
     hf = datasets.load_from_disk(str(path)).with_format("numpy")
-    freq = hf[0]["freq"]
+    freq = freq or hf[0]["freq"]
     one_dim = hf[0]["target"].ndim == 1
     process = ProcessDataEntry(freq, one_dim_target=one_dim)
     entries = []
@@ -57,10 +58,20 @@ def gift_test_data(path, name: str, term: str):
             else:
                 entries += [{**entry, "target": v, "item_id": f"{entry['item_id']}_dim{i}"}
                             for i, v in enumerate(entry["target"])]
+    return entries, hf, freq
+
+
+def split_windows(entries, prediction_length: int, windows: int):
+    _, template = split(entries, offset=-prediction_length * windows)
+    return template.generate_instances(prediction_length=prediction_length, windows=windows,
+                                       distance=prediction_length)
+
+
+def gift_test_data(path, name: str, term: str):
+    """(test data, prediction length, freq) of GIFT-Eval's Dataset(name, term, to_univariate=multivariate)."""
+    entries, hf, freq = gift_entries(path)
     pl = gift_prediction_length(name, freq, term)
-    w = gift_windows(name, hf, pl)
-    _, template = split(entries, offset=-pl * w)
-    return template.generate_instances(prediction_length=pl, windows=w, distance=pl), pl, freq
+    return split_windows(entries, pl, gift_windows(name, hf, pl)), pl, freq
 
 
 def leaderboard_metrics():

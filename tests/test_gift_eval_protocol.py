@@ -1,8 +1,8 @@
 """GIFT-Eval's protocol (data_prep/gift_eval.py) and the evaluator's windows against the reference GIFT-Eval itself
 uses: gluonts' `split(offset=-pl·w)` + `generate_instances(pl, w, distance=pl)` over entries made by gluonts'
 ProcessDataEntry, a multivariate target split per variate as `<item_id>_dim<v>` (GIFT-Eval's `Dataset.test_data`,
-rebuilt here from gluonts' own pieces; gift_eval itself is not on PyPI). Prediction lengths and window counts are
-the protocol's facts, written out per fixture."""
+rebuilt from gluonts' own pieces in tests/gift_reference.py; gift_eval itself is not on PyPI). Prediction lengths
+and window counts are the protocol's facts, written out per fixture."""
 
 import math
 import warnings
@@ -15,8 +15,8 @@ from data_prep.errors import PrepError
 from data_prep.gift_eval import base_unit, find_configurations, period_freq
 from data_prep.gift_suite import save_configuration
 
-gluonts_split = pytest.importorskip("gluonts.dataset.split")
-from gluonts.dataset.common import ProcessDataEntry  # noqa: E402
+pytest.importorskip("gluonts")
+from gift_reference import gift_entries, split_windows  # noqa: E402
 from gluonts.time_feature import norm_freq_str  # noqa: E402
 from gluonts.transform.feature import LastValueImputation  # noqa: E402
 
@@ -82,26 +82,6 @@ def gift_dir(tmp_path_factory):
     return root
 
 
-def reference_test_data(path, prediction_length: int, windows: int, freq: str):
-    """GIFT-Eval's Dataset.test_data, from gluonts' pieces."""
-    import datasets
-
-    hf = datasets.load_from_disk(str(path)).with_format("numpy")
-    one_dim = hf[0]["target"].ndim == 1
-    process = ProcessDataEntry(freq, one_dim_target=one_dim)
-    entries = []
-    for row in hf:
-        entry = process({**row, "start": row["start"].item()})
-        if one_dim:
-            entries.append(entry)
-        else:
-            entries += [{**entry, "target": v, "item_id": f"{entry['item_id']}_dim{i}"}
-                        for i, v in enumerate(entry["target"])]
-    _, template = gluonts_split.split(entries, offset=-prediction_length * windows)
-    return template.generate_instances(prediction_length=prediction_length, windows=windows,
-                                       distance=prediction_length)
-
-
 @pytest.mark.parametrize("name", list(FIXTURES))
 def test_windows_equal_gluonts_split_as_gift_eval_uses_it(gift_dir, name):
     rows, terms, short_key = FIXTURES[name]
@@ -117,7 +97,7 @@ def test_windows_equal_gluonts_split_as_gift_eval_uses_it(gift_dir, name):
         ours = windows_of(config, term)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            ref = list(reference_test_data(config.path, pl, w, period_freq(config.freq)))
+            ref = list(split_windows(gift_entries(config.path, period_freq(config.freq))[0], pl, w))
         assert len(ours) == len(ref) == sum(len(np.atleast_2d(r["target"])) for r in rows) * w
         for i, (inp, label) in enumerate(ref):
             assert ours.input[i]["item_id"] == inp["item_id"] == label["item_id"]
