@@ -2,7 +2,7 @@
 libraries themselves (gift_eval is not on PyPI; its facts are written out here, independently of
 data_prep/gift_eval.py): the test data of its `Dataset` (gluonts' ProcessDataEntry, per-variate series,
 `split` + `generate_instances`), predictors in gluonts' protocol (the released-style Time-MoE code loaded through
-transformers' trust_remote_code, one window at a time; statsforecast's StatsForecast with SeasonalNaive as its
+transformers' trust_remote_code; statsforecast's StatsForecast with SeasonalNaive as its
 naive notebook wraps it), and gluonts' `evaluate_model` with the leaderboard's metrics."""
 
 import math
@@ -85,17 +85,24 @@ def imputed(entry) -> np.ndarray:
 
 
 class ReleasedTimeMoe:
-    """Each window alone: the last `context_length` imputed points, the released-style code's `forecast`; the
-    point stands for the mean and every quantile."""
+    """Each window's last `context_length` imputed points through the released-style code's `forecast` (windows
+    of one context length side by side: its batches take no padding); the point stands for the mean and every
+    quantile."""
 
     def __init__(self, model, prediction_length: int, context_length: int):
         self.model, self.pl, self.n = model, prediction_length, context_length
 
     def predict(self, dataset, **kwargs):
-        for entry in dataset:
-            context = torch.from_numpy(imputed(entry)[-self.n:].copy())[None]
+        entries = list(dataset)
+        contexts = [imputed(entry)[-self.n:] for entry in entries]
+        points = [None] * len(entries)
+        for length in {len(c) for c in contexts}:
+            rows = [i for i, c in enumerate(contexts) if len(c) == length]
             with torch.no_grad():
-                point = self.model.forecast(context, self.pl)[0].float().numpy()
+                out = self.model.forecast(torch.from_numpy(np.stack([contexts[i] for i in rows])), self.pl)
+            for i, point in zip(rows, out.float().numpy()):
+                points[i] = point
+        for entry, point in zip(entries, points):
             yield QuantileForecast(np.repeat(point[None], len(KEYS), axis=0), forecast_keys=KEYS,
                                    start_date=entry["start"] + len(entry["target"]), item_id=entry["item_id"])
 

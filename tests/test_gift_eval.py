@@ -123,7 +123,7 @@ def test_outputs_in_the_leaderboards_layout(scored):
 
 def test_scores_equal_gift_evals_pipeline_with_the_released_code(scored, suite, exported):
     """Every configuration and term: MASE and CRPS (mean_weighted_sum_quantile_loss) within 1e-3 of GIFT-Eval's
-    windows + the released-style code, one window at a time + gluonts' evaluate_model."""
+    windows + the released-style code + gluonts' evaluate_model."""
     import transformers
 
     released = transformers.AutoModelForCausalLM.from_pretrained(exported[1], trust_remote_code=True).eval()
@@ -255,3 +255,14 @@ def test_two_processes_equal_one(scored, suite, exported, tmp_path):
     for name in ("all_results.csv", "seasonal_naive/all_results.csv"):
         assert table(out / name) == table(scored[0] / name)
     assert proc.stdout.strip().splitlines()[-1] == scored[1].stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_an_error_in_the_processes_is_said_once(suite, tmp_path):
+    """A NaN forecast met by both processes: the launcher relays one line, exit 2."""
+    broken = tiny_model(nan_heads=True).save_pretrained(tmp_path / "broken")
+    proc = run(broken, "--data", suite, "--out", tmp_path / "out", "--configs", "taylor/H", "--terms", "short",
+               "--nproc-per-node", 2, "--no-progress", cwd=tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if "timemoe-eval: error:" in line]
+    assert proc.returncode == 2 and lines == [
+        lines[0]] and "taylor/H/short: the model's forecast of item taylor" in lines[0], proc.stderr[-3000:]

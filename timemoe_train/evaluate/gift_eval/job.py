@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data_prep.gift_eval import TERMS, Configuration, find_configurations
 from ...forecast import forecast_contexts
@@ -153,7 +154,7 @@ def run(job: GiftEvalJob, model, pairs: list[tuple[Configuration, str]]) -> str:
         started = time.perf_counter()
         key = config.dataset_key(term)
         windows = windows_of(config, term)
-        point_NH, naive_NKH = forecast_share(model, windows, job, rank, world)
+        point_NH, naive_NKH = forecast_share(model, windows, job, rank, world, show=bool(progress) and job.progress)
         for who, forecasts in (("the model's forecast", point_NH), ("seasonal naive's forecast", naive_NKH)):
             bad = np.flatnonzero(~np.isfinite(forecasts.reshape(len(windows), -1)).all(axis=1))
             if bad.size:
@@ -179,14 +180,17 @@ def run(job: GiftEvalJob, model, pairs: list[tuple[Configuration, str]]) -> str:
     return headline(out)
 
 
-def forecast_share(model, windows, job: GiftEvalJob, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+def forecast_share(model, windows, job: GiftEvalJob, rank: int, world: int,
+                   show: bool) -> tuple[np.ndarray, np.ndarray]:
     """This process's share of the windows forecast by the model ([N, H]) and seasonal naive ([N, 10, H]), then
-    everyone's gathered (every process gets all)."""
+    everyone's gathered (every process gets all). `show`: a progress bar of this process's forecasts."""
     pl = windows.config.prediction_length(windows.term)
     contexts = windows.contexts(job.context_length)
     batches = length_batches(np.array([len(c) for c in contexts]), job.batch_size)
     mine = np.concatenate(batches[rank::world]) if batches[rank::world] else np.zeros(0, dtype=np.int64)
-    point = forecast_contexts(model, [contexts[i] for i in mine], [pl], job.batch_size)[pl]
+    with tqdm(total=len(mine), unit="window", desc=windows.config.dataset_key(windows.term), leave=False,
+              disable=not show, file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30) as bar:
+        point = forecast_contexts(model, [contexts[i] for i in mine], [pl], job.batch_size, bar)[pl]
     naive = seasonal_naive([windows.histories[i] for i in mine], pl, seasonality(windows.config.freq))
     shares = [(mine, point, naive)]
     if world > 1:
