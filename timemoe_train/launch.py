@@ -48,6 +48,9 @@ DEFAULT_PORT = 29500
 TORCHRUN_SIGNALS = "SIGHUP,SIGQUIT"
 # Set for the trainer processes: a user error goes to torchrun's error file, and this launcher prints it once.
 LAUNCHED = "TIMEMOE_TRAIN_LAUNCHER"
+# The commands whose processes it launches (the trainer, and `timemoe-eval gift-eval --nproc-per-node`) begin a user
+# error's line with their name.
+USER_ERROR_PREFIXES = ("timemoe-train:", "timemoe-eval:")
 # Variables the spawned processes read directly; the dry run shows the ones that are set.
 SHOWN_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "CUDA_VISIBLE_DEVICES")
 
@@ -179,7 +182,7 @@ def run_torchrun(torchrun_args: list[str]) -> int:
         # file, and the others did the same or were stopped by torchrun's SIGTERM on the way.
         failures = list(e.failures.values())
         messages = [m for m in (f.message.get("message", "") if isinstance(f.message, dict) else f.message
-                                for f in failures) if m.startswith("timemoe-train:")]
+                                for f in failures) if m.startswith(USER_ERROR_PREFIXES)]
         codes = {f.exitcode for f in failures}
         said = codes & {2, 3}
         if not messages or len(said) != 1 or not all(c in said or c < 0 for c in codes):
