@@ -3,6 +3,7 @@
     timemoe-prep --source time300b --input IN --output OUT [--workers N]
     timemoe-prep --source csv|parquet|arrow|tsf --input FILE_OR_DIR --output OUT [--domain D] [--dataset NAME] ...
     timemoe-prep --source embedded --output OUT [--mixups N]
+    timemoe-prep --source hf-disk --input DIR --output OUT [--domain-map FILE] [--domain D]   (save_to_disk trees)
     timemoe-prep ... --benchmarks ETTm1.csv [B.csv ...]   (any source: more CSVs no series may copy)
     timemoe-prep inspect OUT [--out FILE.png]
 
@@ -19,7 +20,8 @@ from data_prep.clean import CleanOptions
 from data_prep.errors import PrepError
 from data_prep.leakage import NO_GUARD, default_guard
 from data_prep.pipeline import PrepOptions, prepare
-from data_prep.sources import DOMAINS, EmbeddedSource, TableLayout, TableSource, Time300BSource, TsfSource
+from data_prep.sources import (DOMAINS, EmbeddedSource, HfDiskSource, TableLayout, TableSource, Time300BSource,
+                               TsfSource)
 from data_prep.sources.mixup import TSMixup
 
 SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?", re.IGNORECASE)
@@ -45,8 +47,9 @@ def _prep_parser() -> argparse.ArgumentParser:
         description="Pack a time-series corpus into Arrow shards plus manifest.json. "
         "'timemoe-prep inspect DIR' summarises a packed corpus.",
     )
-    p.add_argument("--source", required=True, choices=["time300b", "csv", "parquet", "arrow", "tsf", "embedded"])
-    p.add_argument("--input", help="input folder (time300b) or file/folder (csv, parquet, arrow, tsf)")
+    p.add_argument("--source", required=True,
+                   choices=["time300b", "csv", "parquet", "arrow", "tsf", "hf-disk", "embedded"])
+    p.add_argument("--input", help="input folder (time300b, hf-disk) or file/folder (csv, parquet, arrow, tsf)")
     p.add_argument("--output", required=True, help="output folder for shards and manifest.json")
     p.add_argument("--workers", type=int, default=PrepOptions().workers, help="processes (default: all cores)")
     p.add_argument("--shard-size", type=parse_size, default="256MB", help="target shard size (default 256MB)")
@@ -71,8 +74,13 @@ def _prep_parser() -> argparse.ArgumentParser:
                           help="TSMixup series drawn from the real sub-daily series (0: none; default %(default)s)")
     t300 = p.add_argument_group("time300b")
     t300.add_argument("--no-denormalize", action="store_true", help="keep values as stored, ignoring mean/std")
+    hf = p.add_argument_group("hf-disk (trees of datasets' save_to_disk directories: GIFT-Eval, LOTSA)")
+    hf.add_argument("--domain-map", metavar="FILE",
+                    help='JSON {"<dataset path or leading folder>": "<domain>", "*": "<domain>"}; without it the '
+                         "top-level folder when it names a domain, else --domain")
     table = p.add_argument_group("csv, parquet, arrow, tsf")
-    table.add_argument("--domain", choices=DOMAINS, default="other")
+    table.add_argument("--domain", choices=DOMAINS, default="other",
+                       help="the domain of every series (hf-disk: of those no other rule places)")
     table.add_argument("--dataset", help="one dataset of all input files (default: one per file, named by stem)")
     table.add_argument("--freq", help="frequency as a pandas alias, e.g. h, D, MS (default: inferred)")
     table.add_argument("--id-columns", type=_columns, help="long layout: comma-separated id columns")
@@ -90,6 +98,8 @@ def _source(args: argparse.Namespace, parser: argparse.ArgumentParser):
         parser.error(f"--source {args.source} needs --input")
     if args.source == "time300b":
         return Time300BSource(args.input, denormalize=not args.no_denormalize)
+    if args.source == "hf-disk":
+        return HfDiskSource(args.input, domain=args.domain, domain_map=args.domain_map)
     if args.source == "tsf":
         return TsfSource(args.input, domain=args.domain, dataset=args.dataset, freq=args.freq)
     layout = TableLayout(args.id_columns, args.timestamp_column, args.value_columns)
