@@ -27,7 +27,7 @@ from tqdm import tqdm
 from data_prep.corpus_manifest import MANIFEST_NAME, load_manifest, shard_paths
 from data_prep.errors import PrepError
 from data_prep.gift_leakage import (AUDIT_NAME, KIND, benchmark_spec, build_index, check_data, configurations,
-                                    test_windows_index)
+                                    read_audit, test_windows_index)
 from data_prep.pipeline import run_jobs
 from data_prep.shards import read_shard, sha256_file
 
@@ -109,12 +109,7 @@ def write_audit(corpus: Path, record: dict) -> Path:
     """Merge ``record`` into ``CORPUS/leakage_audit.json``: by configuration digest, for this manifest only (an
     audit of a corpus since prepared again is dropped)."""
     path = corpus / AUDIT_NAME
-    try:
-        kept = json.loads(path.read_text())
-    except (OSError, ValueError):
-        kept = {}
-    if kept.get("manifest_sha256") != record["manifest_sha256"]:
-        kept = {"manifest_sha256": record["manifest_sha256"], KIND: {}}
+    kept = {"manifest_sha256": record["manifest_sha256"], KIND: read_audit(corpus, record["manifest_sha256"])}
     for name, c in record["configs"].items():
         kept[KIND][c["sha256"]] = {"config": name, **{k: v for k, v in c.items() if k != "sha256"}}
     tmp = path.with_name(path.name + ".tmp")

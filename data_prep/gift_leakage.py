@@ -207,3 +207,16 @@ def test_windows_index(roots: tuple[str, ...], folder: str | None) -> TestWindow
 @functools.lru_cache(maxsize=4)
 def _index(roots: tuple[str, ...], folder: str | None, written: int | None) -> TestWindows:
     return TestWindows.load(Path(folder)) if folder is not None else TestWindows.build(roots)
+
+
+def read_audit(corpus: str | Path, manifest_sha256: str | None) -> dict[str, dict]:
+    """Configuration digest -> what ``timemoe-prep audit`` found of it in ``corpus``, if it audited the corpus whose
+    manifest has that sha256 (an audit of a corpus since prepared again says nothing); {} when none did."""
+    try:
+        kept = json.loads((Path(corpus) / AUDIT_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(kept, dict) or manifest_sha256 is None or kept.get("manifest_sha256") != manifest_sha256:
+        return {}
+    return kept.get(KIND, {})
+
