@@ -106,6 +106,18 @@ def base_unit(freq: str, where: str | Path = "freq") -> str:
     return OLD_ALIAS.get(unit, unit)
 
 
+def period_freq(freq: str) -> str:
+    """The frequency as a pandas Period takes it: offsets that only exist as timestamps' (MS, ME, QE, YE) give
+    their period's ('M', 'Q-DEC', 'Y-DEC'); the rest stay as they are."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            pd.Period("2000-01-01", freq=freq)
+            return freq
+        except ValueError:
+            return pd.date_range("2000-01-01", periods=2, freq=freq).to_period().freqstr
+
+
 def below_a_day(freq: str) -> bool:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
