@@ -98,14 +98,15 @@ def _config(name: str, path: str, written: int) -> _Config:
     return _Config(name, terms, digest.hexdigest(), stretches, references)
 
 
-def configurations(root: str | Path) -> list[_Config]:
+def configurations(root: str | Path, names: list[str] | None = None) -> list[_Config]:
+    """The configurations under ``root`` (those of ``names``, default all), read once per process."""
     return [_config(c.name, str(c.path.resolve()), (c.path / "state.json").stat().st_mtime_ns)
-            for c in protocol.find_configurations(root)]
+            for c in protocol.find_configurations(root) if names is None or c.name in names]
 
 
 def config_digests(root: str | Path, names: list[str] | None = None) -> dict[str, str]:
     """Configuration name -> its digest (see the module docstring), for those of ``names`` (default: all)."""
-    return {c.name: c.digest for c in configurations(root) if names is None or c.name in names}
+    return {c.name: c.digest for c in configurations(root, names)}
 
 
 def describe(root: str | Path) -> dict:

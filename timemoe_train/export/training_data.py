@@ -49,6 +49,7 @@ def training_data(tag_dir: Path) -> dict:
     guard = manifest.get("leakage_guard") or manifest.get("source", {}).get("leakage_guard")
     if guard is None:
         return {**record, "note": f"{manifest_path}: prepared without a leakage guard"}
+    # `excluded` counts the series the guard left out or cut (GIFT-Eval's test windows).
     return {**record, "leakage_guard": {**guard, "excluded": len(manifest.get("excluded", []))}}
 
 
@@ -63,5 +64,12 @@ def summary(out: Path) -> str:
     if guard is None:
         return f"{TRAINING_DATA}: {record['note']}"
     files = ", ".join(b["file"] for b in guard["benchmarks"]) or "none"
-    return (f"{TRAINING_DATA}: corpus {record['corpus']}; benchmarks kept out by content: {files}; "
+    line = (f"{TRAINING_DATA}: corpus {record['corpus']}; benchmarks kept out by content: {files}; "
             f"{guard['excluded']} series excluded")
+    for g in guard.get("gift_eval", []):
+        line += f"; GIFT-Eval test windows of {g['data']} cut out ({len(g['configs'])} configurations)"
+    audited = record.get("leakage_audit", {})
+    if audited:
+        held = sum(1 for a in audited.values() if a["found"])
+        line += f"; audited for {len(audited)} GIFT-Eval configurations, test windows found of {held}"
+    return line
