@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gift_layout import save_config, walk
-from test_prep_time300b import folder_bytes, read_all
+from test_prep_time300b import folder_bytes, read_all, write_bin_dataset
 
 from data_prep import CleanOptions, PrepError, PrepOptions, load_manifest, prepare
 from data_prep.audit import audit
 from data_prep.gift_eval import find_configurations
 from data_prep.gift_leakage import AUDIT_NAME, config_digests
 from data_prep.leakage import LeakageGuard
-from data_prep.sources import HfDiskSource
+from data_prep.sources import HfDiskSource, Time300BSource
 from data_prep.span_match import EVIDENCE, STRIDE, SpanIndex
 
 PREP = str(Path(sys.executable).parent / "timemoe-prep")
@@ -122,6 +122,25 @@ def test_prep_cuts_them_and_the_audit_counts_them(bench, corpus_input, tmp_path)
     assert held["configs"]["solar/D"]["examples"] == ["other/mixed/continued"]
     assert held["totals"] == {"windows": 12 + 5 + 18, "found": 4 + 1 + 3}
     assert audit(guarded, (str(root),), progress=False)["totals"]["found"] == 0
+
+
+def test_time300b_files_read_in_place_are_cut_by_their_index(bench, tmp_path):
+    """A .bin dataset is never staged: its cut series becomes index entries pointing into the same stream (stored
+    normalised with its mean/std, as Time-300B stores series, and straddling the two .bin files)."""
+    root, data = bench
+    rng = np.random.default_rng(10)
+    continued = np.concatenate([data["solar/D"][1], walk(rng, 200, level=float(data["solar/D"][1][-1]))])
+    sequences = [walk(rng, 500), continued, walk(rng, 300)]
+    expected = write_bin_dataset(tmp_path / "in" / "energy" / "mine", sequences, split_at=1000, scaled={1},
+                                 gap_before=2)
+    manifest = prepare(Time300BSource(str(tmp_path / "in")), tmp_path / "out",
+                       PrepOptions(**{**OPTIONS.__dict__, "guard": LeakageGuard(gift_eval=(str(root),))}))
+    assert [(e["item_id"], e["cut"]) for e in manifest["excluded"]] == [("energy/mine/1", [[1080, 1200]])]
+    got = read_all(tmp_path / "out")
+    assert sorted(got) == ["energy/mine/0", "energy/mine/1@0", "energy/mine/1@1200", "energy/mine/2"]
+    assert np.array_equal(got["energy/mine/1@0"][2], expected[1][:1080])
+    assert np.array_equal(got["energy/mine/1@1200"][2], expected[1][1200:])
+    assert np.array_equal(got["energy/mine/2"][2], expected[2])
 
 
 def test_a_corpus_without_copies_is_left_whole(bench, tmp_path):
