@@ -57,7 +57,7 @@ def audit(corpus: Path, roots: tuple[str, ...], workers: int = 1, progress: bool
     shards = [str(p) for p in shard_paths(corpus, manifest)]
     held, holders = set(), defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="timemoe-audit-") as tmp:
-        build_index(roots, Path(tmp))
+        build_index(roots, Path(tmp), progress)
         jobs = [(shard, roots, tmp) for shard in shards]
         pool = None
         if workers > 1:

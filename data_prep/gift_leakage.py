@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from data_prep import gift_eval as protocol
 from data_prep.errors import PrepError
@@ -98,10 +99,11 @@ def _config(name: str, path: str, written: int) -> _Config:
     return _Config(name, terms, digest.hexdigest(), stretches, references)
 
 
-def configurations(root: str | Path, names: list[str] | None = None) -> list[_Config]:
+def configurations(root: str | Path, names: list[str] | None = None, progress: bool = False) -> list[_Config]:
     """The configurations under ``root`` (those of ``names``, default all), read once per process."""
-    return [_config(c.name, str(c.path.resolve()), (c.path / "state.json").stat().st_mtime_ns)
-            for c in protocol.find_configurations(root) if names is None or c.name in names]
+    found = [c for c in protocol.find_configurations(root) if names is None or c.name in names]
+    bar = tqdm(found, unit="config", desc=f"GIFT-Eval test windows ({Path(root).name})", disable=not progress)
+    return [_config(c.name, str(c.path.resolve()), (c.path / "state.json").stat().st_mtime_ns) for c in bar]
 
 
 def config_digests(root: str | Path, names: list[str] | None = None) -> dict[str, str]:
@@ -186,8 +188,10 @@ class TestWindows:
         return found
 
 
-def build_index(roots: tuple[str, ...], folder: Path) -> None:
+def build_index(roots: tuple[str, ...], folder: Path, progress: bool = False) -> None:
     """The index of ``roots`` saved under ``folder`` (kept when a finished one of the same data is there)."""
+    for root in roots:
+        configurations(root, progress=progress)  # read once, with a bar: describe and build use them again
     stamp = json.dumps([describe(root) for root in roots], sort_keys=True)
     if (folder / _META).is_file() and (folder / "data.json").is_file() and (folder / "data.json").read_text() == stamp:
         return

@@ -111,6 +111,13 @@ class LeakageGuard:
             record["gift_eval"] = self._cache[key]
         return record
 
+    def read(self, progress: bool = False) -> None:
+        """Read the GIFT-Eval data now, with a progress bar (``describe`` and ``ready`` read it otherwise, silently)."""
+        from data_prep.gift_leakage import configurations
+
+        for root in self.gift_eval:
+            configurations(root, progress=progress)
+
     def ready(self, folder: Path) -> LeakageGuard:
         """This guard with its GIFT-Eval index built under ``folder``, for workers to memory-map (itself when it has
         none)."""

@@ -166,6 +166,7 @@ def prepare(source: Source, output: str | Path, options: PrepOptions | None = No
     work = out / WORK
     with _exclusive(out):
         discovery = source.discover()
+        options.guard.read(options.progress)
         identity = {"source": source.describe(), **options.identity()}
         finished = out / MANIFEST_NAME
         if finished.exists() and not work.exists():
