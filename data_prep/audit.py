@@ -28,6 +28,7 @@ from data_prep.corpus_manifest import MANIFEST_NAME, load_manifest, shard_paths
 from data_prep.errors import PrepError
 from data_prep.gift_leakage import (AUDIT_NAME, KIND, benchmark_spec, build_index, check_data, configurations,
                                     read_audit, test_windows_index)
+from data_prep.inspect import text_table
 from data_prep.pipeline import run_jobs
 from data_prep.shards import read_shard, sha256_file
 
@@ -100,9 +101,7 @@ def table(record: dict) -> str:
     rows = [[name, term, f"{t['windows']:,}", f"{t['found']:,}", f"{t['series']:,}"]
             for name, c in record["configs"].items() for term, t in c["terms"].items()]
     rows.append(["total", "", f"{record['totals']['windows']:,}", f"{record['totals']['found']:,}", ""])
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)])
+    return text_table(header, rows, labels=2)
 
 
 def write_audit(corpus: Path, record: dict) -> Path:

@@ -5,8 +5,9 @@ What is guarded: in every configuration under DIR, each variate's *test stretch*
 last ``windows × prediction length`` of its longest term, as ``data_prep.gift_eval`` (GIFT-Eval's protocol) sets
 them (every term's windows end where the series ends, so the longest term's stretch holds them all). Stretches are
 found by ``data_prep.span_match``; one shorter than ``EVIDENCE`` points (an M4 yearly series' 6) is matched together
-with the history just before it, so that it is found wherever its series was copied, and only test points are cut. A corpus series holding only
-that history (GIFT-Eval's own pretraining corpus) holds no test point and is left alone.
+with the history just before it, so that it is found wherever its series was copied; only its test points are cut.
+A corpus series holding only that history (GIFT-Eval's own pretraining corpus) holds no test point and is left
+alone.
 
 Cut, not drop: the points of a corpus series aligned with a test stretch are removed and the pieces around them kept
 (``<id>@<start>``; cleaning then drops those shorter than ``--min-length``), as GIFT-Eval's pretraining corpus keeps

@@ -84,7 +84,7 @@ class SpanIndex:
         h, r, p = cat(hashes, np.uint64), cat(refs, np.int32), cat(positions, np.int32)
         order = np.lexsort((p, r, h))  # by hash, ties in reference order: the same index for the same references
         h, r, p = h[order], r[order], p[order]
-        unique, first, count = np.unique(h, return_index=True, return_counts=True)
+        _, count = np.unique(h, return_counts=True)
         common = np.repeat(count > MAX_PLACES, count)
         return cls(cat(values, np.float32), np.cumsum(lengths, dtype=np.int64), h[~common], r[~common], p[~common])
 

@@ -95,8 +95,8 @@ def test_prep_cuts_them_and_the_audit_counts_them(bench, corpus_input, tmp_path)
     folder, planted = corpus_input
     open_corpus, guarded = tmp_path / "open", tmp_path / "guarded"
     prepare(HfDiskSource(str(folder)), open_corpus, OPTIONS)
-    manifest = prepare(HfDiskSource(str(folder)), guarded, PrepOptions(**{**OPTIONS.__dict__,
-                                                                          "guard": LeakageGuard(gift_eval=(str(root),))}))
+    guard = LeakageGuard(gift_eval=(str(root),))
+    manifest = prepare(HfDiskSource(str(folder)), guarded, PrepOptions(**{**OPTIONS.__dict__, "guard": guard}))
     assert [(e["item_id"], e["cut"]) for e in manifest["excluded"]] == [
         ("other/mixed/continued", [[1080, 1200]]), ("other/mixed/normalised", [[260, 350]]),
         ("other/mixed/m4", [[97, 110]])]

@@ -124,8 +124,8 @@ def test_an_unreadable_directory_is_named(tmp_path):
 
 def test_the_installed_command_from_outside_the_checkout(tree, tmp_path):
     root, _ = tree
-    run = lambda *args: subprocess.run([PREP, "--source", "hf-disk", "--input", str(root), *args, "--workers", "1",  # noqa: E731
-                                        "--no-progress"], cwd=tmp_path, capture_output=True, text=True)
+    common = ["--source", "hf-disk", "--input", str(root), "--workers", "1", "--no-progress"]
+    run = lambda *args: subprocess.run([PREP, *common, *args], cwd=tmp_path, capture_output=True, text=True)  # noqa: E731
     done = run("--output", "corpus")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("corpus: ") and "8 sequences" in done.stdout

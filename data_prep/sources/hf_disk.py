@@ -111,7 +111,8 @@ class HfDiskSource:
             files = tuple(str(p) for p in sorted(folder.iterdir()) if p.is_file())
             spec = DatasetSpec(domain, dataset, "hf-disk", files)
             if spec.key in specs:
-                raise PrepError(folder, "dataset", spec.key, f"name also used by {Path(specs[spec.key].files[0]).parent}")
+                other = Path(specs[spec.key].files[0]).parent
+                raise PrepError(folder, "dataset", spec.key, f"name also used by {other}")
             specs[spec.key] = spec
         return Discovery(sorted(specs.values(), key=lambda s: s.key), _ignored(root, [c.path for c in found]))
 
