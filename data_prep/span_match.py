@@ -8,9 +8,10 @@ and are not indexed.
 
 Short windows collide by chance (near-straight stretches look alike once normalised), so a shared hash is only a
 candidate alignment, ``series[i] ≈ a · reference[i - shift] + b`` with the scale and offset of the shared window.
-Around it, the series and the reference *agree* where they differ by at most ``TOLERANCE`` of the reference's
-standard deviation (plus float32 rounding); the matched stretch grows from the shared window until ``BLOCK``
-disagreeing points in a row (or an end), then is trimmed to agreeing points. It is a copy when
+Along it, the series and the reference *agree* where they differ by at most ``TOLERANCE`` of the reference's
+standard deviation (plus float32 rounding; a NaN on either side neither agrees nor disagrees); ``BLOCK`` disagreeing
+points in a row end a stretch, and each stretch holding a shared window, trimmed to its agreeing ends, is a copy
+when
 
 - at least ``AGREEMENT`` of its points where both sides are finite agree (a copy with revised points still counts),
 - it holds at least ``EVIDENCE`` agreeing points, or all of a shorter reference's finite points, and
@@ -104,7 +105,7 @@ class SpanIndex:
         return self.values[self.offsets[i]:self.offsets[i + 1]]
 
     def matches(self, series: np.ndarray) -> list[Match]:
-        """Every reference ``series`` holds a copy of part of, one Match per (reference, shift), by reference."""
+        """Every stretch of ``series`` that copies part of a reference, by reference, shift and position."""
         x = np.asarray(series, np.float32).astype(np.float64)
         h, rows = block_hashes(_windows(x)[::STRIDE])
         lo, hi = np.searchsorted(self.hashes, h, "left"), np.searchsorted(self.hashes, h, "right")
@@ -116,44 +117,41 @@ class SpanIndex:
         places = np.repeat(lo[hit] - np.cumsum(count) + count, count) + np.arange(count.sum())
         at = np.repeat(rows[hit] * STRIDE, count)
         ref, pos = np.asarray(self.refs[places], np.int64), np.asarray(self.positions[places], np.int64)
-        _, first = np.unique(np.stack([ref, at - pos]), axis=1, return_index=True)
+        pairs, group = np.unique(np.stack([ref, at - pos]), axis=1, return_inverse=True)
         found = []
-        for k in first.tolist():
-            match = self._verify(x, int(ref[k]), int(at[k]), int(pos[k]))
-            if match is not None:
-                found.append(match)
-        return sorted(found, key=lambda m: (m.ref, m.shift))
+        for g, (r, shift) in enumerate(pairs.T.tolist()):
+            found += self._verify(x, r, shift, at[group == g])
+        return found
 
-    def _verify(self, x: np.ndarray, ref: int, at: int, pos: int) -> Match | None:
+    def _verify(self, x: np.ndarray, ref: int, shift: int, hits: np.ndarray) -> list[Match]:
+        """The copies of reference ``ref`` at ``shift`` in ``x`` around the shared windows starting at ``hits``."""
         r = np.asarray(self.reference(ref), np.float64)
-        c_B, r_B = x[at:at + BLOCK], r[pos:pos + BLOCK]
+        c_B, r_B = x[hits[0]:hits[0] + BLOCK], r[hits[0] - shift:hits[0] - shift + BLOCK]
         scale = c_B.std() / r_B.std()
         offset = c_B.mean() - scale * r_B.mean()
-        shift = at - pos
         start, stop = max(0, shift), min(len(x), shift + len(r))
         c, rr = x[start:stop], r[start - shift:stop - shift]
-        both = np.isfinite(c) & np.isfinite(rr)  # the shared window's points are: never empty
+        both = np.isfinite(c) & np.isfinite(rr)  # the shared windows' points are: never empty
         fitted = scale * rr + offset
         with np.errstate(invalid="ignore"):
             slack = 2 * FLOAT32_EPS * (np.abs(c) + np.abs(fitted))
-            agree = np.abs(c - fitted) <= TOLERANCE * scale * rr[both].std() + slack
-        disagree = both & ~agree
-        # Grow from the shared window to the nearest run of BLOCK disagreeing points on either side.
-        runs = np.convolve(disagree, np.ones(BLOCK, np.int64), "valid") == BLOCK  # runs[i]: points i..i+BLOCK-1
-        hit = at - start
-        left = np.flatnonzero(runs[:max(hit - BLOCK + 1, 0)])
-        right = np.flatnonzero(runs[hit + BLOCK:]) + hit + BLOCK
-        lo, hi = (left[-1] + BLOCK if left.size else 0), (right[0] if right.size else len(c))
-        good = np.flatnonzero((both & agree)[lo:hi]) + lo
-        if not good.size:  # the shared window itself disagrees: the hashes collided
-            return None
-        lo, hi = good[0], good[-1] + 1
-        finite = both[lo:hi]
-        agreeing = int((agree & both)[lo:hi].sum())
-        if agreeing < AGREEMENT * finite.sum() or agreeing < min(EVIDENCE, int(np.isfinite(r).sum())):
-            return None
-        t, v = np.flatnonzero(finite).astype(np.float64), rr[lo:hi][finite]
-        line = np.polyval(np.polyfit(t, v, 1), t)
-        if np.std(v - line) < INFORMATIVE * np.std(v):
-            return None
-        return Match(ref, shift, int(start + lo), int(start + hi))
+            agree = both & (np.abs(c - fitted) <= TOLERANCE * scale * rr[both].std() + slack)
+        # A stretch ends at BLOCK disagreeing points in a row: mark every point of such runs.
+        runs = np.convolve(both & ~agree, np.ones(BLOCK, np.int64), "valid") == BLOCK
+        broken = np.convolve(runs, np.ones(BLOCK, np.int64))[:len(c)] > 0
+        stretch = np.cumsum(broken)  # equal on the unbroken points of one stretch
+        found = []
+        for k in np.unique(stretch[hits - start][~broken[hits - start]]).tolist():
+            good = np.flatnonzero(agree & ~broken & (stretch == k))
+            if not good.size:  # the shared windows themselves disagree: the hashes collided
+                continue
+            lo, hi = good[0], good[-1] + 1
+            finite = both[lo:hi]
+            agreeing = int(agree[lo:hi].sum())
+            if agreeing < AGREEMENT * finite.sum() or agreeing < min(EVIDENCE, int(np.isfinite(r).sum())):
+                continue
+            t, v = np.flatnonzero(finite).astype(np.float64), rr[lo:hi][finite]
+            if np.std(v - np.polyval(np.polyfit(t, v, 1), t)) < INFORMATIVE * np.std(v):
+                continue
+            found.append(Match(ref, shift, int(start + lo), int(start + hi)))
+        return found

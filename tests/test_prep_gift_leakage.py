@@ -218,6 +218,8 @@ def test_rescaled_revised_and_short_copies_are_found_unrelated_ones_are_not(refe
     revised = refs[3].copy()
     revised[[40, 41, 200, 333]] += 5.0  # a few revised points: still a copy
     assert [(m.ref, m.start, m.stop) for m in index.matches(revised)] == [(3, 0, 500)]
+    revised[250:270] = walk(rng, 20)  # a revised stretch: two copies, on either side of it
+    assert [(m.ref, m.start, m.stop) for m in index.matches(revised)] == [(3, 0, 250), (3, 270, 500)]
     whole_short = np.concatenate([rng.normal(size=11), 2.5 * refs[2] - 7, rng.normal(size=20)])
     assert [(m.ref, m.start, m.stop) for m in index.matches(whole_short)] == [(2, 11, 36)]
     for _ in range(50):
