@@ -171,7 +171,8 @@ def test_the_commands_from_outside_the_checkout(bench, corpus_input, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "leakage guard: cut GIFT-Eval test windows out of 3 series" in done.stdout
     assert run(*common, "--output", "open").returncode == 0
-    found = run("audit", "open", "--benchmark", f"gift-eval:{root}", "--no-progress", "--json", "audit.json")
+    found = run("audit", "open", "--benchmark", f"gift-eval:{root}", "--no-progress", "--json", "audit.json",
+                "--workers", "2")
     assert found.returncode == 0, found.stderr
     lines = found.stdout.splitlines()
     assert lines[0].split() == ["configuration", "term", "windows", "found", "series"]
