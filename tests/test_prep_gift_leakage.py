@@ -143,6 +143,30 @@ def test_time300b_files_read_in_place_are_cut_by_their_index(bench, tmp_path):
     assert np.array_equal(got["energy/mine/2"][2], expected[2])
 
 
+def test_every_term_is_counted_on_an_old_alias_configuration(tmp_path):
+    """A sub-daily configuration written with pandas' old alias (10T) is scored at three terms (windows of 48, 480
+    and 720 points); each window counts once any of its points is in the corpus."""
+    rng = np.random.default_rng(12)
+    series = walk(rng, 1600)
+    save_config(tmp_path / "gift", "traffic/10T", [series, walk(rng, 1700)], "10T")
+    copies = {"tail": (1100, 1600), "early": (900, 1000)}  # the last 500 points; 100 points inside the long window
+    save_config(tmp_path / "in", "mixed", [series[a:b] for a, b in copies.values()] + [walk(rng, 800)], "10min",
+                ids=[*copies, "unrelated"])
+    prepare(HfDiskSource(str(tmp_path / "in")), tmp_path / "corpus", OPTIONS)
+    [config] = find_configurations(tmp_path / "gift")
+    assert config.terms == ("short", "medium", "long")
+    expect = {term: {"windows": 0, "found": 0} for term in config.terms}
+    for term in config.terms:
+        for span in config.test_spans(term):
+            expect[term]["windows"] += 1
+            held = span.item_id == "item_0" and any(a < span.stop and span.start < b for a, b in copies.values())
+            expect[term]["found"] += held
+    assert expect == {"short": {"windows": 8, "found": 4}, "medium": {"windows": 2, "found": 1},
+                      "long": {"windows": 2, "found": 1}}
+    found = audit(tmp_path / "corpus", (str(tmp_path / "gift"),), progress=False)["configs"]["traffic/10T"]["terms"]
+    assert {term: {k: t[k] for k in ("windows", "found")} for term, t in found.items()} == expect
+
+
 def test_a_corpus_without_copies_is_left_whole(bench, tmp_path):
     root, _ = bench
     rng = np.random.default_rng(9)
