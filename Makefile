@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# The CPU wheel of torch 2.13.0; any other version pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,embedded]'
+	$(PY) -m pip install -q -e '.[dev,embedded,gift]'
 	touch $@
 
 # The exported remote code must also load under transformers 4.40 (what the released checkpoints were made with):

@@ -47,6 +47,9 @@ DEFAULT_PORT = 29500
 TORCHRUN_SIGNALS = "SIGHUP,SIGQUIT"
 # Set for the trainer processes: a user error goes to torchrun's error file, and this launcher prints it once.
 LAUNCHED = "TIMEMOE_TRAIN_LAUNCHER"
+# The commands whose processes it launches (the trainer, and `timemoe-eval gift-eval --nproc-per-node`) begin a user
+# error's line with their name.
+USER_ERROR_PREFIXES = ("timemoe-train:", "timemoe-eval:")
 # Variables the spawned processes read directly; the dry run shows the ones that are set.
 SHOWN_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "CUDA_VISIBLE_DEVICES")
 
@@ -178,7 +181,7 @@ def run_torchrun(torchrun_args: list[str]) -> int:
         # were stopped by torchrun's SIGTERM on the way.
         failures = list(e.failures.values())
         messages = [m for m in (f.message.get("message", "") if isinstance(f.message, dict) else f.message
-                                for f in failures) if m.startswith("timemoe-train:")]
+                                for f in failures) if m.startswith(USER_ERROR_PREFIXES)]
         codes = {f.exitcode for f in failures}
         if not messages or 2 not in codes or not all(c == 2 or c < 0 for c in codes):
             raise

@@ -1,7 +1,10 @@
 """`timemoe-eval MODEL_DIR [MODEL_DIR ...] --csv ETTh1.csv [ETTm1.csv ...]`: the long-horizon benchmark of every
 model on every CSV, next to seasonal-naive and last-value baselines: one combined JSON and Markdown table (MSE,
 MAE, MASE), one PNG per dataset with every model. Each model's training_data.json (written by timemoe-export) says
-whether each CSV was kept out of its training corpus; a WARNING names the pairs where it was not."""
+whether each CSV was kept out of its training corpus; a WARNING names the pairs where it was not.
+
+`timemoe-eval gift-eval MODEL_DIR --data DIR --out OUT`: GIFT-Eval as its leaderboard scores it (see
+`timemoe-eval gift-eval --help`)."""
 
 from __future__ import annotations
 
@@ -65,6 +68,11 @@ PAPER_CONTEXTS = {96: 512, 192: 1024, 336: 2048, 720: 3072}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gift-eval"]:
+        from .gift_eval.cli import main as gift_eval
+
+        return gift_eval(argv[1:])
     args = parser().parse_args(argv)
     contexts = args.context_lengths or [PAPER_CONTEXTS.get(h, 512) for h in args.horizons]
     out = args.out or Path("outputs") / "eval" / "_".join(Path(c).stem for c in args.csv)
