@@ -3,8 +3,11 @@
     timemoe-prep --source time300b --input IN --output OUT [--workers N]
     timemoe-prep --source csv|parquet|arrow|tsf --input FILE_OR_DIR --output OUT [--domain D] [--dataset NAME] ...
     timemoe-prep --source embedded --output OUT [--mixups N]
+    timemoe-prep --source hf-disk --input DIR --output OUT [--domain-map FILE] [--domain D]   (save_to_disk trees)
     timemoe-prep ... --benchmarks ETTm1.csv [B.csv ...]   (any source: more CSVs no series may copy)
+    timemoe-prep ... --exclude-benchmark gift-eval:DIR   (any source: cut out GIFT-Eval's test windows)
     timemoe-prep inspect OUT [--out FILE.png]
+    timemoe-prep audit OUT --benchmark gift-eval:DIR   (GIFT-Eval test windows a corpus holds)
 
 Exit status: 0 done, 1 bad input (the message names the file, field and value), 2 bad usage.
 """
@@ -17,9 +20,11 @@ import sys
 
 from data_prep.clean import CleanOptions
 from data_prep.errors import PrepError
+from data_prep.gift_leakage import benchmark_spec
 from data_prep.leakage import NO_GUARD, default_guard
 from data_prep.pipeline import PrepOptions, prepare
-from data_prep.sources import DOMAINS, EmbeddedSource, TableLayout, TableSource, Time300BSource, TsfSource
+from data_prep.sources import (DOMAINS, EmbeddedSource, HfDiskSource, TableLayout, TableSource, Time300BSource,
+                               TsfSource)
 from data_prep.sources.mixup import TSMixup
 
 SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?", re.IGNORECASE)
@@ -43,10 +48,12 @@ def _prep_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="timemoe-prep",
         description="Pack a time-series corpus into Arrow shards plus manifest.json. "
-        "'timemoe-prep inspect DIR' summarises a packed corpus.",
+        "'timemoe-prep inspect DIR' summarises a packed corpus; 'timemoe-prep audit DIR --benchmark gift-eval:DATA' "
+        "counts the GIFT-Eval test windows it holds.",
     )
-    p.add_argument("--source", required=True, choices=["time300b", "csv", "parquet", "arrow", "tsf", "embedded"])
-    p.add_argument("--input", help="input folder (time300b) or file/folder (csv, parquet, arrow, tsf)")
+    p.add_argument("--source", required=True,
+                   choices=["time300b", "csv", "parquet", "arrow", "tsf", "hf-disk", "embedded"])
+    p.add_argument("--input", help="input folder (time300b, hf-disk) or file/folder (csv, parquet, arrow, tsf)")
     p.add_argument("--output", required=True, help="output folder for shards and manifest.json")
     p.add_argument("--workers", type=int, default=PrepOptions().workers, help="processes (default: all cores)")
     p.add_argument("--shard-size", type=parse_size, default="256MB", help="target shard size (default 256MB)")
@@ -57,6 +64,10 @@ def _prep_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmarks", nargs="+", default=[], metavar="CSV",
                    help="evaluation CSVs whose channels must not be trained on: series copying any 128 consecutive "
                         "points of one are left out and listed (added to the ETT names and the shipped ETTh1)")
+    p.add_argument("--exclude-benchmark", type=benchmark_spec, action="append", default=[],
+                   metavar="gift-eval:DIR",
+                   help="GIFT-Eval's data (one save_to_disk directory per configuration): the stretch of any series "
+                        "holding a configuration's test windows is cut out, by content, and listed (repeatable)")
     p.add_argument("--no-leakage-guard", action="store_true",
                    help="keep every series, ETT-named ones included (e.g. to fine-tune on a benchmark's own "
                         "training split); the manifest records the guard as off and timemoe-eval warns")
@@ -71,8 +82,13 @@ def _prep_parser() -> argparse.ArgumentParser:
                           help="TSMixup series drawn from the real sub-daily series (0: none; default %(default)s)")
     t300 = p.add_argument_group("time300b")
     t300.add_argument("--no-denormalize", action="store_true", help="keep values as stored, ignoring mean/std")
+    hf = p.add_argument_group("hf-disk (trees of datasets' save_to_disk directories: GIFT-Eval, LOTSA)")
+    hf.add_argument("--domain-map", metavar="FILE",
+                    help='JSON {"<dataset path or leading folder>": "<domain>", "*": "<domain>"}; without it the '
+                         "top-level folder when it names a domain, else --domain")
     table = p.add_argument_group("csv, parquet, arrow, tsf")
-    table.add_argument("--domain", choices=DOMAINS, default="other")
+    table.add_argument("--domain", choices=DOMAINS, default="other",
+                       help="the domain of every series (hf-disk: of those no other rule places)")
     table.add_argument("--dataset", help="one dataset of all input files (default: one per file, named by stem)")
     table.add_argument("--freq", help="frequency as a pandas alias, e.g. h, D, MS (default: inferred)")
     table.add_argument("--id-columns", type=_columns, help="long layout: comma-separated id columns")
@@ -90,6 +106,8 @@ def _source(args: argparse.Namespace, parser: argparse.ArgumentParser):
         parser.error(f"--source {args.source} needs --input")
     if args.source == "time300b":
         return Time300BSource(args.input, denormalize=not args.no_denormalize)
+    if args.source == "hf-disk":
+        return HfDiskSource(args.input, domain=args.domain, domain_map=args.domain_map)
     if args.source == "tsf":
         return TsfSource(args.input, domain=args.domain, dataset=args.dataset, freq=args.freq)
     layout = TableLayout(args.id_columns, args.timestamp_column, args.value_columns)
@@ -99,9 +117,11 @@ def _source(args: argparse.Namespace, parser: argparse.ArgumentParser):
 def _prep(argv: list[str]) -> int:
     parser = _prep_parser()
     args = parser.parse_args(argv)
-    if args.no_leakage_guard and args.benchmarks:
-        parser.error("--no-leakage-guard and --benchmarks contradict each other: choose one")
-    guard = NO_GUARD if args.no_leakage_guard else default_guard(tuple(args.benchmarks))
+    for flag, given in (("--benchmarks", args.benchmarks), ("--exclude-benchmark", args.exclude_benchmark)):
+        if args.no_leakage_guard and given:
+            parser.error(f"--no-leakage-guard and {flag} contradict each other: choose one")
+    guard = NO_GUARD if args.no_leakage_guard else default_guard(tuple(args.benchmarks),
+                                                                 tuple(args.exclude_benchmark))
     try:
         options = PrepOptions(
             shard_bytes=args.shard_size,
@@ -119,14 +139,23 @@ def _prep(argv: list[str]) -> int:
     print(f"{args.output}: {totals['shards']} shards, {totals['sequences']:,} sequences, {totals['points']:,} points")
     for skipped in manifest["skipped"]:
         print(f"skipped {skipped['domain']}/{skipped['dataset']}: {skipped['file']}: {skipped['problem']}")
-    if manifest["excluded"]:
-        print(f"leakage guard: left out {len(manifest['excluded'])} series (listed under 'excluded' in manifest.json)")
+    cut = sum("cut" in e for e in manifest["excluded"])
+    if len(manifest["excluded"]) > cut:
+        print(f"leakage guard: left out {len(manifest['excluded']) - cut} series (listed under 'excluded' in "
+              "manifest.json)")
+    if cut:
+        print(f"leakage guard: cut GIFT-Eval test windows out of {cut} series (listed under 'excluded', with "
+              "'cut', in manifest.json)")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["audit"]:
+            from data_prep.audit import main as audit_main
+
+            return audit_main(argv[1:])
         if argv[:1] == ["inspect"]:
             from data_prep.inspect import main as inspect_main
 

@@ -129,15 +129,16 @@ class Stager:
         self._excluded: list[dict[str, str]] = []
 
     def add(self, item_id: str, values: np.ndarray) -> None:
-        """Append one series; its id is prefixed with ``domain/dataset/`` so ids are unique across the corpus."""
+        """Append one series, or what the guard keeps of it; its id is prefixed with ``domain/dataset/`` so ids are
+        unique across the corpus, and a piece left by a cut gets ``@<start>`` as cleaning's splits do."""
         full_id = f"{self.domain}/{self.dataset}/{item_id}"
-        reason = self.guard.check(full_id, values)
-        if reason is not None:
-            self._excluded.append({"item_id": full_id, "reason": reason})
-            return
-        self._file.write(np.ascontiguousarray(values, dtype=STAGED_DTYPE).tobytes())
-        self._lengths.append(int(values.size))
-        self._ids.append(full_id)
+        kept, record = self.guard.screen(full_id, values)
+        if record is not None:
+            self._excluded.append(record)
+        for start, stop in kept:
+            self._file.write(np.ascontiguousarray(values[start:stop], dtype=STAGED_DTYPE).tobytes())
+            self._lengths.append(stop - start)
+            self._ids.append(piece_id(full_id, start, stop, values.size))
 
     def add_all(self, series: Iterable[tuple[str, np.ndarray]]) -> None:
         for item_id, values in series:
@@ -163,6 +164,10 @@ class Stager:
         self._file.close()
 
 
+def piece_id(item_id: str, start: int, stop: int, length: int) -> str:
+    return item_id if (start, stop) == (0, length) else f"{item_id}@{start}"
+
+
 SCREEN_CHUNK = 1 << 16
 
 
@@ -172,20 +177,25 @@ def screen_index(ds: IndexedDataset, guard: LeakageGuard) -> IndexedDataset:
     if not guard.active:  # nothing to exclude: skip reading the whole dataset once more
         return ds
     reader = DatasetReader(ds)
-    keep = np.ones(ds.sequences, dtype=bool)
     excluded = []
+    cut: dict[int, list[tuple[int, int]]] = {}  # sequence -> the pieces the guard keeps of it, where it cut
     for a in range(0, ds.sequences, SCREEN_CHUNK):  # in chunks: a Time-300B folder may hold millions of sequences
         b = min(a + SCREEN_CHUNK, ds.sequences)
         spans = zip(reader.item_ids(a, b), reader.offset[a:b].tolist(), reader.length[a:b].tolist())
         for i, (item_id, start, n) in enumerate(spans, start=a):
-            reason = guard.check(item_id, reader.read_span(start, start + n))
-            if reason is not None:
-                keep[i] = False
-                excluded.append({"item_id": item_id, "reason": reason})
+            kept, record = guard.screen(item_id, reader.read_span(start, start + n))
+            if record is not None:
+                cut[i] = kept
+                excluded.append(record)
     if not excluded:
         return ds
     folder = Path(ds.folder)
     ids = reader.item_ids(0, ds.sequences)
+    # Each sequence becomes its pieces (itself when untouched); ids are kept, not renumbered.
+    pieces = [(i, a, b) for i, n in enumerate(reader.length.tolist()) for a, b in cut.get(i, [(0, n)])]
+    seq = np.array([i for i, _, _ in pieces], dtype=np.int64)
+    start = np.array([a for _, a, _ in pieces], dtype=np.int64)
+    stop = np.array([b for _, _, b in pieces], dtype=np.int64)
     (folder / COMPLETE_MARKER).unlink()  # incomplete until rewritten: a resumed job indexes it again
     return write_index(
         folder,
@@ -193,11 +203,11 @@ def screen_index(ds: IndexedDataset, guard: LeakageGuard) -> IndexedDataset:
         dataset=ds.dataset,
         freq=ds.freq,
         streams=list(ds.streams),
-        offset=reader.offset[keep],
-        length=reader.length[keep],
-        mean=None if reader.mean is None else reader.mean[keep],
-        std=None if reader.std is None else reader.std[keep],
-        item_id=[item for item, kept in zip(ids, keep.tolist()) if kept],  # kept ids, not renumbered ones
+        offset=np.asarray(reader.offset)[seq] + start,
+        length=stop - start,
+        mean=None if reader.mean is None else np.asarray(reader.mean)[seq],
+        std=None if reader.std is None else np.asarray(reader.std)[seq],
+        item_id=[piece_id(ids[i], a, b, int(reader.length[i])) for i, a, b in pieces],
         excluded=tuple(excluded),
     )
 

@@ -37,8 +37,13 @@ def summary_table(out_dir: Path) -> str:
     for domain, lengths in domain_lengths(out_dir).items():
         qs = np.quantile(lengths, QUANTILES).round().astype(int)
         rows.append([domain, f"{lengths.size:,}", f"{int(lengths.sum()):,}", *(f"{q:,}" for q in qs)])
+    return text_table(header, rows)
+
+
+def text_table(header: list[str], rows: list[list[str]], labels: int = 1) -> str:
+    """Columns under a ruled header, the first ``labels`` left-aligned, the figures right-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    fmt = lambda r: "  ".join(c.ljust(w) if i < labels else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)])
 
 

@@ -8,6 +8,10 @@ blocks hashes to one of those. A copy of at least 2·``block`` consecutive bench
 contains an aligned block, so it is caught wherever it starts. Windows with fewer than ``block // 4`` distinct
 rounded values (flat stretches, rare counts) are not hashed on either side: they say nothing about origin.
 
+A third rule, for GIFT-Eval (``timemoe-prep --exclude-benchmark gift-eval:DIR``), cuts instead of dropping: the
+stretch of a series that holds the scored test windows of a GIFT-Eval configuration is removed and the rest of the
+series kept (``data_prep.gift_leakage``), as GIFT-Eval's own pretraining corpus keeps those series' history.
+
 Every source's series pass the guard of :class:`~data_prep.pipeline.PrepOptions` (``default_guard`` unless given:
 the name rule plus the repository's shipped ETTh1); the manifest records it under ``leakage_guard``.
 """
@@ -15,7 +19,7 @@ the name rule plus the repository's shipped ETTh1); the manifest records it unde
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -31,22 +35,28 @@ SHIPPED_ETTH1 = Path(__file__).resolve().parents[1] / "examples" / "data" / "ETT
 _MULTIPLIERS = np.random.default_rng(0x1EA4).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
 
 
+def block_hashes(windows_NB: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The hashes of the informative rows of ``windows_NB`` (float64; a row holding NaN/inf is not informative) and
+    those rows' indices: each row z-normalised, rounded to 1/100 of its standard deviation, hashed."""
+    block = windows_NB.shape[1]
+    std_N = windows_NB.std(axis=1)
+    rows_N = np.flatnonzero(std_N > 1e-12 * np.maximum(np.abs(windows_NB).max(axis=1), 1e-300))
+    # A gathered copy: both sides of a match reduce contiguous rows, so equal values give equal bits.
+    kept_NB = windows_NB[rows_N]
+    q_NB = np.rint((kept_NB - kept_NB.mean(axis=1, keepdims=True)) / std_N[rows_N, None] * 100).astype(np.int64)
+    distinct_N = 1 + (np.diff(np.sort(q_NB, axis=1), axis=1) != 0).sum(axis=1)
+    rich_N = distinct_N >= block // 4
+    # A polynomial hash in uint64 arithmetic (wrapping), vectorised over windows.
+    return q_NB[rich_N].astype(np.uint64) @ _MULTIPLIERS[:block], rows_N[rich_N]
+
+
 def _window_hashes(values: np.ndarray, block: int, stride: int) -> np.ndarray:
-    """Hashes of the informative windows values[i:i + block] for i = 0, stride, 2·stride, ..."""
+    """Hashes of the informative windows values[i:i + block] for i = 0, stride, 2·stride, ... of the finite values."""
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)] if not np.isfinite(values).all() else values
     if len(values) < block:
         return np.empty(0, dtype=np.uint64)
-    windows_NB = np.lib.stride_tricks.sliding_window_view(values, block)[::stride]
-    std_N = windows_NB.std(axis=1)
-    keep_N = std_N > 1e-12 * np.maximum(np.abs(windows_NB).max(axis=1), 1e-300)
-    z_NB = (windows_NB[keep_N] - windows_NB[keep_N].mean(axis=1, keepdims=True)) / std_N[keep_N, None]
-    q_NB = np.rint(z_NB * 100).astype(np.int64)
-    q_sorted = np.sort(q_NB, axis=1)
-    distinct_N = 1 + (np.diff(q_sorted, axis=1) != 0).sum(axis=1)
-    q_NB = q_NB[distinct_N >= block // 4]
-    # A polynomial hash in uint64 arithmetic (wrapping), vectorised over windows.
-    return q_NB.astype(np.uint64) @ _MULTIPLIERS[:block]
+    return block_hashes(np.lib.stride_tricks.sliding_window_view(values, block)[::stride])[0]
 
 
 @dataclass(frozen=True)
@@ -58,9 +68,16 @@ class LeakageGuard:
     benchmarks: tuple[str, ...] = ()
     block: int = 64
     name_pattern: str | None = ETT_NAMES
+    gift_eval: tuple[str, ...] = ()  # GIFT-Eval data directories whose test windows are cut out
+    index_dir: str | None = field(default=None, compare=False)  # where `ready` built their index for the workers
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.gift_eval:
+            from data_prep.gift_leakage import check_data
+
+            for path in self.gift_eval:
+                check_data(path)
         for p in self.benchmarks:
             if not Path(p).is_file():
                 raise PrepError(p, "--benchmarks", str(p), "no such file (a benchmark CSV to keep out of the corpus)")
@@ -73,17 +90,43 @@ class LeakageGuard:
 
     @property
     def active(self) -> bool:
-        return self.name_pattern is not None or bool(self.benchmarks)
+        return self.name_pattern is not None or bool(self.benchmarks) or bool(self.gift_eval)
 
     def describe(self) -> dict:
         rule = (f"excluded: ids matching {self.name_pattern!r}, and series sharing a z-normalised {self.block}-point "
                 "window with a benchmark channel") if self.active else "off (--no-leakage-guard): nothing excluded"
-        return {
+        record = {
             "rule": rule,
             "name_pattern": self.name_pattern,
             "block": self.block,
             "benchmarks": [self._benchmark_record(Path(p)) for p in self.benchmarks],
         }
+        if self.gift_eval:  # absent otherwise, so that corpora prepared before it existed are still reused
+            from data_prep.gift_leakage import describe
+
+            key = ("gift_eval",)
+            if key not in self._cache:
+                self._cache[key] = [describe(p) for p in self.gift_eval]
+            record["rule"] += "; cut: the stretches holding a GIFT-Eval configuration's test windows"
+            record["gift_eval"] = self._cache[key]
+        return record
+
+    def read(self, progress: bool = False) -> None:
+        """Read the GIFT-Eval data now, with a progress bar (``describe`` and ``ready`` read it otherwise, silently)."""
+        from data_prep.gift_leakage import configurations
+
+        for root in self.gift_eval:
+            configurations(root, progress=progress)
+
+    def ready(self, folder: Path) -> LeakageGuard:
+        """This guard with its GIFT-Eval index built under ``folder``, for workers to memory-map (itself when it has
+        none)."""
+        if not self.gift_eval:
+            return self
+        from data_prep.gift_leakage import build_index
+
+        build_index(self.gift_eval, folder)
+        return replace(self, index_dir=str(folder), _cache={})
 
     def _benchmark_record(self, path: Path) -> dict:
         return {"file": path.name, "sha256": sha256_file(path), "channels": list(self._channels(path))}
@@ -118,12 +161,27 @@ class LeakageGuard:
                 return f"shares a normalised {self.block}-point window with {hashes[h]}"
         return None
 
+    def screen(self, item_id: str, values: np.ndarray) -> tuple[list[tuple[int, int]], dict | None]:
+        """The ``[start, stop)`` pieces of ``values`` that may be trained on, and the manifest's record of what was
+        left out (None when nothing was): the whole series, or nothing when ``check`` excludes it, or what remains
+        around the GIFT-Eval test windows it holds."""
+        reason = self.check(item_id, values)
+        if reason is not None:
+            return [], {"item_id": item_id, "reason": reason}
+        if not self.gift_eval:
+            return [(0, len(values))], None
+        from data_prep.gift_leakage import test_windows_index
 
-def default_guard(benchmarks: tuple[str, ...] = ()) -> LeakageGuard:
-    """The ETT name rule, and by content the shipped ETTh1 (when this is a checkout) plus ``benchmarks``."""
+        return test_windows_index(self.gift_eval, self.index_dir).screen(item_id, values)
+
+
+def default_guard(benchmarks: tuple[str, ...] = (), gift_eval: tuple[str, ...] = ()) -> LeakageGuard:
+    """The ETT name rule, and by content the shipped ETTh1 (when this is a checkout) plus ``benchmarks``, and the
+    test windows of the GIFT-Eval data directories ``gift_eval``."""
     shipped = [str(SHIPPED_ETTH1)] if SHIPPED_ETTH1.is_file() else []
     # Resolved, so that the shipped file named again (or by another relative path) is hashed once.
-    return LeakageGuard(tuple(dict.fromkeys(str(Path(p).resolve()) for p in [*shipped, *benchmarks])))
+    resolved = lambda paths: tuple(dict.fromkeys(str(Path(p).resolve()) for p in paths))  # noqa: E731
+    return LeakageGuard(resolved([*shipped, *benchmarks]), gift_eval=resolved(gift_eval))
 
 
 NO_GUARD = LeakageGuard(name_pattern=None)

@@ -1,8 +1,8 @@
 """``prepare(source, output)``: the whole job, resumable and deterministic.
 
 1. discover the source's datasets (main process);
-2. index them (workers): validate, stage text input, leave out what the leakage guard excludes, write index arrays
-   under ``<output>/.work/datasets/``;
+2. index them (workers): validate, stage text input, leave out (or cut) what the leakage guard excludes, write
+   index arrays under ``<output>/.work/datasets/``;
 3. plan the shards from the indexes alone (``data_prep.shard_plan``), so their content never depends on the worker count;
 4. build the shards (workers), each written to a temporary name and renamed when complete;
 5. write ``manifest.json`` and remove ``.work/``.
@@ -136,7 +136,8 @@ def _index_one(source: Source, spec: DatasetSpec, folder: Path, skip: bool,
         return e
 
 
-def _run(pool: ProcessPoolExecutor | None, fn: Callable, jobs: Iterable[tuple]) -> Iterator[tuple[tuple, Any]]:
+def run_jobs(pool: ProcessPoolExecutor | None, fn: Callable,
+             jobs: Iterable[tuple]) -> Iterator[tuple[tuple, Any]]:
     """(args, result) in completion order; the first failure cancels what has not started."""
     if pool is None:
         for args in jobs:
@@ -165,6 +166,7 @@ def prepare(source: Source, output: str | Path, options: PrepOptions | None = No
     work = out / WORK
     with _exclusive(out):
         discovery = source.discover()
+        options.guard.read(options.progress)
         identity = {"source": source.describe(), **options.identity()}
         finished = out / MANIFEST_NAME
         if finished.exists() and not work.exists():
@@ -189,8 +191,9 @@ def prepare(source: Source, output: str | Path, options: PrepOptions | None = No
         pool = None
         if options.workers > 1:
             pool = ProcessPoolExecutor(options.workers, mp_context=multiprocessing.get_context("spawn"))
+        guard = options.guard.ready(work / "leakage-index")  # built once, memory-mapped by every worker
         try:
-            indexed, skipped = _index_all(source, discovery, work, pool, options)
+            indexed, skipped = _index_all(source, discovery, work, pool, options, guard)
             shards = _build_all(indexed, out, work, pool, options)
         finally:
             if pool is not None:
@@ -207,7 +210,7 @@ def prepare(source: Source, output: str | Path, options: PrepOptions | None = No
     return manifest
 
 
-def _index_all(source, discovery, work, pool, options):
+def _index_all(source, discovery, work, pool, options, guard):
     found: dict[int, IndexedDataset | PrepError] = {}
     todo = []
     for i, spec in enumerate(discovery.datasets):
@@ -216,11 +219,11 @@ def _index_all(source, discovery, work, pool, options):
         if done is not None:
             found[i] = done
         else:
-            todo.append((source, spec, folder, options.on_error == "skip", options.guard))
+            todo.append((source, spec, folder, options.on_error == "skip", guard))
     bar = tqdm(total=len(discovery.datasets), initial=len(found), unit="dataset", desc="index",
                disable=not options.progress)
     with bar:
-        for args, result in _run(pool, _index_one, todo):
+        for args, result in run_jobs(pool, _index_one, todo):
             found[int(args[2].name)] = result
             bar.update(1)
     indexed, skipped = [], []
@@ -287,7 +290,7 @@ def _build_all(indexed, out, work, pool, options):
     initial = sum(plans[i].points for i in results)
     bar = tqdm(total=total, initial=initial, unit="pt", unit_scale=True, desc="shards", disable=not options.progress)
     with bar:
-        for args, result in _run(pool, build_shard, todo):
+        for args, result in run_jobs(pool, build_shard, todo):
             results[args[0].index] = result
             bar.update(args[0].points)
     return [results[i] for i in range(len(plans))]

@@ -111,7 +111,7 @@ def test_outputs_in_the_leaderboards_layout(scored):
     assert record == {"model": "gift_export", "model_type": "pretrained", "model_dtype": "float32",
                       "testdata_leakage": "unknown", "replication_code_available": "Yes"}
     # no training_data.json: it refuses to guess, and says how to find out
-    assert "testdata_leakage unknown" in proc.stderr and "timemoe-prep audit" in proc.stderr
+    assert "gift-eval: testdata_leakage: not declared: " in proc.stderr and "timemoe-prep audit" in proc.stderr
     summary = (out / "summary.md").read_text()
     for section in ("## Per domain", "## Per term", "## Per frequency", "| taylor/30T/long |"):
         assert section in summary

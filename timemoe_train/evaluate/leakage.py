@@ -10,6 +10,10 @@
     not held out  fine-tuned on this file's rows that the evaluated test split includes
 
 Evaluation goes on whatever the status; the report carries it and the CLI warns.
+
+GIFT-Eval asks each submission one question, `testdata_leakage` ("Yes"/"No"), answered per model by
+`gift_eval_leakage` from the same record: the digests of the GIFT-Eval configurations its corpus was guarded
+against (`timemoe-prep --exclude-benchmark gift-eval:DIR`) or audited for (`timemoe-prep audit`).
 """
 
 from __future__ import annotations
@@ -20,10 +24,25 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from data_prep.gift_leakage import config_digests, read_audit
+
 from ..checkpoint.digests import file_digest
 from ..model.hf_layout import TRAINING_DATA
 
 WARN = ("not guarded", "by name only", "not held out")
+
+
+def read_record(model) -> tuple[dict | None, Path | None, str]:
+    """(record, its path, "") of a model directory's training_data.json, or (None, path, why there is none)."""
+    if not isinstance(model, (str, Path)):
+        return None, None, "a model object: no training_data.json to read"
+    path = Path(model) / TRAINING_DATA
+    if not path.is_file():
+        return None, path, f"{path}: none (a released model, or exported before it existed)"
+    try:
+        return json.loads(path.read_text()), path, ""
+    except (OSError, ValueError) as e:
+        return None, path, f"{path}: unreadable ({e})"
 
 
 def leakage_status(model, csv: Path, digest: Callable[[], str], test_start: int | None = None,
@@ -31,15 +50,9 @@ def leakage_status(model, csv: Path, digest: Callable[[], str], test_start: int 
     """{"status", "detail"} of one model (a directory or a loaded model) on one CSV; `digest()` gives the CSV's
     sha256, called only when the model's record has a guard to compare it with; `test_start`: the first row of
     the evaluated test split (a fine-tuned model must not have read it) of the CSV's `rows` rows."""
-    if not isinstance(model, (str, Path)):
-        return {"status": "unknown", "detail": "a model object: no training_data.json to read"}
-    path = Path(model) / TRAINING_DATA
-    if not path.is_file():
-        return {"status": "unknown", "detail": f"{path}: none (a released model, or exported before it existed)"}
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        return {"status": "unknown", "detail": f"{path}: unreadable ({e})"}
+    record, path, why = read_record(model)
+    if record is None:
+        return {"status": "unknown", "detail": why}
     return record_status(record, path, csv, digest, test_start, rows)
 
 
@@ -109,3 +122,67 @@ def fine_tuned_status(record: dict, path: Path, csv: Path, digest: Callable[[], 
     if base["status"] in ("guarded", "held out"):
         return {"status": "held out", "detail": f"{own}; the base model: {base['detail']}"}
     return {"status": base["status"], "detail": f"{own}; but the base model: {base['detail']}"}
+
+
+def gift_eval_leakage(model, data: Path, configs: list[str] | None = None) -> dict:
+    """GIFT-Eval's `testdata_leakage` for `model` (a directory, or a loaded model) scored on the configurations
+    `configs` (names, default all) under `data`: {"testdata_leakage": "Yes" | "No" | None, "line": one line saying
+    which and why, "configs": {name: "held" | "guarded" | "audited" | "unknown"}}.
+
+    Each scored configuration is matched by its digest (``data_prep.gift_leakage``: its test windows' content) with
+    the model's training_data.json: "held" when an audit of its corpus (``timemoe-prep audit``, read at export or
+    now from the corpus) found windows of it, "guarded" when the corpus was prepared with ``--exclude-benchmark``
+    over it, "audited" when an audit found none. "Yes" when one is held; "No" only when every one is guarded or
+    audited; otherwise None: this refuses to guess, and the line says how to find out. A fine-tuned model is "Yes"
+    when its base model is, else undeclared: its fine-tuning file was never checked against GIFT-Eval.
+    """
+    how = (f"find out with `timemoe-prep audit CORPUS --benchmark gift-eval:{data}` (CORPUS: the corpus the model "
+           "was trained on) and run this again, or prepare the corpus with `--exclude-benchmark gift-eval:"
+           f"{data}` and train again")
+    record, _, why = read_record(model)
+    if record is None:
+        return {"testdata_leakage": None, "configs": {}, "line": f"testdata_leakage: not declared: {why}; {how}"}
+    return _gift_eval_decision(record, Path(data), configs, how)
+
+
+def _gift_eval_decision(record: dict, data: Path, configs: list[str] | None, how: str) -> dict:
+    if "split" in record:
+        base = record.get("fine_tuned_from", {}).get("training_data")
+        decided = _gift_eval_decision(base, data, configs, how) if base else None
+        if decided is not None and decided["testdata_leakage"] == "Yes":
+            return {**decided, "line": decided["line"].replace("Yes: ", "Yes: its base model's training data: ", 1)}
+        why = f"fine-tuned on {record['split'].get('file')}, which nothing checked against GIFT-Eval"
+        return {"testdata_leakage": None, "configs": {}, "line": f"testdata_leakage: not declared: {why}; {how}"}
+    digests = config_digests(data, configs)
+    corpus = record.get("corpus")
+    audits = {**record.get("leakage_audit", {}), **(read_audit(corpus, record.get("manifest_sha256"))
+                                                     if corpus else {})}
+    guarded = {c["sha256"] for g in (record.get("leakage_guard") or {}).get("gift_eval", [])
+               for c in g["configs"].values()}
+    status = {}
+    for name, digest in digests.items():
+        if audits.get(digest, {}).get("found"):
+            status[name] = "held"
+        elif digest in guarded:
+            status[name] = "guarded"
+        else:
+            status[name] = "audited" if digest in audits else "unknown"
+    count = lambda word: [name for name, s in status.items() if s == word]  # noqa: E731
+    held, unknown = count("held"), count("unknown")
+    if held:
+        found = ", ".join(f"{name} {audits[digests[name]]['found']} of {audits[digests[name]]['windows']}"
+                          for name in held)
+        return {"testdata_leakage": "Yes", "configs": status,
+                "line": f"testdata_leakage: Yes: the audit of corpus {corpus} found test windows of {len(held)} of "
+                        f"the {len(status)} scored configurations in it ({found})"}
+    if not unknown:
+        parts = [f"{len(names)} prepared with --exclude-benchmark over this very data" if word == "guarded" else
+                 f"{len(names)} audited and none of their windows found" for word in ("guarded", "audited")
+                 if (names := count(word))]
+        return {"testdata_leakage": "No", "configs": status,
+                "line": f"testdata_leakage: No: corpus {corpus} holds no test window of the {len(status)} scored "
+                        f"configurations ({'; '.join(parts)}; matched by the content of their test windows)"}
+    shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+    return {"testdata_leakage": None, "configs": status,
+            "line": f"testdata_leakage: not declared: corpus {corpus} was neither guarded against nor audited for "
+                    f"{len(unknown)} of the {len(status)} scored configurations ({shown}); {how}"}

@@ -4,7 +4,10 @@ kept out, so that `timemoe-eval` can tell whether a benchmark CSV was excluded f
     corpus           the run config's `data.path` as the run wrote it (a relative one is read from here), or null
     manifest_sha256  sha256 of the corpus's manifest.json, its fingerprint; null when it could not be read
     leakage_guard    the manifest's `leakage_guard` ({rule, name_pattern, block, benchmarks: [{file, sha256,
-                     channels}]}) plus `excluded`, the number of series it left out; null when unknown or absent
+                     channels}], gift_eval?: [{data, configs: {name: {sha256, ...}}}]}) plus `excluded`, the number
+                     of series it left or cut out; null when unknown or absent
+    leakage_audit    what `timemoe-prep audit` found of each GIFT-Eval configuration in this very corpus, by the
+                     configuration's digest ({config, windows, found, ...}); absent when it was not audited
     note             what could not be read, when something could not
 
 A corpus that cannot be read at export does not stop the export: the record says what is known.
@@ -18,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from data_prep.corpus_manifest import MANIFEST_NAME
+from data_prep.gift_leakage import read_audit
 
 from ..checkpoint import CONFIG
 from ..checkpoint.digests import file_digest
@@ -38,10 +42,14 @@ def training_data(tag_dir: Path) -> dict:
         return {**record, "corpus": corpus,
                 "note": f"{manifest_path}: not readable at export ({e}): what its guard excluded is unknown"}
     record.update(corpus=corpus, manifest_sha256=file_digest(manifest_path)[1])
+    audited = read_audit(corpus, record["manifest_sha256"])
+    if audited:
+        record["leakage_audit"] = audited
     # Corpora prepared before every source was guarded record it under `source` (the embedded source only).
     guard = manifest.get("leakage_guard") or manifest.get("source", {}).get("leakage_guard")
     if guard is None:
         return {**record, "note": f"{manifest_path}: prepared without a leakage guard"}
+    # `excluded` counts the series the guard left out or cut (GIFT-Eval's test windows).
     return {**record, "leakage_guard": {**guard, "excluded": len(manifest.get("excluded", []))}}
 
 
@@ -56,5 +64,12 @@ def summary(out: Path) -> str:
     if guard is None:
         return f"{TRAINING_DATA}: {record['note']}"
     files = ", ".join(b["file"] for b in guard["benchmarks"]) or "none"
-    return (f"{TRAINING_DATA}: corpus {record['corpus']}; benchmarks kept out by content: {files}; "
+    line = (f"{TRAINING_DATA}: corpus {record['corpus']}; benchmarks kept out by content: {files}; "
             f"{guard['excluded']} series excluded")
+    for g in guard.get("gift_eval", []):
+        line += f"; GIFT-Eval test windows of {g['data']} cut out ({len(g['configs'])} configurations)"
+    audited = record.get("leakage_audit", {})
+    if audited:
+        held = sum(1 for a in audited.values() if a["found"])
+        line += f"; audited for {len(audited)} GIFT-Eval configurations, test windows found of {held}"
+    return line
