@@ -76,7 +76,8 @@ class StopRequest:
         if self.signum is None:
             self.signum, self._at = signum, now
         elif signum == signal.SIGINT and now - self._at > 1.0:
-            os.write(2, b"timemoe-train: second interrupt: exiting without saving\n")
+            if os.environ.get("LOCAL_RANK", "0") == "0":  # said once per node, as by one process
+                os.write(2, b"timemoe-train: second interrupt: exiting without saving\n")
             os._exit(128 + signal.SIGINT)
 
     def restore(self) -> None:
