@@ -174,3 +174,12 @@ def test_moe_vs_dense_runs_on_a_time300b_corpus_as_the_readme_writes_it(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     done = sorted(p.parents[2].name for p in (tmp_path / "multirun" / "moe_vs_dense").glob("*/checkpoints/*/meta.json"))
     assert len(done) == 2 and {name.startswith("arm-") for name in done} == {True}, done
+
+
+def test_a_checkpoint_folder_elsewhere_is_named_and_hydras_own_paths_resolve_before_the_run(tmp_path):
+    """The check before Hydra writes anything resolves the config as the run will (${hydra:runtime.output_dir}
+    included): a valid command is never refused by it."""
+    proc = train(tmp_path, *TINY, "trainer.max_steps=1", "run.dir=run", "checkpoint.dir=${hydra:runtime.output_dir}/ck")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert said(proc)[0] == f"timemoe-train: starting a new run in {tmp_path / 'run'}; checkpoints in " \
+                            f"{tmp_path / 'run' / 'ck'}"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict, read_write
 
 from ..checkpoint import CheckpointError
 from ..model.config import ConfigError
@@ -38,6 +38,9 @@ class Preflight(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         HydraConfig.instance().set_config(config)  # the run's name, ${run_name:}, reads it
         run_dir = Path(str(config.hydra.run.dir)).absolute()
+        with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
+            config.hydra.runtime.output_dir = str(run_dir)  # as Hydra is about to: ${hydra:runtime.output_dir}
+        HydraConfig.instance().set_config(config)
         try:
             run = checked_run_config(config)
             check_run_dir(run_dir, Path(run.checkpoint.dir).absolute())
