@@ -32,7 +32,7 @@ from ..launch import LAUNCH_OPTIONS, LAUNCHED
 from ..checkpoint import CheckpointError, read_meta
 from ..model.config import ConfigError
 from .config import (RunConfig, TrainConfigError, checked_run_config, no_such_key, omegaconf_message, one_line,
-                     run_config)
+                     run_config)  # noqa: F401 (run_config: timemoe-finetune and the tests import it from here)
 from .monitor import scrub
 from .preflight import Refused, discard_created
 from .report import say
