@@ -348,8 +348,8 @@ def test_plain_torchrun_prints_a_user_error_once(tmp_path):
                            "-m", "timemoe_train.train", "data=synthetic", "bad.key=1"], cwd=tmp_path, env=clean_env(),
                           capture_output=True, text=True, timeout=300)
     ours = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("timemoe-train")]
-    assert ours == ["timemoe-train: Could not override 'bad.key'. To append to your config use +bad.key=1 (Key "
-                    "'bad' is not in struct)"], proc.stdout + proc.stderr[-3000:]
+    assert ours == ["timemoe-train: bad: no such key in the config; its keys: model, data, parallel, optim, trainer, "
+                    "logger, run, checkpoint"], proc.stdout + proc.stderr[-3000:]
     assert proc.returncode == 1
     root_cause = proc.stderr.split("Root Cause")[1]
     assert "local_rank: 0" in root_cause and "exitcode  : 2" in root_cause, proc.stderr[-3000:]
@@ -396,3 +396,81 @@ def test_a_torchrun_signal_that_hides_behind_its_metrics_wrapper_is_still_one_li
     monkeypatch.setattr(torch.distributed.run, "main", failed)
     with pytest.raises(RuntimeError, match="rendezvous timed out"):
         run_torchrun([])
+
+
+# --- the real trainer under the launcher -----------------------------------------------------------------------------
+TINY = ["data=synthetic", "data.max_length=48", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
+        "logger=none", "logger.progress=false"]
+# Each trainer's checkpoint writes wait a minute first (once $SLOW_SAVE_MARK names a file, which they touch): a save
+# still running when the second Ctrl-C comes.
+SLOW_SAVE = """
+import os, time
+if os.environ.get("SLOW_SAVE_MARK"):
+    import torch
+    _save = torch.save
+
+    def save(*args, **kwargs):
+        open(os.environ["SLOW_SAVE_MARK"], "a").close()
+        time.sleep(60)
+        return _save(*args, **kwargs)
+
+    torch.save = save
+"""
+
+
+def trainer_env(**extra):
+    env = clean_env(DS_BUILD_OPS="0", OMP_NUM_THREADS="1", **extra)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    return {k: v for k, v in env.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_under_the_launcher_is_one_line_and_status_130(tmp_path):
+    """As with one process: the first Ctrl-C asks for a save; a second one, more than a second later and while the
+    trainers are still saving, ends them unsaved: one line, exit 130 (no torchrun failure report)."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_SAVE)
+    mark = tmp_path / "saving"
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("timemoe-train")), "--nproc-per-node", "2", *TINY,
+                             "trainer.max_steps=100000", "checkpoint.interval=0", "checkpoint.async_save=false",
+                             "run.dir=run"], cwd=tmp_path, env=trainer_env(PYTHONPATH=str(tmp_path),
+                                                                            SLOW_SAVE_MARK=str(mark)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the launcher's process group
+        first = time.monotonic()
+        while not mark.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        time.sleep(max(0.0, first + 1.5 - time.monotonic()))
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert [line for line in err.splitlines() if "timemoe-train" in line] == [
+        "timemoe-train: SIGINT passed on to 2 trainer processes (a stop request: each saves its current step and "
+        "exits)", "timemoe-train: second interrupt: exiting without saving"], err[-3000:]
+    assert not any(word in err for word in ("Traceback", "ChildFailedError", "exitcode")), err[-3000:]
+
+
+@pytest.mark.slow
+def test_a_sweep_after_the_launchers_options_runs_each_job_on_its_processes(tmp_path):
+    """`-m` after the launcher's options is Hydra's, for every trainer: both jobs of the sweep, 2 processes each."""
+    proc = subprocess.run([str(Path(sys.executable).with_name("timemoe-train")), "--nproc-per-node", "2", "-m",
+                           "optim.lr=1e-3,2e-3", *TINY, "trainer.max_steps=2", "hydra.sweep.dir=sweep"],
+                          cwd=tmp_path, env=trainer_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted((tmp_path / "sweep").glob("*/checkpoints/step00000002/meta.json"))
+    assert len(jobs) == 2, sorted(p.name for p in (tmp_path / "sweep").iterdir())
+    assert {json.loads(meta.read_text())["world_size"] for meta in jobs} == {2}
+    lrs = {line.split(":")[1].strip() for meta in jobs
+           for line in (meta.parents[2] / ".hydra" / "config.yaml").read_text().splitlines()
+           if line.startswith("  lr:")}
+    assert lrs == {"0.001", "0.002"}

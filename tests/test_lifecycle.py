@@ -65,7 +65,7 @@ def reference(corpus, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("reference")
     proc = subprocess.run(command(corpus), cwd=cwd, env=worker_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    assert start_line(proc.stdout) == f"timemoe-train: starting a new run ({run_dir(cwd) / 'checkpoints'})"
+    assert start_line(proc.stdout) == f"timemoe-train: starting a new run in {run_dir(cwd)}"
     assert [r["step"] for r in records(cwd)] == list(range(1, MAX_STEPS + 1))
     return records(cwd)
 
@@ -124,7 +124,7 @@ def test_stopped_runs_save_the_current_step_and_the_same_command_continues(corpu
         if start:
             assert first == f"timemoe-train: resuming from step {start} ({ckpt / f'step{start:08d}'})", stop
         else:
-            assert first == f"timemoe-train: starting a new run ({ckpt})"
+            assert first == f"timemoe-train: starting a new run in {ckpt.parent}"
         assert f"stop requested by signal: saved step {last}, exiting" in proc.stdout, (stop, proc.stderr[-4000:])
         assert (ckpt / "latest").read_text() == f"step{last:08d}", stop.__name__  # the step it stopped at
         # The loader workers ignored the signal and were shut down by the trainer; no trainer traceback.
@@ -221,7 +221,7 @@ def test_a_printed_run_directory_goes_back_into_the_command_as_it_is(tmp_path):
     printed path>` continues that run, and the full overrides are in the run directory."""
     overrides = [o for o in MULTIRUN if "trainer.max_steps" not in o]
     first = cli(tmp_path, *overrides, "optim.betas=[0.9, 0.95]", "trainer.max_steps=2")
-    path = Path(start_line(first.stdout).split("(")[1].rstrip(")")).parent
+    path = Path(start_line(first.stdout).removeprefix("timemoe-train: starting a new run in "))
     assert path.parent == tmp_path / "runs" and not set(path.name) & set("=,'\"[] "), path.name
     assert "optim.betas=[0.9, 0.95]" in (path / ".hydra" / "overrides.yaml").read_text()
     again = cli(tmp_path, *overrides, "optim.betas=[0.9,0.95]", "trainer.max_steps=3", f"run.dir={path}")
@@ -253,7 +253,7 @@ def test_resume_false_sets_the_old_lineage_aside_and_the_plain_command_continues
     restart = tiny_run(tmp_path, "run.name=x", "trainer.max_steps=3", "checkpoint.resume=false")
     (aside,) = run.glob("previous-*")
     assert f"the previous checkpoints and metrics moved to {aside}" in restart.stdout
-    assert start_line(restart.stdout.split(str(aside))[1]) == f"timemoe-train: starting a new run ({ckpt})"
+    assert start_line(restart.stdout.split(str(aside))[1]) == f"timemoe-train: starting a new run in {run}"
     again = tiny_run(tmp_path, "run.name=x", "trainer.max_steps=5")
     assert start_line(again.stdout) == f"timemoe-train: resuming from step 3 ({ckpt / 'step00000003'})"
     # The new lineage pruned in its own write order; the old one kept whole, beside it.

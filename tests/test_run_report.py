@@ -79,7 +79,7 @@ def test_a_run_in_a_log_file_says_what_it_will_do_and_did(corpus, tmp_path):
     run_dir = tmp_path / "run"
     first = train(corpus, run_dir, "trainer.max_steps=4")
     lines = said(first)
-    assert lines[0] == f"starting a new run ({run_dir / 'checkpoints'})"
+    assert lines[0] == f"starting a new run in {run_dir}"
     assert f"corpus {corpus}: 1 sequences, 200 points, 1 domain (energy)" in lines
     [epochs] = [line for line in lines if "windows per epoch" in line]
     per_epoch = int(epochs.split()[0])
@@ -95,10 +95,15 @@ def test_a_run_in_a_log_file_says_what_it_will_do_and_did(corpus, tmp_path):
     assert "weights: random (trainer.seed=0)" in lines
     assert any(line.startswith(f"warning: the corpus fills {per_epoch} windows, fewer than one step's 8") for line in lines)
 
-    # No bar: one plain line every logger.progress_interval steps.
+    # No bar: one plain line at the first step (the first estimate of the time left) and every
+    # logger.progress_interval steps; the log holds what the terminal showed.
     assert "\r" not in first.stdout + first.stderr
     progress = [PROGRESS.fullmatch(line) for line in first.stdout.splitlines() if line.startswith("step ")]
-    assert [m and m.groups() for m in progress] == [("2", "4"), ("4", "4")]
+    assert [m and m.groups() for m in progress] == [("1", "4"), ("2", "4"), ("4", "4")]
+    log = [line.split(" - ", 1)[1] for line in (run_dir / "timemoe-train.log").read_text().splitlines()
+           if line.startswith("[") and "[timemoe_train.train]" in line]
+    shown = [line for line in first.stdout.splitlines() if line.startswith(("timemoe-train: ", "step ", "checkpoint "))]
+    assert log == shown and len(shown) >= 12, (log, shown)
 
     final = records(run_dir)[-1]
     tag = run_dir / "checkpoints" / "step00000004"

@@ -100,7 +100,7 @@ def no_flock(run_dir: Path) -> dict:
     ([], "TrainConfigError: data.path: no value given; add data.path=... to the command", None),
     (["data.path=/no/such/corpus"], "TrainConfigError: data.path='/no/such/corpus': no such directory", None),
     (["data=synthetic", "trainer.max_stepz=5"],
-     "Could not override 'trainer.max_stepz'. To append to your config use +trainer.max_stepz=5", None),
+     "timemoe-train: trainer.max_stepz: no such key in trainer; did you mean trainer.max_steps", None),
     (["data=synthetic", "trainer.max_steps=abc"], "TrainConfigError: trainer.max_steps='abc': must be int", None),
     (["data.path=.", "data.packing=maybe"], "TrainConfigError: data.packing='maybe': must be bool", None),
     (["data=synthetic", "model.apply_aux_loss=nope"], "TrainConfigError: model.apply_aux_loss='nope': must be bool",
@@ -126,8 +126,9 @@ def test_each_user_error_is_one_line_with_exit_status_2(tmp_path, args, message,
     errors = [line for line in proc.stderr.splitlines() if line.startswith("timemoe-train:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr
-    if not setup:  # a config error is found before anything starts
+    if not setup:  # a config error is found before anything starts, and leaves nothing behind
         assert "starting a new run" not in proc.stdout
+        assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("line", [line for line in (CONFIG_DIR / "train.yaml").read_text().splitlines()

@@ -2,7 +2,11 @@
 comes from the environment, Hydra overrides go to the trainer.
 
     timemoe-train --nproc-per-node 2 [--dry-run] [--] data.path=/data/shards trainer.max_steps=1000 ...
+    timemoe-train --nproc-per-node 2 -m optim.lr=1e-3,2e-3 data.path=...    (a Hydra sweep, each job on 2 processes)
     python launch/run.py ...   (the same, from a checkout)
+
+The launcher's options come first; the first argument that is not one of them (an override, or a Hydra flag such as
+-m/--multirun or --cfg) and everything after it go to every trainer process. `--` may mark the boundary.
 
 Where each setting comes from (first found wins):
   nodes          --nnodes,         NNODES,         SLURM_JOB_NUM_NODES / SLURM_NNODES,  1
@@ -16,7 +20,8 @@ MASTER_ADDR:MASTER_PORT.
 
 Stopping: SIGTERM, SIGUSR1 (SLURM's warning) and SIGINT (Ctrl-C) are passed on to every trainer process as a stop
 request: each saves its current step and exits 0, and so does this launcher. Repeated more than a second later,
-SIGINT is passed on too (the trainers exit at once, unsaved, status 130); SIGTERM or SIGUSR1 hand over to torchrun,
+SIGINT is passed on too (the trainers exit at once, unsaved; one line, status 130, as one process); SIGTERM or
+SIGUSR1 hand over to torchrun,
 which sends the trainers SIGTERM, waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30) and kills them. SIGHUP
 and SIGQUIT go to torchrun, which stops the trainers unsaved (exit 128 + the signal). If this launcher dies (even
 kill -9), every trainer gets SIGTERM from the kernel (its parent-death signal) and saves its step as well.
@@ -123,13 +128,25 @@ def torchrun_command(args: argparse.Namespace, env: dict) -> list[str]:
     return cmd + ["-m", args.module] + args.overrides
 
 
-# Options that make `timemoe-train` this launcher when they come first.
+# Options that make `timemoe-train` this launcher when they come first; all but the flags take a value.
+LAUNCH_FLAGS = ("--dry-run", "-h", "--help")
 LAUNCH_OPTIONS = ("--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--rdzv-id",
                   "--module", "--dry-run")
 
 
+def split_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(this launcher's options, the trainers' arguments): the options lead, and the first argument that is not one
+    of them starts the trainers' (Hydra's own flags, -m included, are not this launcher's business)."""
+    i = 0
+    while i < len(argv) and argv[i].split("=", 1)[0] in LAUNCH_OPTIONS + LAUNCH_FLAGS:
+        i += 1 if argv[i] in LAUNCH_FLAGS or "=" in argv[i] else 2
+    rest = argv[i:]
+    return argv[:i], rest[1:] if rest[:1] == ["--"] else rest
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="timemoe-train", description=__doc__,
+    p = argparse.ArgumentParser(prog="timemoe-train", description=__doc__, allow_abbrev=False,
+                                usage="timemoe-train --nproc-per-node N [launcher options] [--] [-m] [key=value ...]",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nnodes", type=int)
     p.add_argument("--node-rank", type=int)
@@ -139,14 +156,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rdzv-id")
     p.add_argument("--module", default="timemoe_train.train", help="module each process runs (default: trainer)")
     p.add_argument("--dry-run", action="store_true", help="print this node's command instead of running it")
-    p.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides for the trainer")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if args.overrides[:1] == ["--"]:
-        args.overrides = args.overrides[1:]
+    options, trainer_args = split_arguments(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(options)
+    args.overrides = trainer_args
     try:
         cmd = torchrun_command(args, dict(os.environ))
     except LaunchError as e:
@@ -178,12 +194,15 @@ def run_torchrun(torchrun_args: list[str]) -> int:
     try:
         torchrun_main(torchrun_args)
     except ChildFailedError as e:
+        failures = list(e.failures.values())
+        codes = {f.exitcode for f in failures}
+        if forward.interrupted_twice and all(c == 128 + signal.SIGINT or c < 0 for c in codes):
+            # The second Ctrl-C: each node's first trainer said so in one line, as one process does.
+            return 128 + signal.SIGINT
         # A user error (2) or a failed checkpoint write (3): some rank exited so with its line in torchrun's error
         # file, and the others did the same or were stopped by torchrun's SIGTERM on the way.
-        failures = list(e.failures.values())
         messages = [m for m in (f.message.get("message", "") if isinstance(f.message, dict) else f.message
                                 for f in failures) if m.startswith(USER_ERROR_PREFIXES)]
-        codes = {f.exitcode for f in failures}
         said = codes & {2, 3}
         if not messages or len(said) != 1 or not all(c in said or c < 0 for c in codes):
             raise
@@ -212,20 +231,24 @@ class StopForwarder:
     def __init__(self, signal_exception: type):
         self.signal_exception = signal_exception
         self.first: float | None = None
+        self.interrupted_twice = False
 
     def __call__(self, signum, frame):
         now = time.monotonic()
-        if self.first is not None and now - self.first > 1.0 and signum != signal.SIGINT:
+        later = self.first is not None and now - self.first > 1.0
+        if later and signum != signal.SIGINT:
             raise self.signal_exception(f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum))
-        self.first = self.first or now
+        self.interrupted_twice = self.interrupted_twice or later
         trainers = children()
         for pid in trainers:
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
-        print(f"timemoe-train: {signal.Signals(signum).name} passed on to {len(trainers)} trainer processes (a stop "
-              "request: each saves its current step and exits)", file=sys.stderr, flush=True)
+        if self.first is None:
+            print(f"timemoe-train: {signal.Signals(signum).name} passed on to {len(trainers)} trainer processes (a "
+                  "stop request: each saves its current step and exits)", file=sys.stderr, flush=True)
+        self.first = self.first or now
 
 
 def children() -> list[int]:

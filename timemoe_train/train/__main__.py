@@ -27,15 +27,18 @@ from pathlib import Path
 import hydra
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from ..data.errors import DataError
 from ..launch import LAUNCH_OPTIONS, LAUNCHED
 from ..checkpoint import CheckpointError, CheckpointWriteError, read_meta
 from ..model.config import ConfigError
-from .config import RunConfig, TrainConfigError, typed_values
+from .config import (RunConfig, TrainConfigError, checked_run_config, no_such_key, omegaconf_message, one_line,
+                     run_config)  # noqa: F401 (run_config: timemoe-finetune and the tests import it from here)
 from .monitor import scrub
-from .run_dir import LockUnsupported, RunInUse, RunLock, set_aside
+from .preflight import Refused, discard_created
+from .report import say
+from .run_dir import LockUnsupported, NotARunDir, RunInUse, RunLock, set_aside
 
 
 def _config_dir() -> Path:
@@ -48,7 +51,7 @@ def _config_dir() -> Path:
 
 
 CONFIG_DIR = _config_dir()
-USER_ERRORS = (TrainConfigError, ConfigError, DataError, CheckpointError, FileNotFoundError, RunInUse,
+USER_ERRORS = (TrainConfigError, ConfigError, DataError, CheckpointError, FileNotFoundError, RunInUse, NotARunDir,
                LockUnsupported)
 WRITE_FAILED = 3  # exit status: a checkpoint could not be written (CheckpointWriteError)
 _MAX_NAME = 100
@@ -87,30 +90,6 @@ OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("sweep_name", readable_name, replace=True, use_cache=True)
 
 
-def run_config(cfg: DictConfig) -> RunConfig:
-    """Instantiate every group's dataclass (`_target_`), turning bad values into one clear message."""
-    groups = {}
-    for name in ("model", "data", "parallel", "optim", "trainer", "checkpoint", "logger"):
-        try:
-            values = OmegaConf.to_container(cfg[name], resolve=True, throw_on_missing=True)
-            target = hydra.utils.get_class(values["_target_"])
-            groups[name] = hydra.utils.instantiate(typed_values(target, values, name), _convert_="all")
-        except hydra.errors.InstantiationException as e:
-            cause = e.__cause__ or e
-            raise TrainConfigError(f"{name}: {cause}") from None
-        except OmegaConfBaseException as e:  # e.g. data.path=??? (mandatory and not given)
-            raise TrainConfigError(_omegaconf_message(e, name)) from None
-    return RunConfig(**groups)
-
-
-def start_message(checkpoint, tag: str | None) -> str:
-    """What this launch will do, said before anything else."""
-    root = Path(checkpoint.dir).resolve()
-    if tag is None:
-        return f"timemoe-train: starting a new run ({root})"
-    return f"timemoe-train: resuming from step {read_meta(root / tag)['step']} ({root / tag})"
-
-
 def finished_step(run: RunConfig, tag: str | None) -> int | None:
     """The step of the resume point when the run already reached trainer.max_steps, else None (every rank agrees
     on the tag: `resume_point` is collective), before DeepSpeed is even imported, so that a finished run ends at
@@ -127,9 +106,8 @@ def make_trainer(cfg: DictConfig, run_dir: str | Path):
     try:
         container = scrub(OmegaConf.to_container(cfg, resolve=True))
     except OmegaConfBaseException as e:
-        raise TrainConfigError(_omegaconf_message(e, "config")) from None
-    run = run_config(cfg)
-    run.validate(int(os.environ.get("WORLD_SIZE", "1")))
+        raise TrainConfigError(omegaconf_message(e, "config")) from None
+    run = checked_run_config(cfg)
     from ..checkpoint.resume import repair_interrupted_saves, resume_point  # file work only, before DeepSpeed
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
@@ -137,11 +115,11 @@ def make_trainer(cfg: DictConfig, run_dir: str | Path):
     if main_rank and not run.checkpoint.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
         aside = set_aside(Path(run_dir), Path(run.checkpoint.dir))
         if aside is not None:
-            print(f"timemoe-train: checkpoint.resume=false: the previous checkpoints and metrics moved to "
-                  f"{aside.resolve()}", flush=True)
+            say(f"timemoe-train: checkpoint.resume=false: the previous checkpoints and metrics moved to "
+                f"{aside.resolve()}")
     if main_rank:
         for line in repair_interrupted_saves(Path(run.checkpoint.dir).resolve()):
-            print(f"timemoe-train: {line}", flush=True)
+            say(f"timemoe-train: {line}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
 
@@ -154,12 +132,10 @@ def make_trainer(cfg: DictConfig, run_dir: str | Path):
     if done is not None:
         if main_rank:
             where = Path(run.checkpoint.dir).resolve() / tag
-            print(f"timemoe-train: already at step {done} of trainer.max_steps={run.trainer.max_steps} ({where}): "
-                  f"nothing to train; raise trainer.max_steps to continue, or export it: timemoe-export {where} "
-                  f"{Path(run_dir).resolve() / 'export'}", flush=True)
+            say(f"timemoe-train: already at step {done} of trainer.max_steps={run.trainer.max_steps} ({where}): "
+                f"nothing to train; raise trainer.max_steps to continue, or export it: timemoe-export {where} "
+                f"{Path(run_dir).resolve() / 'export'}")
         return None
-    if main_rank:
-        print(start_message(run.checkpoint, tag), flush=True)
     from .trainer import Trainer  # torch.distributed, DeepSpeed and megatron load only for a valid config
 
     return Trainer(run, run_dir, OmegaConf.to_yaml(OmegaConf.create(container)), container, tag)
@@ -210,24 +186,12 @@ def _app(cfg: DictConfig) -> None:
     try:
         stopped = train(cfg, cfg.run.dir)
     except USER_ERRORS as e:
+        discard_created()
         _user_error(f"{type(e).__name__}: {e}")
     except CheckpointWriteError as e:
         _user_error(f"{type(e).__name__}: {e}", WRITE_FAILED)
     if stopped:  # also the end of a multirun: the signal asked this process to stop
         sys.exit(0)
-
-
-def _one_line(e: BaseException) -> str:
-    """OmegaConf and Hydra messages run over several lines (the key, the object type, a hint): the ones that say
-    something, joined."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return " ".join(line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type=")))
-
-
-def _omegaconf_message(e: OmegaConfBaseException, where: str) -> str:
-    if isinstance(e, MissingMandatoryValue):
-        return f"{e.full_key}: no value given; add {e.full_key}=... to the command"
-    return f"{e.full_key or where}: {_one_line(e)}"
 
 
 def _user_error(message: str, status: int = 2) -> None:
@@ -307,9 +271,20 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")(_app)()
+    except Refused as refused:  # found by the preflight check, before Hydra wrote anything
+        _user_error(f"{type(refused.error).__name__}: {refused.error}")
     except (HydraException, OmegaConfBaseException) as e:
-        cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else None
-        _user_error(_one_line(e) + (f" ({_one_line(cause)})" if cause else ""))
+        _user_error(_hydra_message(e))
+
+
+def _hydra_message(e: BaseException) -> str:
+    """Hydra's error in one line; for a key the config does not have (`trainer.max_step=10`), the keys it has
+    that come closest instead of Hydra's `+key=...` (which adds a key the group's dataclass then refuses)."""
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else None
+    unknown = isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and "not in struct" in str(cause)
+    if unknown and isinstance(cause.parent_node, DictConfig):
+        return no_such_key(cause.full_key, cause.parent_node.keys())
+    return one_line(e) + (f" ({one_line(cause)})" if cause else "")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ bad combination with one message naming the key and its value.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import os
 import re
 import types
 import typing
@@ -15,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import ValidationError
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from ..model.config import TimeMoeConfig
 
@@ -155,6 +159,8 @@ def typed_values(cls, values: dict, prefix: str) -> dict:
     flat = {k: v for k, v in values.items() if k != "_target_" and k not in nested}
     try:
         converted = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(cls), flat))
+    except ConfigKeyError as e:  # a key added with `+group.key=...` that the dataclass does not have
+        raise TrainConfigError(no_such_key(f"{prefix}.{e.key}", [f.name for f in dataclasses.fields(cls)])) from None
     except ValidationError as e:
         field = re.match(r"[^.\[]+", e.full_key or "").group(0)
         raise TrainConfigError(f"{prefix}.{field}={flat.get(field)!r}: must be {_type_name(hints[field])}") from None
@@ -162,6 +168,54 @@ def typed_values(cls, values: dict, prefix: str) -> dict:
     for k in nested:
         out[k] = typed_values(hints[k], values[k], f"{prefix}.{k}")
     return out
+
+
+def no_such_key(full_key: str, keys) -> str:
+    """One line for a key its group does not have: the group's keys closest to it (difflib), else all of them.
+    (Hydra's own answer, `+key=...`, adds the key, which the group's dataclass then refuses.)"""
+    parent, _, name = full_key.rpartition(".")
+    keys = [k for k in keys if not k.startswith("_") and k != "hydra"]
+    where = parent or "the config"
+    close = [f"{parent}.{k}".lstrip(".") for k in difflib.get_close_matches(name, keys, n=3)]
+    if close:
+        return f"{full_key}: no such key in {where}; did you mean {' or '.join(close)}?"
+    return f"{full_key}: no such key in {where}; its keys: {', '.join(keys)}"
+
+
+def one_line(e: BaseException) -> str:
+    """OmegaConf and Hydra messages run over several lines (the key, the object type, a hint): the ones that say
+    something, joined."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return " ".join(line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type=")))
+
+
+def omegaconf_message(e: OmegaConfBaseException, where: str) -> str:
+    if isinstance(e, MissingMandatoryValue):
+        return f"{e.full_key}: no value given; add {e.full_key}=... to the command"
+    return f"{e.full_key or where}: {one_line(e)}"
+
+
+def run_config(cfg: DictConfig) -> RunConfig:
+    """Instantiate every group's dataclass (`_target_`), turning bad values into one clear message."""
+    groups = {}
+    for name in ("model", "data", "parallel", "optim", "trainer", "checkpoint", "logger"):
+        try:
+            values = OmegaConf.to_container(cfg[name], resolve=True, throw_on_missing=True)
+            target = get_class(values["_target_"])
+            groups[name] = instantiate(typed_values(target, values, name), _convert_="all")
+        except InstantiationException as e:
+            cause = e.__cause__ or e
+            raise TrainConfigError(f"{name}: {cause}") from None
+        except OmegaConfBaseException as e:  # e.g. data.path=??? (mandatory and not given)
+            raise TrainConfigError(omegaconf_message(e, name)) from None
+    return RunConfig(**groups)
+
+
+def checked_run_config(cfg: DictConfig) -> RunConfig:
+    """`run_config`, validated for the launch's process count: every error the config alone shows."""
+    run = run_config(cfg)
+    run.validate(int(os.environ.get("WORLD_SIZE", "1")))
+    return run
 
 
 @dataclass
@@ -221,6 +275,8 @@ class RunConfig:
             (t.val_interval < 0, "trainer.val_interval", t.val_interval, "must be >= 0 (0: no validation)"),
             (t.val_interval > 0 and not (t.val_path and Path(t.val_path).is_dir()), "trainer.val_path", t.val_path,
              "trainer.val_interval > 0 needs the directory of a prepared validation corpus"),
+            (t.init_from_hf is not None and not Path(t.init_from_hf).is_dir(), "trainer.init_from_hf",
+             t.init_from_hf, "no such directory (an HF-layout folder: config.json and model.safetensors)"),
             (t.val_batches < 1, "trainer.val_batches", t.val_batches, "must be a positive integer"),
             (t.patience < 0, "trainer.patience", t.patience, "must be >= 0 (0: no early stopping)"),
             (t.patience > 0 and t.val_interval == 0, "trainer.patience", t.patience,

@@ -6,6 +6,7 @@ ZeRO step computed otherwise (ZeRO-1/2, whose own clipping reads that norm back 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -129,6 +130,26 @@ def exact_clipping(run: RunConfig) -> bool:
     """ZeRO-0 in fp32 hands the optimizer whole, reduced gradients; DeepSpeed's own clip there averages per-rank
     norms, which under expert parallelism is not the global norm, so the optimizer clips instead."""
     return run.parallel.zero_stage == 0 and run.trainer.precision == "fp32"
+
+
+def op_build_note(device: torch.device) -> str | None:
+    """What `build_engine` is about to spend about a minute on, silently, when it does: on the CPU, DeepSpeed
+    compiles its shared-memory collective op (a C++ extension) the first time, into torch's extension cache
+    (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions); later runs load the built library. None otherwise."""
+    if device.type != "cpu":
+        return None
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME) or installed_ops.get(builder.name):
+        return None
+    built = Path(_get_build_directory(builder.name, verbose=False)) / f"{builder.name}.so"
+    if built.is_file():
+        return None
+    return f"building DeepSpeed's CPU communication op into {built.parent} (once: later runs load it; about a minute)"
 
 
 def build_engine(module: nn.Module, run: RunConfig, gas: int, expert_group):

@@ -3,7 +3,20 @@ heatmap images. Nothing secret is written: configs pass through `scrub`.
 
 W&B settings: a `logger.wandb.*` key set in the config wins; a key left null leaves it to W&B's own environment
 (WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY, WANDB_DIR, ...), and where that says nothing either: offline, project
-`timemoe-train`, files in the run directory."""
+`timemoe-train`, files in the run directory.
+
+One history per run, in both places. A launch that continues a run from its checkpoint at step k marks its first
+record in `metrics.jsonl` (`restarted_from_step: k`: later records replace those of steps after k), and rewinds the
+checkpoint's W&B run to step k (`resume_from="<run id>?_step=<k>"`): W&B truncates the run's history after k, so
+the steps an earlier launch logged past its last checkpoint (killed, or resumed from an older checkpoint because the
+newer ones failed verification) leave the charts, and the re-played steps are kept. Offline (the default), the
+rewind is recorded in the new launch's `wandb/offline-run-*` folder (a branch point) and applied when the run's
+folders are synced in the order they were written (`wandb sync <run dir>/wandb/offline-run-*`; wandb >= 0.20
+records it). A server that refuses the rewind (it needs W&B's run-rewind feature) gets a new run instead, said in
+one line: its history starts at step k+1 and the checkpoints from then on name it. What W&B loses on its own side
+stays lost there: its service writes the offline file every 15 s (WANDB__TRANSACTION_LOG_FLUSH_INTERVAL) and uploads
+online runs every few seconds, so a kill -9 that takes the service down too drops its last seconds of steps from W&B
+(never mixing them); metrics.jsonl, written and flushed per record, has them."""
 
 from __future__ import annotations
 
@@ -16,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .report import ProgressLines
+from .report import ProgressLines, say
 
 _SECRET_KEY = re.compile(r"(api_?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
 
@@ -64,9 +77,15 @@ def _wandb_value(value):
     return wandb.Histogram(np_histogram=(np.asarray(value, dtype=float), np.arange(len(value) + 1)))
 
 
+def rewind_point(wandb_id: str | None, start_step: int) -> str | None:
+    """W&B's name for the moment a continued run goes on from: its step `start_step` (the checkpoint's)."""
+    return f"{wandb_id}?_step={start_step}" if wandb_id else None
+
+
 class Monitor:
     def __init__(self, run_dir: Path, cfg, enabled: bool, config: dict, total_steps: int, start_step: int,
                  wandb_id: str | None = None):
+        """`wandb_id`: the W&B run of the checkpoint this launch resumes from (at `start_step`), if any."""
         self.cfg, self.enabled, self.run_dir = cfg, enabled, Path(run_dir)
         self.wandb = None
         self.wandb_id = wandb_id
@@ -78,19 +97,27 @@ class Monitor:
         # earlier launch wrote (before a crash or kill) are repeated after the mark, and the later copy counts.
         self.restarted_from = start_step if path.exists() and path.stat().st_size else None
         self.metrics = open(path, "a")
-        # A bar on a terminal; in a log file plain lines instead (a bar there is one line of carriage returns).
-        terminal = sys.stderr.isatty()
+        # A bar on a terminal, and plain lines in the run's log; without a terminal the lines go to stdout too (a
+        # bar in a file is one line of carriage returns).
+        self.terminal = sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                        disable=not (cfg.progress and terminal))
-        self.lines = ProgressLines(total_steps, start_step, cfg.progress_interval) if cfg.progress and not terminal \
-            else None
+                        disable=not (cfg.progress and self.terminal))
+        self.lines = ProgressLines(total_steps, start_step, cfg.progress_interval) if cfg.progress else None
         settings = wandb_settings(cfg.wandb, self.run_dir)
         if settings["mode"] != "disabled":
-            import wandb
-
-            self.wandb = wandb.init(**settings, tags=list(cfg.wandb.tags) or None, config=scrub(config),
-                                    id=wandb_id, resume="allow")
+            self.wandb = self._start_wandb(settings, scrub(config), rewind_point(wandb_id, start_step))
             self.wandb_id = self.wandb.id
+
+    def _start_wandb(self, settings: dict, config: dict, rewind: str | None):
+        import wandb
+
+        tags = list(self.cfg.wandb.tags) or None
+        if rewind is not None:
+            try:
+                return wandb.init(**settings, tags=tags, config=config, resume_from=rewind)
+            except wandb.Error as e:  # e.g. online, where the server does not offer rewinding
+                self.message(f"W&B could not rewind run {rewind} ({e}); logging to a new run from here")
+        return wandb.init(**settings, tags=tags, config=config)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -100,8 +127,10 @@ class Monitor:
             record["restarted_from_step"], self.restarted_from = self.restarted_from, None
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
-        if self.wandb is not None:
-            self.wandb.log({k: _wandb_value(v) for k, v in record.items() if v is not None}, step=record["step"])
+        if self.wandb is not None:  # the step's row is complete (committed now, not when the next step comes):
+            # a launch killed right after saving this step's checkpoint still has it in W&B
+            self.wandb.log({k: _wandb_value(v) for k, v in record.items() if v is not None}, step=record["step"],
+                           commit=True)
         self.bar.update(record["step"] - self.bar.n)
         parts = [f"loss {record['loss']:.4f}" if record["loss"] is not None else "loss nan",
                  f"aux {record['aux_loss']:.3f}" if record.get("aux_loss") is not None else None,
@@ -112,7 +141,7 @@ class Monitor:
         self.bar.set_postfix_str(" | ".join(p for p in parts if p), refresh=False)
         line = self.lines and self.lines.line(record)
         if line:
-            print(line, flush=True)
+            say(line, terminal=not self.terminal)
 
     def log_figure(self, step: int, name: str, fig) -> None:
         """Save a matplotlib figure as `<run dir>/<name>/step<step>.png` and send it to W&B under `name`."""
@@ -128,11 +157,11 @@ class Monitor:
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({name: wandb.Image(str(path))}, step=step)
+            self.wandb.log({name: wandb.Image(str(path))}, step=step, commit=False)  # the step's record completes it
 
     def message(self, text: str) -> None:
         if self.enabled:
-            tqdm.write(text)
+            say(text)
 
     def close(self) -> None:
         if not self.enabled:

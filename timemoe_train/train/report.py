@@ -1,16 +1,44 @@
 """What a run says on rank 0: the start summary (corpus, epochs, parameters, layout, weights), plain progress lines
-for a log that is not a terminal, and the end summary (steps, time, loss, checkpoint, the export command)."""
+for a log that is not a terminal, and the end summary (steps, time, loss, checkpoint, the export command). Every
+line goes to stdout and to the run's log file (`say`)."""
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 from pathlib import Path
 
 from torch import nn
+from tqdm import tqdm
 
 from ..model import TimeMoeConfig
 
 PREFIX = "timemoe-train: "
+_LOG = logging.getLogger("timemoe_train.train")
+
+
+def say(line: str, terminal: bool = True) -> None:
+    """A line for the user: on stdout (above the progress bar, when one is drawn) unless `terminal` is False, and in
+    the run's log, `<run dir>/timemoe-train.log` (the file handler Hydra puts on the root logger), so that the log
+    holds what the terminal showed. Not a logging call: on the terminal the line stays as it is, without the log's
+    time stamp, and other handlers (a library's) never see it."""
+    if terminal:
+        tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
+    record = _LOG.makeRecord(_LOG.name, logging.INFO, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def start_message(run_dir: Path, checkpoint_dir: Path, tag: str | None, step: int | None) -> str:
+    """What this launch does: the first line. A new run names its run directory, the path `run.dir=` takes back
+    (and its checkpoint folder only when that lies elsewhere); a resume names the checkpoint."""
+    if tag is not None:
+        return f"{PREFIX}resuming from step {step} ({checkpoint_dir / tag})"
+    elsewhere = "" if checkpoint_dir == run_dir / "checkpoints" else f"; checkpoints in {checkpoint_dir}"
+    return f"{PREFIX}starting a new run in {run_dir}{elsewhere}"
 
 
 def duration(seconds: float) -> str:
@@ -122,15 +150,18 @@ class RunReport:
 
 
 class ProgressLines:
-    """One plain line every `every` steps (and at the last), for a log file: step, loss, points/s, elapsed, ETA."""
+    """One plain line every `every` steps, at the last, and at the launch's first logged step (its time is the
+    first estimate of how long the run takes), for a log file: step, loss, points/s, elapsed, ETA."""
 
     def __init__(self, total_steps: int, start_step: int, every: int):
         self.total, self.start_step, self.every = total_steps, start_step, every
+        self.first = True
         self.started = time.monotonic()
 
     def line(self, record: dict) -> str | None:
-        step = record["step"]
-        if step % self.every and step != self.total:
+        step, first = record["step"], self.first
+        self.first = False
+        if step % self.every and step != self.total and not first:
             return None
         elapsed = time.monotonic() - self.started
         remaining = elapsed / max(step - self.start_step, 1) * (self.total - step)

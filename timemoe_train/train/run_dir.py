@@ -1,5 +1,8 @@
 """What a run directory promises: one live run at a time, and one lineage of checkpoints and metrics.
 
+A run directory holds its checkpoints (`checkpoints/`), never is one: `run.dir=` naming a checkpoint folder or a
+checkpoint is refused, with the run directory it belongs to.
+
 The lock is a `flock` on `<run dir>/.lock`, which also names the host and process holding it: the kernel releases
 it when that process ends however it ends (kill -9 included), so a dead run never blocks the next launch. A file
 system without `flock` (Lustre mounted without `-o flock`) is refused in one line that says the way out.
@@ -14,6 +17,8 @@ import shutil
 import socket
 import time
 from pathlib import Path
+
+from ..checkpoint import LATEST, LINEAGE, MANIFEST, META, read_meta
 
 LOCK = ".lock"
 METRICS = "metrics.jsonl"
@@ -30,6 +35,22 @@ class LockUnsupported(RuntimeError):
 # What flock raises where the file system does not implement it (Lustre without -o flock: ENOSYS; NFS without its
 # lock daemon: ENOLCK; some FUSE file systems: EOPNOTSUPP).
 _NO_FLOCK = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
+
+
+class NotARunDir(ValueError):
+    """run.dir names a checkpoint folder or a checkpoint; the message names the run directory to give instead."""
+
+
+def check_run_dir(run_dir: Path, checkpoint_dir: Path) -> None:
+    """Refuse a `run.dir` that is a run's checkpoint folder (it holds `latest` or `lineage`, and is not this
+    config's own checkpoint.dir) or one of its checkpoints: run there, it would start a new run nested inside the
+    old one instead of continuing it."""
+    if run_dir != checkpoint_dir and ((run_dir / LATEST).is_file() or (run_dir / LINEAGE).is_file()):
+        raise NotARunDir(f"run.dir={run_dir} is the checkpoint folder of a run, not a run directory; to continue "
+                         f"that run give its directory: run.dir={run_dir.parent}")
+    if (run_dir / META).is_file() and (run_dir / MANIFEST).is_file():
+        raise NotARunDir(f"run.dir={run_dir} is a checkpoint (step {read_meta(run_dir).get('step')}), not a run "
+                         f"directory; to continue that run give its directory: run.dir={run_dir.parent.parent}")
 
 
 class RunLock:

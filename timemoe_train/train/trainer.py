@@ -20,13 +20,13 @@ from ..model import TimeMoeForPrediction
 from ..parallel import init_parallel
 from .checkpointer import Checkpointer
 from .config import RunConfig
-from .engine import build_engine, global_grad_norm, learning_rate, set_learning_rate
+from .engine import build_engine, global_grad_norm, learning_rate, op_build_note, set_learning_rate
 from .guard import NonFiniteGuard
 from .metrics import (StepStats, domain_heatmaps, expert_load_metrics, peak_flops, reduce_domain_load,
                       train_flops)
 from .module import TrainModule, initial_hf_state
 from .monitor import Monitor
-from .report import RunReport, layout_change
+from .report import PREFIX, RunReport, layout_change, say, start_message
 from .validation import Validator
 
 _MODEL_INPUTS = {"inputs": "inputs_BT", "labels": "labels_BT", "loss_mask": "loss_mask_BT",
@@ -76,7 +76,8 @@ class StopRequest:
         if self.signum is None:
             self.signum, self._at = signum, now
         elif signum == signal.SIGINT and now - self._at > 1.0:
-            os.write(2, b"timemoe-train: second interrupt: exiting without saving\n")
+            if os.environ.get("LOCAL_RANK", "0") == "0":  # said once per node, as by one process
+                os.write(2, b"timemoe-train: second interrupt: exiting without saving\n")
             os._exit(128 + signal.SIGINT)
 
     def restore(self) -> None:
@@ -96,8 +97,12 @@ class Trainer:
         p, t = run.parallel, run.trainer
         self.layout = init_parallel(p.expert_parallel_size, num_experts=run.model.num_experts)
         lay = self.layout
-        # Before the model and engine: a bad data.path is reported without waiting for their start-up.
+        # Before the model and engine: a bad data.path is reported without waiting for their start-up, and before
+        # the first line: a corpus that does not fit the config is the launch's only line.
         self.loader = build_loader(run.data, lay.dp_rank, lay.dp_size, t.global_batch_size, t.micro_batch_size)
+        if lay.is_main:
+            step = read_meta(Path(run.checkpoint.dir).resolve() / resume_tag)["step"] if resume_tag else None
+            say(start_message(self.run_dir.resolve(), Path(run.checkpoint.dir).resolve(), resume_tag, step))
         self.validator = Validator(run.data, t, lay.dp_rank, lay.dp_size) if t.val_interval else None
         self.device = torch.device("cuda", lay.local_rank) if (
             t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else torch.device("cpu")
@@ -112,6 +117,9 @@ class Trainer:
         self.module = TrainModule(model, lay.ep_size, with_markers=p.zero_stage < 3).to(self.device)
         torch.manual_seed(t.seed * 7919 + lay.rank)  # dropout and anything else random differs per rank
         self.guard = NonFiniteGuard(self.module, t.max_bad_steps, self.device, self.gas)
+        note = op_build_note(self.device)
+        if note and lay.is_main:
+            say(PREFIX + note)
         self.engine, self.optimizer = build_engine(self.module, run, self.gas,
                                                    lay.ep_group if lay.ep_size > 1 else None)
         if run.model.aux_loss_type == "megatron":
@@ -187,17 +195,17 @@ class Trainer:
                 if validated:
                     summary["val_loss"] = self.validator.score(self.engine, self._model_inputs, self.device)
                 best = validated and self.validator.update(self.step, summary["val_loss"])
+                if num_domains:  # before the step's record, which completes the step's W&B row
+                    domain_load = stats.domain_load_DLE if domain_load is None else domain_load + stats.domain_load_DLE
+                    if self.step % self.run.logger.heatmap_interval == 0:
+                        self._log_heatmaps(domain_load)
+                        domain_load = None
                 # The step's statistics are read back to the host on logging steps only (and at the last step,
                 # for the end summary's loss).
                 if (validated or reduced.stop or self.step % self.run.logger.interval == 0
                         or self.step == t.max_steps):
                     self._log(summary, elapsed)
                 self.guard.check(self.step)
-                if num_domains:
-                    domain_load = stats.domain_load_DLE if domain_load is None else domain_load + stats.domain_load_DLE
-                    if self.step % self.run.logger.heatmap_interval == 0:
-                        self._log_heatmaps(domain_load)
-                        domain_load = None
                 if reduced.stop or best or (c.interval and self.step % c.interval == 0):
                     self.save(best)
                     saved_at = self.step
@@ -217,7 +225,8 @@ class Trainer:
             getattr(batches, "close", lambda: None)()  # the loader's workers leave now, not at garbage collection
             self.monitor.close()
         if self.layout.is_main:  # after W&B's own closing lines
-            print("\n".join(self.report.end_lines(self.stopped)), flush=True)
+            for line in self.report.end_lines(self.stopped):
+                say(line)
 
     def _train_step(self, batches, num_domains: int):
         start = time.perf_counter()
