@@ -192,6 +192,9 @@ def test_cli(tmp_path, model_dir, capsys):
     capsys.readouterr()
     assert eval_main([str(tmp_path / "nowhere"), "--csv", str(ETTH1)]) == 2
     assert "nowhere: model directory not found" in capsys.readouterr().err
+    assert eval_main([str(model_dir), "--csv", str(ETTH1), "--freq", "banana"]) == 2
+    assert capsys.readouterr().err == ("timemoe-eval: error: --freq 'banana': not a pandas frequency alias (e.g. h, "
+                                       "15min, D, W-MON, MS, ME, QS, YS)\n")
 
 
 def test_several_models_and_csvs_in_one_call_equal_the_separate_runs(tmp_path, model_dir, capsys):
