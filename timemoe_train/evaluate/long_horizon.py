@@ -120,7 +120,7 @@ def evaluate_many(models, csvs, *, out_dir: str | Path | None = None, backend: s
 
 
 @dataclass
-class TestWindows:
+class EvalWindows:
     """One dataset ready to be scored: everything about it checked that needs no model."""
 
     series: Series
@@ -136,7 +136,7 @@ class TestWindows:
 
 def plan_windows(series: Series, *, horizons=(96, 192, 336, 720), context_lengths=(512, 1024, 2048, 3072),
                  max_windows: int | None = None, batch_size: int = 64, season_length: int | None = None,
-                 split_ratios=DEFAULT_RATIOS, ett_rows_per_hour: float | None = None) -> TestWindows:
+                 split_ratios=DEFAULT_RATIOS, ett_rows_per_hour: float | None = None) -> EvalWindows:
     """The borders, windows and scaling of `series` under the protocol; EvalError names what does not fit."""
     pairs = pair_horizons(horizons, context_lengths)
     source = str(series.path)
@@ -157,7 +157,7 @@ def plan_windows(series: Series, *, horizons=(96, 192, 336, 720), context_length
     filled_CT = np.stack([np.where(real, x, np.interp(rows_T, rows_T[real], x[real]))
                           for x, real in zip(scaled_CT, real_CT)]).astype(np.float32)
     last_real_CT = np.maximum.accumulate(np.where(real_CT, rows_T, -1), axis=1)
-    return TestWindows(series, borders, season, starts, mean_C, std_C, scaled_CT, filled_CT, last_real_CT)
+    return EvalWindows(series, borders, season, starts, mean_C, std_C, scaled_CT, filled_CT, last_real_CT)
 
 
 def evaluate_long_horizon(model, csv, *, horizons=(96, 192, 336, 720),
@@ -175,7 +175,7 @@ def evaluate_long_horizon(model, csv, *, horizons=(96, 192, 336, 720),
     results.md and forecasts_<dataset>.png. `ett_rows_per_hour`: the ETT borders at that sampling rate whatever
     the file's name (by default ETT stems get them, others `split_ratios`)."""
     started = time.perf_counter()
-    if isinstance(csv, TestWindows):
+    if isinstance(csv, EvalWindows):
         plan = csv
     else:
         [series, *more] = read_datasets(csv, columns, date_column, id_columns, value_columns, freq)
@@ -236,7 +236,7 @@ def make_forecasters(nets: dict, horizon: int, season: int) -> dict:
 METRICS = ("mse", "mae", "mase")
 
 
-def contexts(plan: TestWindows, channel_B: np.ndarray, start_B: np.ndarray, context_len: int):
+def contexts(plan: EvalWindows, channel_B: np.ndarray, start_B: np.ndarray, context_len: int):
     """Each window's context, filled from the points up to its end alone (see the module docstring), and whether
     it holds a real point at all."""
     rows_BT = start_B[:, None] + np.arange(context_len)
@@ -247,7 +247,7 @@ def contexts(plan: TestWindows, channel_B: np.ndarray, start_B: np.ndarray, cont
     return torch.from_numpy(context_BT), last_B >= start_B
 
 
-def score(forecasters: dict, plan: TestWindows, start_N: np.ndarray, context_len: int, horizon: int,
+def score(forecasters: dict, plan: EvalWindows, start_N: np.ndarray, context_len: int, horizon: int,
           batch_size: int, bar) -> tuple[dict, dict]:
     """MSE and MAE of each forecaster over every real truth point of every (channel, window) pair, batched across
     channels; MASE: each window's MAE over the mean absolute seasonal difference of its own context, averaged over
@@ -289,7 +289,7 @@ def score(forecasters: dict, plan: TestWindows, start_N: np.ndarray, context_len
     return metrics, {"context_points_filled": filled, "truth_points_missing": missing, "windows_left_out": left_out}
 
 
-def _sample(plan: TestWindows, start: int, context_len: int, horizon: int, forecasters) -> dict:
+def _sample(plan: EvalWindows, start: int, context_len: int, horizon: int, forecasters) -> dict:
     """One window of the last channel, for the plot: the context's tail, the truth and every forecast."""
     channel = len(plan.scaled_CT) - 1
     context_1T, _ = contexts(plan, np.array([channel]), np.array([start]), context_len)
