@@ -9,7 +9,8 @@
     timemoe-prep inspect OUT [--out FILE.png]
     timemoe-prep audit OUT --benchmark gift-eval:DIR   (GIFT-Eval test windows a corpus holds)
 
-Exit status: 0 done, 1 bad input (the message names the file, field and value), 2 bad usage.
+Exit status: 0 done, 2 bad input (one line naming the file, field and value) or bad usage, as every timemoe-*
+command. Bad input leaves nothing behind that was not there before (an interrupted job keeps its finished work).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 from data_prep.clean import CleanOptions
 from data_prep.errors import PrepError
 from data_prep.gift_leakage import benchmark_spec
+from data_prep.freq import FreqError, canonical_freq
 from data_prep.leakage import NO_GUARD, default_guard
 from data_prep.pipeline import PrepOptions, prepare
 from data_prep.sources import (DOMAINS, EmbeddedSource, HfDiskSource, TableLayout, TableSource, Time300BSource,
@@ -122,6 +124,7 @@ def _prep(argv: list[str]) -> int:
             parser.error(f"--no-leakage-guard and {flag} contradict each other: choose one")
     guard = NO_GUARD if args.no_leakage_guard else default_guard(tuple(args.benchmarks),
                                                                  tuple(args.exclude_benchmark))
+    args.freq = canonical_freq(args.freq)  # before anything is read or written
     try:
         options = PrepOptions(
             shard_bytes=args.shard_size,
@@ -161,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return inspect_main(argv[1:])
         return _prep(argv)
-    except PrepError as e:
+    except (PrepError, FreqError) as e:
         print(f"timemoe-prep: error: {e}", file=sys.stderr)
-        return 1
+        return 2
 
 
 if __name__ == "__main__":

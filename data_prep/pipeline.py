@@ -8,7 +8,9 @@
 5. write ``manifest.json`` and remove ``.work/``.
 
 An interrupted job re-run with the same source and options reuses finished indexes and shards; the result is the
-same, byte for byte, as an uninterrupted run. Bad input is found in step 2, before any shard is written.
+same, byte for byte, as an uninterrupted run. Bad input is found in step 2, before any shard is written, and
+leaves nothing behind that was not there before: no output folder, no ``.work/``; a corpus being replaced
+(``overwrite``) is removed only once its successor's input has been read.
 """
 
 from __future__ import annotations
@@ -97,11 +99,25 @@ def _fingerprint(identity: dict[str, Any], discovery: Discovery) -> str:
     return digest.hexdigest()
 
 
-def _clear(out: Path) -> None:
+def _clear_corpus(out: Path) -> None:
     for path in out.glob("shard-*.arrow*"):
         path.unlink()
     (out / MANIFEST_NAME).unlink(missing_ok=True)
+
+
+def _clear(out: Path) -> None:
+    _clear_corpus(out)
     shutil.rmtree(out / WORK, ignore_errors=True)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what `mkdir(parents=True)` creates), or None."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return missing
+        missing = folder
+    return missing
 
 
 def _kept_work(out: Path) -> bool:
@@ -162,51 +178,70 @@ def prepare(source: Source, output: str | Path, options: PrepOptions | None = No
     """
     options = options or PrepOptions()
     out = Path(output)
+    created = _first_missing(out.absolute())
     out.mkdir(parents=True, exist_ok=True)
-    work = out / WORK
-    with _exclusive(out):
-        discovery = source.discover()
-        options.guard.read(options.progress)
-        identity = {"source": source.describe(), **options.identity()}
-        finished = out / MANIFEST_NAME
-        if finished.exists() and not work.exists():
-            manifest = json.loads(finished.read_text())
-            if {key: manifest.get(key) for key in identity} == identity and not options.overwrite:
-                return manifest
-            if not options.overwrite:
-                raise PrepError(finished, "--output", str(out), "holds a corpus made from another source or options; "
-                                "pass --overwrite to replace it or choose another folder")
-            _clear(out)
-        fingerprint = _fingerprint(identity, discovery)
-        job = work / "job.json"
-        if job.exists() and json.loads(job.read_text())["fingerprint"] != fingerprint:
-            if not options.overwrite and _kept_work(out):
-                raise PrepError(job, "fingerprint", fingerprint[:12], "an unfinished job over other input or "
-                                "options is in this folder; pass --overwrite to discard it")
-            _clear(out)
-        (work / "datasets").mkdir(parents=True, exist_ok=True)
-        (work / "shards").mkdir(exist_ok=True)
-        job.write_text(json.dumps({"fingerprint": fingerprint, **identity}, indent=1))
-
-        pool = None
-        if options.workers > 1:
-            pool = ProcessPoolExecutor(options.workers, mp_context=multiprocessing.get_context("spawn"))
-        guard = options.guard.ready(work / "leakage-index")  # built once, memory-mapped by every worker
+    with _exclusive(out):  # nothing below runs, and nothing is removed, while another job writes here
+        fresh = not (out / WORK).exists()
         try:
-            indexed, skipped = _index_all(source, discovery, work, pool, options, guard)
-            shards = _build_all(indexed, out, work, pool, options)
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
-        indexed, skipped = _drop_emptied(indexed, shards, skipped, discovery, options)
-        if not indexed:
-            raise PrepError(source.describe().get("input", out), "sequences", 0,
-                            "no dataset yielded a sequence: " + "; ".join(f"{s['file']}: {s['problem']}"
-                                                                          for s in skipped[:3])
-                            if skipped else "the source holds no dataset")
-        manifest = build_manifest(identity, indexed, shards, skipped, discovery.ignored)
-        write_manifest(out, manifest)
-        shutil.rmtree(work)
+            return _prepare(source, out, options)
+        except PrepError:
+            # Bad input: remove what this call made. An interrupted job (a signal, a crash) is no PrepError and
+            # keeps its finished indexes and shards for the re-run; so does a job this call resumed.
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            elif fresh:
+                shutil.rmtree(out / WORK, ignore_errors=True)
+                if not (out / MANIFEST_NAME).exists():  # this job's shards (a corpus being replaced keeps its own)
+                    _clear_corpus(out)
+            raise
+
+
+def _prepare(source: Source, out: Path, options: PrepOptions) -> dict[str, Any]:
+    work = out / WORK
+    discovery = source.discover()
+    options.guard.read(options.progress)
+    identity = {"source": source.describe(), **options.identity()}
+    finished = out / MANIFEST_NAME
+    if finished.exists() and not work.exists():
+        manifest = json.loads(finished.read_text())
+        if {key: manifest.get(key) for key in identity} == identity and not options.overwrite:
+            return manifest
+        if not options.overwrite:
+            raise PrepError(finished, "--output", str(out), "holds a corpus made from another source or options; "
+                            "pass --overwrite to replace it or choose another folder")
+        # replaced once the new input is indexed (below): bad input leaves the old corpus as it was
+    fingerprint = _fingerprint(identity, discovery)
+    job = work / "job.json"
+    if job.exists() and json.loads(job.read_text())["fingerprint"] != fingerprint:
+        if not options.overwrite and _kept_work(out):
+            raise PrepError(job, "fingerprint", fingerprint[:12], "an unfinished job over other input or "
+                            "options is in this folder; pass --overwrite to discard it")
+        _clear(out)
+    (work / "datasets").mkdir(parents=True, exist_ok=True)
+    (work / "shards").mkdir(exist_ok=True)
+    job.write_text(json.dumps({"fingerprint": fingerprint, **identity}, indent=1))
+
+    pool = None
+    if options.workers > 1:
+        pool = ProcessPoolExecutor(options.workers, mp_context=multiprocessing.get_context("spawn"))
+    guard = options.guard.ready(work / "leakage-index")  # built once, memory-mapped by every worker
+    try:
+        indexed, skipped = _index_all(source, discovery, work, pool, options, guard)
+        if finished.exists():  # the corpus --overwrite replaces (a job under way has written no manifest)
+            _clear_corpus(out)
+        shards = _build_all(indexed, out, work, pool, options)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    indexed, skipped = _drop_emptied(indexed, shards, skipped, discovery, options)
+    if not indexed:
+        raise PrepError(source.describe().get("input", out), "sequences", 0,
+                        "no dataset yielded a sequence: " + "; ".join(f"{s['file']}: {s['problem']}"
+                                                                      for s in skipped[:3])
+                        if skipped else "the source holds no dataset")
+    manifest = build_manifest(identity, indexed, shards, skipped, discovery.ignored)
+    write_manifest(out, manifest)
+    shutil.rmtree(work)
     return manifest
 
 
@@ -252,8 +287,8 @@ def _why_emptied(stats: dict[str, Any], clean: CleanOptions) -> str:
 
 
 def _drop_emptied(indexed, shards, skipped, discovery, options):
-    """Datasets of which cleaning kept no sequence are bad input: the first one stops the job naming its file
-    (the shards stay, so that a corrected command resumes), or with --on-error skip it joins the skipped ones."""
+    """Datasets of which cleaning kept no sequence are bad input: the first one stops the job naming its file, or
+    with --on-error skip it joins the skipped ones."""
     specs = {spec.key: spec for spec in discovery.datasets}
     kept = []
     for ds in indexed:

@@ -11,13 +11,15 @@ then `DIR/bin/timemoe-train ...`, `DIR/bin/timemoe-prep ...`.
 published as source distributions alone, are built first into pure-Python wheels, DeepSpeed's with its ops off:
 they JIT-build on first use). It
 downloads every package the project needs except those the image brings (`--image-brings`) and those only they
-need, and writes what it assumed into `image-brings.txt`, each with the versions the shipped wheels require of it.
+need, and writes into `image-brings.txt` the brought packages the shipped wheels require, each with the versions
+they require of it (a brought package nothing requires, such as transformers, which only `--backend remote`
+imports, is no condition of the install).
 
 `install` checks those first (one line per problem, exit 2), then makes a venv layered over the interpreter's own
 packages (a `.pth` file adds its site directories behind the venv's: the image's torch stays, nothing is
-downloaded) and installs the project from the wheelhouse with `--no-index`. A plain `venv --system-site-packages`
-would not do: when the image's python3 is itself a venv, that flag reaches the base interpreter, not the image's
-packages.
+downloaded) and installs the project from the wheelhouse with `--no-index` into the venv, with its console scripts,
+even where the interpreter already has a timemoe-train of its own. A plain `venv --system-site-packages` would not
+do: when the image's python3 is itself a venv, that flag reaches the base interpreter, not the image's packages.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def marker_environment(python: str, platform: str) -> dict:
 
 def shipped(report: list[dict], brings: set[str], env: dict) -> tuple[list[dict], dict[str, str]]:
     """The resolved packages reachable from the requested ones without passing through one the image brings, and
-    for each brought one the versions those shipped packages require of it (a pip report's `install` list)."""
+    for each brought one they require, the versions they require of it (a pip report's `install` list)."""
     markers, requirements, specifiers, utils = _packaging()
     by_name = {utils.canonicalize_name(item["metadata"]["name"]): item for item in report}
     needs: dict[str, specifiers.SpecifierSet] = {}
@@ -110,7 +112,7 @@ def shipped(report: list[dict], brings: set[str], env: dict) -> tuple[list[dict]
             else:
                 todo.append((dep, tuple(sorted(req.extras))))
     names = {name for name, _ in seen}
-    return [by_name[n] for n in sorted(names)], {n: str(needs.get(n, "")) for n in sorted(brings)}
+    return [by_name[n] for n in sorted(names)], {n: str(needs[n]) for n in sorted(needs)}
 
 
 def pip(*args: str, env: dict | None = None) -> None:
@@ -215,9 +217,21 @@ def install(args: argparse.Namespace) -> int:
         "".join(f"import site; site.addsitedir({p!r})\n" for p in own_site))
     # --no-compile: byte-compiling every installed file costs a minute of a short GPU lease; imports compile what
     # they use.
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--isolated", "--no-index", "--no-compile",
-                    "--find-links", str(wheelhouse), "timemoe-train"], check=True)
-    print(f"wheelhouse.py: installed timemoe-train into {venv} (over {sys.executable}'s packages)")
+    offline = [str(python), "-m", "pip", "install", "-q", "--isolated", "--no-index", "--no-compile", "--find-links",
+               str(wheelhouse)]
+    # The project itself first, into the venv whatever the layer below holds: a timemoe-train there (an older
+    # install, an editable checkout) would satisfy pip, which would then install nothing, console scripts included.
+    # The venv's own copy is replaced; the image's is left alone (pip would uninstall it on --force-reinstall).
+    own = any(Path(venv_site).glob("timemoe_train-*.dist-info"))
+    subprocess.run([*offline, "--no-deps", "--force-reinstall" if own else "--ignore-installed", "timemoe-train"],
+                   check=True)
+    subprocess.run([*offline, "timemoe-train"], check=True)  # what it needs that the image lacks
+    scripts = sorted(p.name for p in (venv / "bin").glob("timemoe-*"))
+    if "timemoe-train" not in scripts:
+        print(f"wheelhouse.py: {venv / 'bin'}: pip installed no timemoe-train command", file=sys.stderr)
+        return 1
+    print(f"wheelhouse.py: installed timemoe-train into {venv} (over {sys.executable}'s packages): "
+          f"{', '.join(scripts)} in {venv / 'bin'}")
     return 0
 
 

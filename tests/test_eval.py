@@ -2,6 +2,8 @@
 pandas and plain loops, one window at a time."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -165,8 +167,7 @@ def test_bad_inputs_are_named(tmp_path, model_dir):
         evaluate_long_horizon(tmp_path / "missing", ETTH1, horizons=[96], context_lengths=[128], progress=False)
     bad = tmp_path / "bad.csv"
     bad.write_text("date,x\n2020-01-01 00:00:00,1.0\n2020-01-01 01:00:00,oops\n")
-    with pytest.raises(EvalError, match=r"bad\.csv: column 'x' has a missing or non-numeric value 'oops' at "
-                                        r"data row 2"):
+    with pytest.raises(EvalError, match=r"bad\.csv: column 'x', row 2 = 'oops': not a number"):  # as prep says it
         evaluate_long_horizon(model_dir, bad, progress=False)
     with pytest.raises(EvalError, match="one context length per horizon"):
         evaluate_long_horizon(model_dir, ETTH1, horizons=[96, 192], context_lengths=[128, 256, 512])
@@ -191,6 +192,9 @@ def test_cli(tmp_path, model_dir, capsys):
     capsys.readouterr()
     assert eval_main([str(tmp_path / "nowhere"), "--csv", str(ETTH1)]) == 2
     assert "nowhere: model directory not found" in capsys.readouterr().err
+    assert eval_main([str(model_dir), "--csv", str(ETTH1), "--freq", "banana"]) == 2
+    assert capsys.readouterr().err == ("timemoe-eval: error: --freq 'banana': not a pandas frequency alias (e.g. h, "
+                                       "15min, D, W-MON, MS, ME, QS, YS)\n")
 
 
 def test_several_models_and_csvs_in_one_call_equal_the_separate_runs(tmp_path, model_dir, capsys):
@@ -234,5 +238,128 @@ def test_the_date_column_is_found_as_prep_finds_its_timestamps(tmp_path, model_d
                   "a": np.sin(2 * np.pi * t / 7), "b": np.cos(t / 5.0)}).to_csv(csv, index=False)
     r = evaluate_long_horizon(model_dir, csv, horizons=[24], context_lengths=[96], max_windows=1, progress=False)
     assert r["season_length"] == 7 and r["columns"] == ["a", "b"]
-    with pytest.raises(EvalError, match=rf"toy\.csv: no column 'date' \(--date-column\); the file has \['{name}'"):
+    with pytest.raises(EvalError, match=rf"toy\.csv: column = 'date': missing; the columns are \['{name}'"):
         evaluate_long_horizon(model_dir, csv, date_column="date", progress=False)
+
+
+# Gaps: rows of the 600-row toy below (train [0, 420), val [420, 480), test [480, 600)) left empty.
+GAPS = {"a": [100, 455, 470, 471, 472, 479, 500, *range(530, 561)], "b": [300, 301, 475, 476, 477, 478, 479,
+                                                                       *range(590, 600)]}
+GAP_H, GAP_CONTEXT = 24, 48
+
+
+def gap_frame() -> pd.DataFrame:
+    t = np.arange(600)
+    rng = np.random.default_rng(7)
+    frame = pd.DataFrame({"date": pd.date_range("2022-01-01", periods=600, freq="h").strftime("%Y-%m-%d %H:%M:%S"),
+                          "a": np.sin(2 * np.pi * t / 24) + 0.2 * rng.standard_normal(600) + 0.002 * t,
+                          "b": 5 + np.cos(2 * np.pi * t / 24) + 0.3 * rng.standard_normal(600)})
+    for column, rows in GAPS.items():
+        frame.loc[rows, column] = np.nan
+    return frame
+
+
+def filled_context(history: np.ndarray, start: int) -> np.ndarray | None:
+    """The context [start, len(history)) by the documented rule, one point at a time: real points as they are,
+    interior gaps linear between the real points on either side (both before the context's end), a gap after the
+    last real point held at it, before the first at the first. None: no real point in the context."""
+    real = np.flatnonzero(np.isfinite(history))
+    if not np.isfinite(history[start:]).any():
+        return None
+    out = []
+    for p in range(start, len(history)):
+        if np.isfinite(history[p]):
+            out.append(history[p])
+        elif p > real[-1]:
+            out.append(history[real[-1]])
+        elif p < real[0]:
+            out.append(history[real[0]])
+        else:
+            lo, hi = real[real < p].max(), real[real > p].min()
+            out.append(history[lo] + (history[hi] - history[lo]) * (p - lo) / (hi - lo))
+    return np.array(out)
+
+
+def gap_reference(model_dir) -> dict:
+    """MSE / MAE / MASE of every stride-1 test window by hand, missing truth points and empty windows left out."""
+    frame = gap_frame()
+    values = frame[["a", "b"]].to_numpy(np.float64)
+    train = values[:420]
+    scaled = (values - np.nanmean(train, axis=0)) / np.nanstd(train, axis=0)
+    model = TimeMoeForPrediction.from_pretrained(model_dir).eval()
+    errors = {"model": [], "seasonal_naive": [], "last_value": []}
+    mase = {name: [] for name in errors}
+    gaps = {"context_points_filled": 0, "truth_points_missing": 0, "windows_left_out": 0}
+    for c in range(2):
+        for t0 in range(480, 600 - GAP_H + 1):
+            context = filled_context(scaled[:t0, c].astype(np.float32).astype(np.float64), t0 - GAP_CONTEXT)
+            truth = scaled[t0:t0 + GAP_H, c].astype(np.float32).astype(np.float64)
+            keep = np.isfinite(truth)
+            if context is None or not keep.any():
+                gaps["windows_left_out"] += 1
+                continue
+            gaps["context_points_filled"] += int((~np.isfinite(scaled[t0 - GAP_CONTEXT:t0, c])).sum())
+            gaps["truth_points_missing"] += int((~keep).sum())
+            scale = np.mean(np.abs(context[24:] - context[:-24]))
+            with torch.no_grad():
+                ours = model.forecast(torch.tensor(context, dtype=torch.float32)[None], GAP_H)[0].double().numpy()
+            forecasts = {"model": ours, "seasonal_naive": np.array([context[-24 + (i % 24)] for i in range(GAP_H)]),
+                         "last_value": np.full(GAP_H, context[-1])}
+            for name, forecast in forecasts.items():
+                err = (forecast - truth)[keep]
+                errors[name].append(err)
+                mase[name].append(np.mean(np.abs(err)) / scale)
+    metrics = {name: {"mse": np.mean(np.concatenate(e) ** 2), "mae": np.mean(np.abs(np.concatenate(e))),
+                      "mase": np.mean(mase[name])} for name, e in errors.items()}
+    return {"metrics": metrics, "gaps": gaps}
+
+
+def installed_eval(model_dir, table, out, *args):
+    command = str(Path(sys.executable).with_name("timemoe-eval"))
+    proc = subprocess.run([command, str(model_dir), "--csv", table.name, "--horizons", str(GAP_H),
+                           "--context-lengths", str(GAP_CONTEXT), "--out", str(out), "--no-progress", *args],
+                          cwd=table.parent, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    [dataset] = json.loads((out / "results.json").read_text())["datasets"]
+    return dataset
+
+
+def test_gaps_are_filled_in_contexts_and_left_out_of_the_truth_in_every_layout_prep_reads(tmp_path, model_dir):
+    """The same series with gaps as a wide CSV (empty cells), a long CSV (interior gaps as rows missing from the
+    hourly grid, the trailing ones as empty values) and a wide Parquet file: one set of scores, the by-hand one."""
+    frame = gap_frame()
+    frame.to_csv(tmp_path / "wide.csv", index=False)
+    long = frame.melt(id_vars="date", var_name="item_id", value_name="value")[["item_id", "date", "value"]]
+    trailing = (long.item_id == "b") & (long.date >= frame.date[590])
+    long[long.value.notna() | trailing].sample(frac=1.0, random_state=0).to_csv(tmp_path / "long.csv", index=False)
+    frame.to_parquet(tmp_path / "wide.parquet", index=False)
+    reference = gap_reference(model_dir)
+    assert reference["gaps"]["windows_left_out"] == 8  # the truth of a's windows from row 530 to 537: all missing
+    # the long table's missing rows are gaps on its hourly grid (--freq: pandas infers none from a gappy grid)
+    for table, args in (("wide.csv", ()), ("long.csv", ("--freq", "h")), ("wide.parquet", ())):
+        [row] = installed_eval(model_dir, tmp_path / table, tmp_path / table.replace(".", "_"), *args)["rows"]
+        assert row["gaps"] == reference["gaps"], table
+        for name, want in reference["metrics"].items():
+            got = row["metrics"][name]
+            np.testing.assert_allclose([got["mse"], got["mae"], got["mase"]], [want["mse"], want["mae"], want["mase"]],
+                                       rtol=2e-5, err_msg=f"{table}: {name}")
+    md = (tmp_path / "long_csv" / "results.md").read_text()
+    assert "Gaps: long, horizon 24: 8 windows left out" in md, md
+
+
+def test_a_long_table_of_series_of_several_lengths_is_one_dataset_per_length(tmp_path, model_dir):
+    rows = []
+    for item, n in (("x", 600), ("y", 600), ("z", 400)):
+        t = np.arange(n)
+        rows.append(pd.DataFrame({"unique_id": item, "ds": pd.date_range("2023-01-01", periods=n, freq="h"),
+                                  "y": np.sin(2 * np.pi * t / 24) + 0.01 * t}))
+    pd.concat(rows).to_csv(tmp_path / "m.csv", index=False)
+    command = str(Path(sys.executable).with_name("timemoe-eval"))
+    proc = subprocess.run([command, str(model_dir), "--csv", "m.csv", "--horizons", "24", "--context-lengths", "48",
+                           "--max-windows", "3", "--out", "out", "--no-progress"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    datasets = json.loads((tmp_path / "out" / "results.json").read_text())["datasets"]
+    assert [(d["dataset"], d["columns"], d["length"]) for d in datasets] == [
+        ("m (600 points)", ["x", "y"], 600), ("m (400 points)", ["z"], 400)]
+    assert datasets[1]["borders"]["test"] == [320, 400] and datasets[0]["season_length"] == 24

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,6 @@ from timemoe_train.data import DataConfig, build_train_loader
 from timemoe_train.data.corpus import read_manifest
 from timemoe_train.data.shards import ShardStore
 from timemoe_train.finetune.cli import model_overrides
-from timemoe_train.finetune.cli import model_overrides
 from timemoe_train.finetune.split import parse_split, read_input, split_series
 from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
 from timemoe_train.model.hf_layout import save_hf
@@ -37,7 +37,7 @@ def bin_(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
-def run(*args, cwd=None) -> subprocess.CompletedProcess:
+def run(*args, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([bin_("timemoe-finetune"), *map(str, args)], env=ENV, cwd=cwd, capture_output=True,
                           text=True, timeout=900)
 
@@ -53,13 +53,19 @@ def tiny_base(directory: Path) -> Path:
     return save_hf(model, directory)
 
 
+# Empty cells: inside the train part, inside the test part (truth the report leaves out) and inside the last
+# CONTEXT rows (a context timemoe-forecast fills); none in the val part, which a test compares value by value.
+GAPS = {"a": [100, 101, 500], "b": [250, 590]}
+
+
 def marked_csv(path: Path) -> Path:
     t = np.arange(ROWS)
     rng = np.random.default_rng(0)
     values = {"a": np.sin(2 * np.pi * t / 24) + 0.1 * rng.standard_normal(ROWS),
               "b": 3 + np.cos(2 * np.pi * t / 24) + 0.1 * rng.standard_normal(ROWS)}
-    for v in values.values():
+    for name, v in values.items():
         v[480:] += MARKER
+        v[GAPS[name]] = np.nan
     pd.DataFrame({"date": pd.date_range("2021-01-01", periods=ROWS, freq="h").astype(str), **values}).to_csv(
         path, index=False)
     return path
@@ -71,11 +77,12 @@ def finetuned(tmp_path_factory):
     csv = marked_csv(root / "marked.csv")
     base = with_record(tiny_base(root / "base"), [csv])  # a base whose corpus kept this file out
     out = root / "out"
-    result = run(base, "--data", csv, "--out", out, "--split", SPLIT, "--nproc", 1, "--horizons", HORIZON,
-                 "--context-length", CONTEXT, "--max-windows", 8, "trainer.max_steps=6", "trainer.val_interval=2",
-                 "trainer.val_batches=2", "optim.warmup_steps=2", "optim.lr=1e-3", "logger.progress=false")
+    args = [base, "--data", csv, "--out", out, "--split", SPLIT, "--nproc", 1, "--horizons", HORIZON,
+            "--context-length", CONTEXT, "--max-windows", 8, "trainer.max_steps=6", "trainer.val_interval=2",
+            "trainer.val_batches=2", "optim.warmup_steps=2", "optim.lr=1e-3", "logger.progress=false"]
+    result = run(*args, cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
-    return {"root": root, "csv": csv, "base": base, "out": out, "stdout": result.stdout,
+    return {"root": root, "csv": csv, "base": base, "out": out, "stdout": result.stdout, "args": args,
             "report": json.loads((out / "finetune_report.json").read_text())}
 
 
@@ -115,9 +122,9 @@ def test_validation_is_exactly_the_val_rows_of_each_series(finetuned):
 @pytest.mark.slow
 def test_report_numbers_equal_timemoe_eval_on_the_output_which_reports_it_held_out(finetuned, tmp_path):
     report = finetuned["report"]
-    command = report["eval_command"].split()
+    command = shlex.split(report["eval_command"])
     result = subprocess.run([bin_(command[0]), *command[1:], "--out", str(tmp_path), "--no-progress"], env=ENV,
-                            capture_output=True, text=True, timeout=600)
+                            cwd=finetuned["root"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "WARNING" not in result.stderr
     evaluated = json.loads((tmp_path / "results.json").read_text())["datasets"][0]
@@ -130,6 +137,46 @@ def test_report_numbers_equal_timemoe_eval_on_the_output_which_reports_it_held_o
     # The fine-tuned model is not the base: the comparison above is not between two copies of one model.
     assert ours["rows"][0]["metrics"]["fine-tuned"] != ours["rows"][0]["metrics"]["zero-shot"]
     assert report["training"]["best_checkpoint"] is not None and report["training"]["validations"]
+
+
+@pytest.mark.slow
+def test_fine_tuning_then_forecasting_a_csv_with_gaps(finetuned, tmp_path):
+    """The gaps: filled by prep's cleaning for training, left out of the report's truth, filled in the context of
+    timemoe-forecast run on the fine-tuned export."""
+    [row] = finetuned["report"]["datasets"][0]["rows"]
+    assert row["gaps"]["truth_points_missing"] == 2 and np.isfinite(row["metrics"]["fine-tuned"]["mae"])
+    result = subprocess.run([bin_("timemoe-forecast"), str(finetuned["out"]), "--input", str(finetuned["csv"]),
+                             "--horizon", str(HORIZON), "--context-length", str(CONTEXT), "--out", "forecast.csv",
+                             "--no-progress"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "1 missing points inside the contexts filled linearly" in result.stderr  # b's row 590
+    forecast = pd.read_csv(tmp_path / "forecast.csv")
+    assert list(forecast.item_id.unique()) == ["a", "b"] and len(forecast) == 2 * HORIZON
+    assert forecast.forecast.notna().all() and (forecast.forecast.abs() > 1000).all()  # at the marked level
+
+
+@pytest.mark.slow
+def test_the_printed_training_command_is_shell_quoted(finetuned):
+    [line] = [line for line in finetuned["stdout"].splitlines() if line.startswith("$ ")]
+    argv = shlex.split(line[2:])
+    assert argv[1:4] == ["-m", "timemoe_train.launch", "--nproc-per-node=1"]
+    assert "++model.horizon_lengths=[1, 8]" in argv and f"run.dir={finetuned['out'] / 'finetune'}" in argv
+
+
+@pytest.mark.slow
+def test_the_same_command_again_writes_the_report_alone(finetuned):
+    out = finetuned["out"]
+    checkpoints = sorted(p.name for p in (out / "finetune" / "checkpoints").iterdir())
+    weights = (out / "model.safetensors").read_bytes()
+    (out / "finetune_report.md").unlink()
+    result = run(*finetuned["args"], cwd=finetuned["root"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"timemoe-finetune: {out} already holds the model this command fine-tuned" in result.stdout
+    assert not any(line.startswith("$ ") for line in result.stdout.splitlines())  # no trainer launched
+    assert (out / "finetune_report.md").is_file()
+    assert sorted(p.name for p in (out / "finetune" / "checkpoints").iterdir()) == checkpoints
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert json.loads((out / "finetune_report.json").read_text())["datasets"] == finetuned["report"]["datasets"]
 
 
 @pytest.mark.slow
@@ -173,20 +220,25 @@ def test_jsonl_in_the_released_format_is_read_and_split(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["short series", "splits do not sum to 1", "not a Time-MoE"])
+@pytest.mark.parametrize("case", ["short series", "splits do not sum to 1", "not a Time-MoE",
+                                  "the report's context shorter than a season"])
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, case):
     base = tiny_base(tmp_path / "base")
     csv = marked_csv(tmp_path / "marked.csv")
     args = {"short series": [base, "--data", csv, "--context-length", 512],
             "splits do not sum to 1": [base, "--data", csv, "--split", "0.7,0.2,0.2"],
-            "not a Time-MoE": [tmp_path, "--data", csv]}[case]
+            "not a Time-MoE": [tmp_path, "--data", csv],
+            # found before training, not after it (the fine-tuned weights would be there, and no report)
+            "the report's context shorter than a season": [base, "--data", csv, "--context-length", 16]}[case]
     out = tmp_path / "out"
-    result = run(*args, "--out", out, "--horizons", HORIZON)
+    result = run(*args, "--out", out, "--horizons", HORIZON, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("timemoe-finetune: "), lines
     expected = {"short series": "shorter than one window", "splits do not sum to 1": "summing to 1",
-                "not a Time-MoE": "not a Time-MoE"}[case]
+                "not a Time-MoE": "not a Time-MoE",
+                "the report's context shorter than a season": "the before/after report cannot score this data: "
+                "--context-lengths [16]: each must cover one season (24 rows)"}[case]
     assert expected in lines[0]
     assert not out.exists()
 

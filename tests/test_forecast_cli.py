@@ -106,3 +106,20 @@ def test_bad_input_is_one_line_and_leaves_nothing_behind(model_dir, tmp_path):
         tmp_path / "good.csv", index=False)
     proc = run(tmp_path / "no_model", "--input", tmp_path / "good.csv", "--horizon", 3, cwd=tmp_path)
     assert proc.returncode == 2 and "no_model" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    # --freq is checked before anything is read or loaded (here: before the missing model directory is found)
+    proc = run(tmp_path / "no_model", "--input", tmp_path / "good.csv", "--horizon", 3, "--freq", "banana",
+               cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "timemoe-forecast: error: --freq 'banana': not a pandas frequency alias (e.g. h, 15min, D, W-MON, MS, ME, "
+        "QS, YS)"]
+
+
+def test_freq_in_the_spelling_of_older_pandas(model_dir, tmp_path):
+    pd.DataFrame({"date": pd.date_range("2024-01-01", periods=60, freq="D").strftime("%Y-%m-%d"),
+                  "sales": walk(60, 6, 1.0)}).to_csv(tmp_path / "daily.csv", index=False)
+    # the file's days, read as hours ("H", refused by pandas 3 as such): the forecast continues hour by hour
+    proc = run(model_dir, "--input", tmp_path / "daily.csv", "--horizon", 3, "--freq", "H", "--context-length",
+               CONTEXT, "--out", "out.csv", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert list(pd.read_csv(tmp_path / "out.csv").timestamp) == [
+        "2024-02-29 01:00:00", "2024-02-29 02:00:00", "2024-02-29 03:00:00"]

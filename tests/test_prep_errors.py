@@ -91,14 +91,16 @@ def test_bad_input_is_named_and_can_be_skipped(case, tmp_path):
     assert {v[0] for v in read_all(tmp_path / "out").values()} == {"energy"}
 
 
-def test_cli_reports_bad_input_with_exit_status_1(tmp_path):
+def test_cli_reports_bad_input_with_exit_status_2_and_leaves_nothing_behind(tmp_path):
     truncate_bin(good_corpus(tmp_path / "in"))
     cmd = [sys.executable, "-m", "data_prep.cli", "--source", "time300b", "--input", str(tmp_path / "in"),
            "--output", str(tmp_path / "out"), "--workers", "1", "--no-progress"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "timemoe-prep: error:" in result.stderr and "data-1-of-2.bin" in result.stderr
-    result = subprocess.run(cmd + ["--on-error", "skip", "--overwrite"], cwd=REPO, capture_output=True, text=True)
+    # energy/good was indexed before web/bad failed: that is no interrupted job to resume, and it is gone
+    assert not (tmp_path / "out").exists()
+    result = subprocess.run(cmd + ["--on-error", "skip"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0 and "skipped web/bad" in result.stdout
     assert load_manifest(tmp_path / "out")["skipped"][0]["dataset"] == "bad"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -49,7 +50,7 @@ def test_a_failed_job_that_wrote_nothing_does_not_block_the_corrected_rerun(tmp_
     path = long_csv(tmp_path / "t.csv", id_name="station")
     out = tmp_path / "out"
     failed = prep("--source", "csv", "--input", str(path), "--output", str(out))
-    assert failed.returncode == 1 and "--id-columns station" in failed.stderr
+    assert failed.returncode == 2 and "--id-columns station" in failed.stderr
     fixed = prep("--source", "csv", "--input", str(path), "--output", str(out), "--id-columns", "station")
     assert fixed.returncode == 0, fixed.stderr
     assert sorted(read_all(out)) == ["other/t/a", "other/t/b"]
@@ -98,10 +99,10 @@ def test_a_source_that_yields_no_sequence_fails_naming_the_file_and_why(case, tm
     make, why = SOURCES_WITHOUT_A_SEQUENCE[case]
     path = make(tmp_path / "mine.csv")
     result = prep("--source", "csv", "--input", str(path), "--output", str(tmp_path / "out"))
-    assert result.returncode == 1, result.stdout
+    assert result.returncode == 2, result.stdout
     [line] = result.stderr.splitlines()
     assert line == f"timemoe-prep: error: {path}: {why}"
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not (tmp_path / "out").exists()  # cleaning's verdict comes after the shards: they went too
 
 
 def test_an_emptied_dataset_is_skipped_on_request_and_an_all_skipped_corpus_still_fails(tmp_path):
@@ -115,7 +116,8 @@ def test_an_emptied_dataset_is_skipped_on_request_and_an_all_skipped_corpus_stil
     good.unlink()
     result = prep("--source", "csv", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out2"),
                   "--on-error", "skip")
-    assert result.returncode == 1 and "no dataset yielded a sequence: " in result.stderr, result.stderr
+    assert result.returncode == 2 and "no dataset yielded a sequence: " in result.stderr, result.stderr
+    assert not (tmp_path / "out2").exists()
 
 
 def test_inspect_of_an_empty_corpus_is_one_line(tmp_path):
@@ -126,7 +128,49 @@ def test_inspect_of_an_empty_corpus_is_one_line(tmp_path):
     (corpus / "manifest.json").write_text(json.dumps(manifest))
     result = subprocess.run([sys.executable, "-m", "data_prep.cli", "inspect", str(corpus)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.splitlines() == [f"timemoe-prep: error: {corpus / 'manifest.json'}: totals.sequences = 0: "
                                           "the corpus holds no sequence: nothing to inspect (prepare it again: "
                                           "timemoe-prep now refuses input that yields none)"]
+
+
+def installed_prep(cwd, *args: str) -> subprocess.CompletedProcess:
+    """The console script, run from a folder outside the checkout, as a user runs it."""
+    command = str(Path(sys.executable).with_name("timemoe-prep"))
+    return subprocess.run([command, *args, "--workers", "1", "--no-progress"], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def folder_state(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"" for p in sorted(folder.rglob("*"))}
+
+
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing_new_behind(tmp_path):
+    good = wide_csv(tmp_path / "good.csv", np.arange(40.0), np.sin(np.arange(40.0)))
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "mine").mkdir()  # a folder the user made: it stays, empty
+    corpus = tmp_path / "corpus"
+    assert installed_prep(tmp_path, "--source", "csv", "--input", "good.csv", "--output", "corpus").returncode == 0
+    before = folder_state(tmp_path)
+    cases = [
+        (["--input", "missing.csv", "--output", "new/deeper"], "missing.csv: --input = 'missing.csv': no such file"),
+        (["--input", "empty.csv", "--output", "mine"], "empty.csv: file = '': empty file"),
+        (["--input", "good.csv", "--output", "new", "--freq", "banana"], "--freq 'banana': not a pandas frequency"),
+        # a bad replacement leaves the corpus it was to replace as it was
+        (["--input", "empty.csv", "--output", "corpus", "--overwrite"], "empty.csv: file = '': empty file"),
+    ]
+    for args, message in cases:
+        result = installed_prep(tmp_path, "--source", "csv", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        [line] = result.stderr.splitlines()
+        assert line.startswith("timemoe-prep: error: ") and message in line, line
+        assert folder_state(tmp_path) == before, args
+    assert good.is_file() and (corpus / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("given, kept", [("h", "h"), ("H", "h"), ("15T", "15min"), ("M", "ME"), ("MS", "MS")])
+def test_freq_is_read_in_old_and_new_pandas_spellings(tmp_path, given, kept):
+    wide_csv(tmp_path / "t.csv", np.arange(40.0), np.sin(np.arange(40.0)))
+    result = installed_prep(tmp_path, "--source", "csv", "--input", "t.csv", "--output", "out", "--freq", given)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["datasets"]["other/t"]["freq"] == kept

@@ -80,10 +80,13 @@ def run(cmd: list, cwd: Path, env: dict, timeout: int) -> subprocess.CompletedPr
 def test_offline_install_over_torch_only_trains_from_no_checkout(tmp_path):
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     out = tmp_path / "wheelhouse"
-    build = run([sys.executable, SCRIPT, "build", "--python", python, "--image-brings", "torch", "--out", out,
-                 "--cache", CACHE], REPO, {**os.environ}, timeout=900)
+    # transformers: brought by the image, required by nothing shipped, so no condition of the install (the
+    # torch-only image below lacks it)
+    build = run([sys.executable, SCRIPT, "build", "--python", python, "--image-brings", "torch,transformers", "--out",
+                 out, "--cache", CACHE], REPO, {**os.environ}, timeout=900)
     summary = build.stdout.strip().splitlines()[-1]
     assert summary.startswith("wheelhouse: ") and "assumed on the node: torch>=" in summary, summary
+    assert "transformers" not in (out / wheelhouse.BRINGS_FILE).read_text()
     names = {w.name.split("-")[0].lower() for w in out.glob("*.whl")}
     assert {"timemoe_train", "deepspeed", "megatron_core", "hydra_core", "omegaconf", "antlr4_python3_runtime",
             "wandb", "datasets", "submitit", "hydra_submitit_launcher", "numpy", "pyarrow"} <= names
@@ -144,6 +147,43 @@ def test_install_refuses_an_interpreter_without_what_the_image_must_bring(tmp_pa
     assert not (tmp_path / "venv").exists()  # nothing made before the check
 
 
+@pytest.mark.slow
+def test_install_over_an_interpreter_that_has_timemoe_train_gives_the_venv_its_own_commands(tmp_path):
+    """This interpreter stands in for an image that already has timemoe-train (here: the editable checkout) and
+    every dependency: the wheelhouse holds the project's wheel alone. Installed twice (the second an update)."""
+    source = tmp_path / "source"  # the wheel is built from a copy: the checkout's build/ is left alone
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md", "MANIFEST.in"):
+        shutil.copy2(REPO / name, source / name)
+    for name in ("configs", "timemoe_train", "data_prep"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "wheelhouse"
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", source, "-w", out],
+        tmp_path, {**os.environ}, timeout=600)
+    shutil.copy2(SCRIPT, out / "wheelhouse.py")
+    (out / wheelhouse.BRINGS_FILE).write_text("torch>=2.10\nnumpy\n")
+    venv, work = tmp_path / "venv", tmp_path / "work"
+    work.mkdir()
+    env = clean_env(venv)
+    wide = pd.DataFrame({"date": pd.date_range("2020-01-01", periods=40, freq="h").astype(str),
+                         "a": np.sin(np.arange(40.0))})
+    wide.to_csv(work / "series.csv", index=False)
+    for attempt in ("install", "update"):
+        installed = run([sys.executable, out / "wheelhouse.py", "install", "--venv", venv], work, env, timeout=600)
+        assert (venv / "bin" / "timemoe-train").is_file(), (attempt, installed.stdout, installed.stderr)
+        assert "timemoe-eval, timemoe-export, timemoe-finetune, timemoe-forecast, timemoe-prep, timemoe-train in " \
+            in installed.stdout, (attempt, installed.stdout)
+        where = run([venv / "bin" / "python", "-c", "import timemoe_train; print(timemoe_train.__file__)"], work, env,
+                    timeout=120).stdout.strip()
+        assert Path(where).is_relative_to(venv), (attempt, where)
+        site = Path(where).parents[1]
+        assert [p.name for p in site.glob("timemoe_train-*.dist-info")] == [
+            f"timemoe_train-{metadata.version('timemoe-train')}.dist-info"]
+        run([venv / "bin" / "timemoe-prep", "--source", "csv", "--input", "series.csv", "--output", attempt,
+             "--workers", "1", "--no-progress"], work, env, timeout=300)
+        assert (work / attempt / "manifest.json").is_file()
+
+
 def _item(name, version, requires=(), requested=False):
     return {"metadata": {"name": name, "version": version, "requires_dist": list(requires)}, "requested": requested,
             "download_info": {"url": f"https://example.invalid/{name}-{version}.whl"}}
@@ -163,8 +203,9 @@ def test_shipped_leaves_out_what_only_brought_packages_need():
     ]
     report[4]["metadata"]["requires_dist"].append('hf-xet>=1.6; platform_machine == "x86_64"')
     env = wheelhouse.marker_environment("3.12", "manylinux_2_28_x86_64")
-    ships, needs = wheelhouse.shipped(report, {"torch", "numpy"}, env)
+    ships, needs = wheelhouse.shipped(report, {"torch", "numpy", "transformers"}, env)
     assert [i["metadata"]["name"] for i in ships] == ["app", "filelock", "hf-xet", "hydra-core", "omegaconf"]
+    # transformers is brought but required by nothing shipped: the install does not ask for it
     assert needs == {"numpy": str(wheelhouse._packaging()[2].SpecifierSet(">=1.26,>=1.20")), "torch": ">=2.10"}
     assert wheelhouse.platform_tags("manylinux_2_18_x86_64") == [
         "manylinux_2_18_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"] + [

@@ -1,7 +1,11 @@
 """`timemoe-eval MODEL_DIR [MODEL_DIR ...] --csv ETTh1.csv [ETTm1.csv ...]`: the long-horizon benchmark of every
-model on every CSV, next to seasonal-naive and last-value baselines: one combined JSON and Markdown table (MSE,
-MAE, MASE), one PNG per dataset with every model. Each model's training_data.json (written by timemoe-export) says
-whether each CSV was kept out of its training corpus; a WARNING names the pairs where it was not.
+model on every table, next to seasonal-naive and last-value baselines: one combined JSON and Markdown table (MSE,
+MAE, MASE), one PNG per dataset with every model. A table is anything timemoe-prep reads (a wide or long CSV, a
+Parquet or Arrow file; --id-columns, --date-column, --value-columns, --freq as there); a table whose series differ
+in length is one dataset per length. Missing points: each context filled as timemoe-forecast fills it (interior
+gaps linearly, from the points up to the context's end alone), missing truth points left out of the metrics.
+Each model's training_data.json (written by timemoe-export) says whether each table was kept out of its training
+corpus; a WARNING names the pairs where it was not. Bad input: one line naming the file, field and value, exit 2.
 
 `timemoe-eval gift-eval MODEL_DIR --data DIR --out OUT`: GIFT-Eval as its leaderboard scores it (see
 `timemoe-eval gift-eval --help`)."""
@@ -12,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from data_prep.freq import FreqError, canonical_freq
 from ..forecast import BACKENDS, DTYPES, ForecastError
 from .data import DEFAULT_RATIOS
 from .leakage import leakage_warnings
@@ -38,11 +43,20 @@ def parser() -> argparse.ArgumentParser:
                    help="HF-layout directories (config.json + model.safetensors), ours or released; several are "
                         "compared on the same windows, labelled by directory name")
     p.add_argument("--csv", required=True, nargs="+",
-                   help="benchmark CSVs; ETTh1/ETTh2/ETTm1/ETTm2 stems get their month splits")
+                   help="benchmark tables (.csv, .parquet, .arrow, as timemoe-prep reads them); ETTh1/ETTh2/ETTm1/"
+                        "ETTm2 stems get their month splits")
     p.add_argument("--columns", type=lambda s: s.split(","), default=None,
-                   help="comma-separated channels (default: every column except the date column)")
-    p.add_argument("--date-column", help="default: the first of timestamp, date, ds, time, datetime present (as "
-                   "timemoe-prep finds its timestamp column)")
+                   help="comma-separated channels, named as timemoe-prep names the series (a wide table's columns, "
+                        "a long table's ids; default: all)")
+    p.add_argument("--date-column", "--timestamp-column", dest="date_column",
+                   help="default: the first of timestamp, date, ds, time, datetime present (as timemoe-prep finds "
+                        "its timestamp column)")
+    p.add_argument("--id-columns", type=lambda s: s.split(","), default=None,
+                   help="long layout: comma-separated id columns (default: id, item_id or unique_id when present)")
+    p.add_argument("--value-columns", type=lambda s: s.split(","), default=None,
+                   help="comma-separated value columns (long layout default: value, target or y)")
+    p.add_argument("--freq", help="frequency as a pandas alias, e.g. h, D, MS; old spellings (H, T, M) too "
+                                  "(default: inferred)")
     p.add_argument("--horizons", type=int_list, default=[96, 192, 336, 720],
                    help="comma-separated (default: all four of the paper); narrow with e.g. --horizons 96")
     p.add_argument("--context-lengths", type=int_list, default=None,
@@ -80,10 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = evaluate_many(
             models, args.csv, horizons=args.horizons, context_lengths=contexts,
-            columns=args.columns, date_column=args.date_column, max_windows=args.max_windows,
+            columns=args.columns, date_column=args.date_column, id_columns=args.id_columns,
+            value_columns=args.value_columns, freq=canonical_freq(args.freq), max_windows=args.max_windows,
             batch_size=args.batch_size, season_length=args.season_length, split_ratios=args.split_ratios,
             device=args.device, dtype=args.dtype, backend=args.backend, out_dir=out, progress=not args.no_progress)
-    except ForecastError as e:  # EvalError is one
+    except (ForecastError, FreqError) as e:  # EvalError is a ForecastError
         print(f"timemoe-eval: error: {e}", file=sys.stderr)
         return 2
     print(Path(results["files"]["markdown"]).read_text())

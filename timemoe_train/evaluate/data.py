@@ -1,7 +1,13 @@
-"""Long-horizon benchmark data: CSV channels, the standard train/val/test borders, train-split scaling, test windows.
+"""Long-horizon benchmark data: a table's channels, the standard train/val/test borders, train-split scaling, test
+windows.
+
+A benchmark is any table timemoe-prep reads (a wide or long CSV, Parquet or Arrow file, read by prep's own reader
+in data_prep/sources/tabular.py), its series grouped by length: each group is one dataset of the report (a wide
+table is one group, its columns the channels). Missing points stay missing here (NaN); how a window's context is
+filled and which truth points are scored is `long_horizon.py`'s to say.
 
 Borders follow the Informer / Time-Series-Library protocol the paper uses: ETTh* 12/4/4 months of hourly rows,
-ETTm* the same months at 15 minutes, any other CSV 70% train / 10% val / 20% test (num_train = int(0.7 n),
+ETTm* the same months at 15 minutes, any other table 70% train / 10% val / 20% test (num_train = int(0.7 n),
 num_test = int(0.2 n), val the rest). The test windows' contexts may reach back into val (and train): the first
 test window's context ends where the test split begins.
 """
@@ -14,16 +20,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_prep.sources.tabular import timestamp_column
+from data_prep.errors import PrepError
+from data_prep.sources.tabular import TableLayout, read_timed_series
 from ..forecast import ForecastError
+from ..forecast.inputs import table_kind
 
 HOURS_PER_MONTH = 30 * 24
 ETT_MONTHS = (12, 4, 4)
 # Rows per hour of the ETT variants; the file stem decides which one a CSV is.
 ETT_ROWS_PER_HOUR = {"etth1": 1, "etth2": 1, "ettm1": 4, "ettm2": 4}
 DEFAULT_RATIOS = (0.7, 0.1, 0.2)  # train, val, test
-# Median spacing of the date column (seconds) -> season length of the seasonal-naive baseline.
+# Spacing of the timestamps (seconds) -> season length of the seasonal-naive baseline.
 SEASONS = {5 * 60: 288, 10 * 60: 144, 15 * 60: 96, 30 * 60: 48, 3600: 24, 86400: 7, 7 * 86400: 52}
+MONTH_SECONDS = (28 * 86400, 31 * 86400)  # monthly data: a season of 12
 
 
 class EvalError(ForecastError):
@@ -34,9 +43,9 @@ class EvalError(ForecastError):
 class Series:
     path: Path
     columns: list[str]
-    values_TC: np.ndarray  # float64, raw
-    season_length: int | None  # from the date column's spacing; None when it cannot be told
-    date_column: str | None  # None: the file has none
+    values_TC: np.ndarray  # float64, raw; NaN where a point is missing
+    season_length: int | None  # from the timestamps' spacing or the frequency; None when it cannot be told
+    freq: str | None  # the frequency the table was read at (given or inferred), None when unknown
     name: str | None = None  # the dataset's name in reports; None: the file's stem
 
     @property
@@ -44,46 +53,52 @@ class Series:
         return self.name or self.path.stem
 
 
-def read_csv(path: str | Path, columns: list[str] | None = None, date_column: str | None = None) -> Series:
-    """The channels of a benchmark CSV. The date column, when not given, is found as timemoe-prep finds its
-    timestamp column (the first of timestamp, date, ds, time, datetime)."""
+def read_table(path: str | Path, columns: list[str] | None = None, layout: TableLayout = TableLayout(),
+               freq: str | None = None) -> list[Series]:
+    """The series of a table as timemoe-prep reads it, grouped by length (one `Series` each, in order of first
+    appearance); `columns`: only the series of those names (a wide table's columns, a long table's ids)."""
     path = Path(path)
     if not path.is_file():
-        raise EvalError(f"{path}: CSV file not found")
+        raise EvalError(f"{path}: file not found")
+    kind = table_kind(path)
+    if kind is None:
+        raise EvalError(f"{path}: not a table timemoe-eval reads (.csv, .parquet or .arrow, as timemoe-prep)")
     try:
-        df = pd.read_csv(path)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise EvalError(f"{path}: not a readable CSV ({e})") from None
-    if date_column is None:
-        date_column = timestamp_column(list(df.columns))
-    elif date_column not in df.columns:
-        raise EvalError(f"{path}: no column {date_column!r} (--date-column); the file has {list(df.columns)}")
+        timed, freq = read_timed_series(kind, path, layout, freq)
+    except PrepError as e:
+        raise EvalError(str(e)) from None
     if columns:
-        missing = [c for c in columns if c not in df.columns]
+        names = [name for name, _, _ in timed]
+        missing = [c for c in columns if c not in names]
         if missing:
-            raise EvalError(f"{path}: column(s) {missing} not found (--columns); the file has {list(df.columns)}")
-    else:
-        columns = [c for c in df.columns if c != date_column]
-    if not columns:
-        raise EvalError(f"{path}: no value columns" + (f" besides {date_column!r}" if date_column else ""))
-    values = {}
-    for c in columns:
-        col = pd.to_numeric(df[c], errors="coerce")
-        bad = np.flatnonzero(col.isna().to_numpy())
-        if bad.size:
-            raise EvalError(f"{path}: column {c!r} has a missing or non-numeric value {df[c].iloc[bad[0]]!r} at "
-                            f"data row {bad[0] + 1} ({bad.size} such rows)")
-        values[c] = col.to_numpy(np.float64)
-    season = infer_season_length(df[date_column]) if date_column else None
-    return Series(path, list(columns), np.stack([values[c] for c in columns], axis=1), season, date_column)
+            raise EvalError(f"{path}: column(s) {missing} not found (--columns); the file has "
+                            f"{names[:20]}{' ...' if len(names) > 20 else ''}")
+        timed = [next(t for t in timed if t[0] == c) for c in columns]
+    groups: dict[int, list] = {}
+    for name, points, times in timed:
+        if not np.isfinite(points).any():
+            raise EvalError(f"{path}: series {name!r}: has no numbers")
+        groups.setdefault(len(points), []).append((name, points, times))
+    return [Series(path, [name for name, _, _ in group], np.stack([p for _, p, _ in group], axis=1).astype(np.float64),
+                   season_length(freq, group[0][2]), freq, path.stem if len(groups) == 1 else f"{path.stem} ({n} points)")
+            for n, group in groups.items()]
 
 
-def infer_season_length(dates: pd.Series) -> int | None:
-    stamps = pd.to_datetime(dates.iloc[:1000], errors="coerce").dropna()
-    if len(stamps) < 2:
+def season_length(freq: str | None, times: pd.Index | None = None) -> int | None:
+    """The seasonal-naive period: from the median spacing of the timestamps when they are datetimes, else from the
+    frequency (24 hourly, 7 daily, 12 monthly, ...); None when neither tells."""
+    step = None
+    if isinstance(times, pd.DatetimeIndex) and len(times) > 1:
+        step = pd.Series(times[:1000]).diff().dropna().median().total_seconds()
+    elif freq is not None:
+        offset = pd.tseries.frequencies.to_offset(freq)
+        try:
+            step = pd.Timedelta(offset).total_seconds()
+        except ValueError:  # calendar offsets have no fixed length
+            step = 30 * 86400 if offset.name.startswith(("M", "BM", "SM")) else None
+    if step is None:
         return None
-    step = stamps.diff().dropna().median().total_seconds()
-    if 28 * 86400 <= step <= 31 * 86400:
+    if MONTH_SECONDS[0] <= step <= MONTH_SECONDS[1]:
         return 12
     return SEASONS.get(int(step))
 
@@ -130,10 +145,14 @@ def ratio_borders(n_rows: int, ratios: tuple[float, float, float]) -> Borders:
     return Borders((0, n_train), (n_train, n_train + n_val), (n_train + n_val, n_train + n_val + n_test))
 
 
-def fit_scaler(values_TC: np.ndarray, borders: Borders):
-    """Per-channel mean and (population) std over the train split; constant channels get std 1."""
-    train_TC = values_TC[borders.train[0]:borders.train[1]]
-    mean_C, std_C = train_TC.mean(axis=0), train_TC.std(axis=0)
+def fit_scaler(series: Series, borders: Borders):
+    """Per-channel mean and (population) std over the real points of the train split; constant channels get std 1."""
+    train_TC = series.values_TC[borders.train[0]:borders.train[1]]
+    empty = np.flatnonzero(~np.isfinite(train_TC).any(axis=0))
+    if empty.size:
+        raise EvalError(f"{series.path}: series {series.columns[empty[0]]!r} has no number in its train split (rows "
+                        f"[{borders.train[0]}, {borders.train[1]})) to scale it by")
+    mean_C, std_C = np.nanmean(train_TC, axis=0), np.nanstd(train_TC, axis=0)
     return mean_C, np.where(std_C > 0, std_C, 1.0)
 
 

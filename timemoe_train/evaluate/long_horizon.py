@@ -1,21 +1,32 @@
 """The paper's long-horizon benchmark: univariate forecasts of every channel over stride-1 test windows, MSE/MAE
 on train-split-scaled values and MASE, for one or more models next to seasonal-naive and last-value baselines on
-the very same windows; one or more CSVs in one call (`evaluate_many`). Each (model, CSV) pair also gets its
-leakage status: whether the CSV was kept out of the model's training corpus (`leakage.py`)."""
+the very same windows; one or more tables in one call (`evaluate_many`). Each (model, table) pair also gets its
+leakage status: whether the table was kept out of the model's training corpus (`leakage.py`).
+
+Missing points (empty cells, NA, rows missing from the table's time grid: what timemoe-prep reads as missing):
+each window's context is filled from the points up to its end alone, interior gaps linearly as timemoe-forecast
+fills them, a gap at its start or end held at the nearest real point (the forecast starts where the truth starts,
+and the truth is never seen); the scaler is fitted on the real points of the train split. Missing truth points are
+left out of MSE, MAE and MASE, and so is a window with no real point in its context or none in its truth; each
+row of the results counts what was filled and left out (`gaps`).
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from data_prep.sources.tabular import TableLayout
 from ..forecast import load_model
 from .baselines import last_value, seasonal_naive
-from .data import DEFAULT_RATIOS, EvalError, Series, fit_scaler, num_test_windows, read_csv, split_borders, window_starts
+from .data import (DEFAULT_RATIOS, Borders, EvalError, Series, fit_scaler, num_test_windows, read_table, split_borders,
+                   window_starts)
 from .leakage import leakage_report
 
 BASELINES = ("seasonal_naive", "last_value")
@@ -62,26 +73,45 @@ def named_models(models, backend: str = "native", device: str = "cpu", dtype: st
             for label, m in model_items(models)}
 
 
-def evaluate_many(models, csvs, *, out_dir: str | Path | None = None, backend: str = "native",
-                  device: str = "cpu", dtype: str = "float32", **options) -> dict:
-    """Every model on every CSV (each model loaded once): {"models", "datasets": [per-CSV results]}; with
-    `out_dir`, one combined results.json / results.md and one forecasts_<dataset>.png per CSV."""
-    record = describe_models(models)
-    nets = named_models(models, backend, device, dtype)
-    if isinstance(csvs, (str, Path)):
+def read_datasets(csvs, columns: list[str] | None = None, date_column: str | None = None,
+                  id_columns: list[str] | None = None, value_columns: list[str] | None = None,
+                  freq: str | None = None) -> list[Series]:
+    """Every dataset of the tables `csvs` (paths, or channels already read as `Series`), as timemoe-prep reads
+    them: a table whose series differ in length gives one dataset per length."""
+    if isinstance(csvs, (str, Path, Series)):
         csvs = [csvs]
     if not csvs:
-        raise EvalError("no CSV given (--csv)")
-    datasets = [evaluate_long_horizon(nets, csv, backend=backend, device=device, dtype=dtype, **options)
-                for csv in csvs]
-    names = [d["dataset"] for d in datasets]
+        raise EvalError("no table given (--csv)")
+    layout = TableLayout(tuple(id_columns) if id_columns else None, date_column,
+                         tuple(value_columns) if value_columns else None)
+    return [d for csv in csvs for d in ([csv] if isinstance(csv, Series) else read_table(csv, columns, layout, freq))]
+
+
+READING = ("columns", "date_column", "id_columns", "value_columns", "freq")  # read_datasets' options
+PLANNING = ("horizons", "context_lengths", "max_windows", "batch_size", "season_length", "split_ratios",
+            "ett_rows_per_hour")  # plan_windows'
+
+
+def evaluate_many(models, csvs, *, out_dir: str | Path | None = None, backend: str = "native",
+                  device: str = "cpu", dtype: str = "float32", **options) -> dict:
+    """Every model on every dataset of every table (each model loaded once): {"models", "datasets": [per-dataset
+    results]}; with `out_dir`, one combined results.json / results.md and one forecasts_<dataset>.png each.
+    `options`: `read_datasets`' and `evaluate_long_horizon`'s."""
+    record = describe_models(models)
+    datasets = read_datasets(csvs, **{k: options.pop(k) for k in READING if k in options})
+    names = [d.dataset for d in datasets]
     if len(set(names)) < len(names):
-        raise EvalError(f"CSVs {[str(c) for c in csvs]}: two share the name {names}; the report needs distinct stems")
-    for d in datasets:
+        raise EvalError(f"tables {sorted({str(d.path) for d in datasets})}: two datasets share the name {names}; the "
+                        "report needs distinct stems")
+    # every dataset checked before any model is loaded
+    plans = [plan_windows(d, **{k: options[k] for k in PLANNING if k in options}) for d in datasets]
+    nets = named_models(models, backend, device, dtype)
+    results = {"models": record, "datasets": [evaluate_long_horizon(nets, plan, backend=backend, device=device,
+                                                                    dtype=dtype, **options) for plan in plans]}
+    for d in results["datasets"]:
         d["models"] = record
         # `nets` no longer know their folders
         d["leakage"] = leakage_report(model_items(models), Path(d["csv"]), d["borders"]["test"][0], d["length"])
-    results = {"models": record, "datasets": datasets}
     if out_dir is not None:
         from .report import write_report
 
@@ -89,56 +119,94 @@ def evaluate_many(models, csvs, *, out_dir: str | Path | None = None, backend: s
     return results
 
 
-def evaluate_long_horizon(model, csv: str | Path, *, horizons=(96, 192, 336, 720),
-                          context_lengths=(512, 1024, 2048, 3072), columns: list[str] | None = None,
-                          date_column: str | None = None, max_windows: int | None = None, batch_size: int = 64,
-                          season_length: int | None = None, split_ratios=DEFAULT_RATIOS,
-                          ett_rows_per_hour: float | None = None, device: str = "cpu",
-                          dtype: str = "float32", backend: str = "native", out_dir: str | Path | None = None,
-                          progress: bool = True) -> dict:
-    """Evaluate `model` (see `named_models`: one, a list or a mapping) on `csv` (a path, or channels already read
-    as a `Series`: its `path` is what the leakage status hashes). Returns the results dict; with
-    `out_dir`, also writes results.json, results.md and forecasts_<dataset>.png. `ett_rows_per_hour`: the ETT
-    borders at that sampling rate whatever the file's name (by default ETT stems get them, others `split_ratios`)."""
-    started = time.perf_counter()
+@dataclass
+class EvalWindows:
+    """One dataset ready to be scored: everything about it checked that needs no model."""
+
+    series: Series
+    borders: Borders
+    season: int
+    starts: dict[tuple[int, int], np.ndarray]  # (horizon, context length) -> first row of each window's context
+    mean_C: np.ndarray
+    std_C: np.ndarray
+    scaled_CT: np.ndarray  # float32, train-split scaled, NaN where missing: the truth
+    filled_CT: np.ndarray  # float32, interior gaps filled linearly, the ends held at the nearest real point
+    last_real_CT: np.ndarray  # int64: the last row at or before each with a real point, -1 before the first
+
+
+def plan_windows(series: Series, *, horizons=(96, 192, 336, 720), context_lengths=(512, 1024, 2048, 3072),
+                 max_windows: int | None = None, batch_size: int = 64, season_length: int | None = None,
+                 split_ratios=DEFAULT_RATIOS, ett_rows_per_hour: float | None = None) -> EvalWindows:
+    """The borders, windows and scaling of `series` under the protocol; EvalError names what does not fit."""
     pairs = pair_horizons(horizons, context_lengths)
-    series = csv if isinstance(csv, Series) else read_csv(csv, columns, date_column)
     source = str(series.path)
     borders = split_borders(len(series.values_TC), series.dataset, tuple(split_ratios), source, ett_rows_per_hour)
     season = season_length or series.season_length
     if season is None:
-        told = f"its {series.date_column!r} column" if series.date_column else "a date column (none found)"
-        raise EvalError(f"{source}: the season length of the seasonal-naive baseline cannot be told from {told}; "
-                        "pass --season-length")
+        raise EvalError(f"{source}: the season length of the seasonal-naive baseline cannot be told from its "
+                        f"timestamps (frequency {series.freq!r}); pass --season-length")
     if batch_size < 1:
         raise EvalError(f"--batch-size {batch_size}: must be at least 1")
     if min(c for _, c in pairs) < season:
         raise EvalError(f"--context-lengths {[c for _, c in pairs]}: each must cover one season ({season} rows)")
     starts = {pair: window_starts(borders, pair[1], pair[0], max_windows, source) for pair in pairs}
-    mean_C, std_C = fit_scaler(series.values_TC, borders)
+    mean_C, std_C = fit_scaler(series, borders)
     scaled_CT = ((series.values_TC - mean_C) / std_C).T.astype(np.float32)
+    real_CT = np.isfinite(scaled_CT)
+    rows_T = np.arange(scaled_CT.shape[1])
+    filled_CT = np.stack([np.where(real, x, np.interp(rows_T, rows_T[real], x[real]))
+                          for x, real in zip(scaled_CT, real_CT)]).astype(np.float32)
+    last_real_CT = np.maximum.accumulate(np.where(real_CT, rows_T, -1), axis=1)
+    return EvalWindows(series, borders, season, starts, mean_C, std_C, scaled_CT, filled_CT, last_real_CT)
+
+
+def evaluate_long_horizon(model, csv, *, horizons=(96, 192, 336, 720),
+                          context_lengths=(512, 1024, 2048, 3072), columns: list[str] | None = None,
+                          date_column: str | None = None, id_columns: list[str] | None = None,
+                          value_columns: list[str] | None = None, freq: str | None = None,
+                          max_windows: int | None = None, batch_size: int = 64,
+                          season_length: int | None = None, split_ratios=DEFAULT_RATIOS,
+                          ett_rows_per_hour: float | None = None, device: str = "cpu",
+                          dtype: str = "float32", backend: str = "native", out_dir: str | Path | None = None,
+                          progress: bool = True) -> dict:
+    """Evaluate `model` (see `named_models`: one, a list or a mapping) on `csv`: a path to a table holding one
+    dataset (series of one length), channels already read as a `Series` (its `path` is what the leakage status
+    hashes) or a `plan_windows` result. Returns the results dict; with `out_dir`, also writes results.json,
+    results.md and forecasts_<dataset>.png. `ett_rows_per_hour`: the ETT borders at that sampling rate whatever
+    the file's name (by default ETT stems get them, others `split_ratios`)."""
+    started = time.perf_counter()
+    if isinstance(csv, EvalWindows):
+        plan = csv
+    else:
+        [series, *more] = read_datasets(csv, columns, date_column, id_columns, value_columns, freq)
+        if more:
+            raise EvalError(f"{csv}: its series have {len(more) + 1} different lengths: evaluate_many scores each "
+                            "length as a dataset of its own")
+        plan = plan_windows(series, horizons=horizons, context_lengths=context_lengths, max_windows=max_windows,
+                            batch_size=batch_size, season_length=season_length, split_ratios=split_ratios,
+                            ett_rows_per_hour=ett_rows_per_hour)
+    series, borders = plan.series, plan.borders
 
     nets = named_models(model, backend, device, dtype)
     rows, samples = [], []
-    with tqdm(total=sum(len(s) for s in starts.values()) * scaled_CT.shape[0], unit="window",
+    with tqdm(total=sum(len(s) for s in plan.starts.values()) * plan.scaled_CT.shape[0], unit="window",
               disable=not progress, desc=f"eval {series.dataset}") as bar:
-        for (horizon, context_len), start_N in starts.items():
-            forecasters = make_forecasters(nets, horizon, season)
-            metrics = score(forecasters, scaled_CT, start_N, context_len, horizon, season, batch_size, bar)
+        for (horizon, context_len), start_N in plan.starts.items():
+            forecasters = make_forecasters(nets, horizon, plan.season)
+            metrics, gaps = score(forecasters, plan, start_N, context_len, horizon, batch_size, bar)
             rows.append({"horizon": horizon, "context_length": context_len,
                          "windows_per_channel": num_test_windows(borders, horizon),
-                         "windows_evaluated_per_channel": len(start_N), "metrics": metrics})
-            samples.append(_sample(scaled_CT[-1], int(start_N[len(start_N) // 2]), context_len, horizon,
-                                   forecasters))
+                         "windows_evaluated_per_channel": len(start_N), "metrics": metrics, "gaps": gaps})
+            samples.append(_sample(plan, int(start_N[len(start_N) // 2]), context_len, horizon, forecasters))
 
     results = {
-        "dataset": series.dataset, "csv": source,
+        "dataset": series.dataset, "csv": str(series.path),
         "models": describe_models(model),
         "leakage": leakage_report(model_items(model), series.path, borders.test[0], len(series.values_TC)),
         "length": len(series.values_TC),  # rows of each channel
-        "backend": backend, "dtype": dtype, "columns": series.columns, "season_length": season,
+        "backend": backend, "dtype": dtype, "columns": series.columns, "season_length": plan.season,
         "borders": {"train": list(borders.train), "val": list(borders.val), "test": list(borders.test)},
-        "scaler": {"mean": mean_C.tolist(), "std": std_C.tolist()},
+        "scaler": {"mean": plan.mean_C.tolist(), "std": plan.std_C.tolist()},
         "max_windows": max_windows,
         "subsampling": None if max_windows is None else
         "per (horizon, channel): windows floor(k*(n-1)/(N-1)), k = 0..N-1, of the n stride-1 test windows",
@@ -168,41 +236,66 @@ def make_forecasters(nets: dict, horizon: int, season: int) -> dict:
 METRICS = ("mse", "mae", "mase")
 
 
-def score(forecasters: dict, scaled_CT: np.ndarray, start_N: np.ndarray, context_len: int, horizon: int,
-          season: int, batch_size: int, bar) -> dict:
-    """MSE and MAE of each forecaster over every (channel, window) pair, batched across channels; MASE: each
-    window's MAE over the mean absolute seasonal difference of its own context, averaged over windows (those with
-    a flat context, a zero scale, left out)."""
+def contexts(plan: EvalWindows, channel_B: np.ndarray, start_B: np.ndarray, context_len: int):
+    """Each window's context, filled from the points up to its end alone (see the module docstring), and whether
+    it holds a real point at all."""
+    rows_BT = start_B[:, None] + np.arange(context_len)
+    last_B = plan.last_real_CT[channel_B, start_B + context_len - 1]
+    held_BT = rows_BT > last_B[:, None]  # after the last real point: held at it (interp would read the truth)
+    context_BT = np.where(held_BT, plan.filled_CT[channel_B, np.maximum(last_B, 0)][:, None],
+                          plan.filled_CT[channel_B[:, None], rows_BT])
+    return torch.from_numpy(context_BT), last_B >= start_B
+
+
+def score(forecasters: dict, plan: EvalWindows, start_N: np.ndarray, context_len: int, horizon: int,
+          batch_size: int, bar) -> tuple[dict, dict]:
+    """MSE and MAE of each forecaster over every real truth point of every (channel, window) pair, batched across
+    channels; MASE: each window's MAE over the mean absolute seasonal difference of its own context, averaged over
+    windows (those with a flat context, a zero scale, left out). Also the gaps: context points filled, truth
+    points missing, windows left out."""
+    season = plan.season
     sums = {name: torch.zeros(3, dtype=torch.float64) for name in forecasters}  # squared, absolute, scaled errors
-    channel_M = np.repeat(np.arange(scaled_CT.shape[0]), len(start_N))
-    start_M = np.tile(start_N, scaled_CT.shape[0])
-    offsets_W = np.arange(context_len + horizon)
-    scaled_windows = 0
+    channel_M = np.repeat(np.arange(plan.scaled_CT.shape[0]), len(start_N))
+    start_M = np.tile(start_N, plan.scaled_CT.shape[0])
+    points = scaled_windows = filled = missing = left_out = 0
     for b in range(0, len(start_M), batch_size):
-        windows_BW = torch.from_numpy(
-            scaled_CT[channel_M[b:b + batch_size, None], start_M[b:b + batch_size, None] + offsets_W])
-        context_BT, truth_BH = windows_BW[:, :context_len], windows_BW[:, context_len:].double()
+        channel_B, start_B = channel_M[b:b + batch_size], start_M[b:b + batch_size]
+        context_BT, seen_B = contexts(plan, channel_B, start_B, context_len)
+        truth_BH = torch.from_numpy(plan.scaled_CT[channel_B[:, None], start_B[:, None] + context_len
+                                                   + np.arange(horizon)]).double()
+        real_BH = torch.isfinite(truth_BH) & torch.from_numpy(seen_B)[:, None]
+        n_B = real_BH.sum(dim=1)
+        kept_B = n_B > 0
         context64_BT = context_BT.double()
         scale_B = (context64_BT[:, season:] - context64_BT[:, :-season]).abs().mean(dim=1)
-        ok_B = scale_B > 0
+        ok_B = (scale_B > 0) & kept_B
+        points += int(n_B.sum())
         scaled_windows += int(ok_B.sum())
+        left_out += int((~kept_B).sum())
+        missing += int((~real_BH[kept_B]).sum())
+        in_context_BT = start_B[:, None] + np.arange(context_len)
+        filled += int((~np.isfinite(plan.scaled_CT[channel_B[:, None], in_context_BT]))[kept_B.numpy()].sum())
         for name, forecast in forecasters.items():
-            err_BH = forecast(context_BT).to("cpu", torch.float64) - truth_BH
-            mase_B = err_BH.abs().mean(dim=1)[ok_B] / scale_B[ok_B]
+            err_BH = torch.where(real_BH, forecast(context_BT).to("cpu", torch.float64) - truth_BH, 0.0)
+            mase_B = err_BH.abs().sum(dim=1)[ok_B] / n_B[ok_B] / scale_B[ok_B]
             sums[name] += torch.stack([err_BH.pow(2).sum(), err_BH.abs().sum(), mase_B.sum()])
-        bar.update(len(windows_BW))
-    count = len(start_M) * horizon
-    return {name: {"mse": (s[0] / count).item(), "mae": (s[1] / count).item(),
-                   "mase": (s[2] / scaled_windows).item() if scaled_windows else float("nan")}
-            for name, s in sums.items()}
+        bar.update(len(start_B))
+    if not points:
+        raise EvalError(f"{plan.series.path}: no test window at horizon {horizon} has a real point in both its "
+                        "context and its truth")
+    metrics = {name: {"mse": (s[0] / points).item(), "mae": (s[1] / points).item(),
+                      "mase": (s[2] / scaled_windows).item() if scaled_windows else float("nan")}
+               for name, s in sums.items()}
+    return metrics, {"context_points_filled": filled, "truth_points_missing": missing, "windows_left_out": left_out}
 
 
-def _sample(series_T: np.ndarray, start: int, context_len: int, horizon: int, forecasters) -> dict:
+def _sample(plan: EvalWindows, start: int, context_len: int, horizon: int, forecasters) -> dict:
     """One window of the last channel, for the plot: the context's tail, the truth and every forecast."""
-    window = torch.from_numpy(series_T[start:start + context_len + horizon])
-    context_1T = window[None, :context_len]
+    channel = len(plan.scaled_CT) - 1
+    context_1T, _ = contexts(plan, np.array([channel]), np.array([start]), context_len)
+    truth = plan.scaled_CT[channel, start + context_len:start + context_len + horizon]
     tail = min(context_len, 2 * horizon)
     return {"horizon": horizon, "forecast_row": start + context_len,
-            "context_tail": window[context_len - tail:context_len].tolist(),
-            "truth": window[context_len:].tolist(),
+            "context_tail": context_1T[0, context_len - tail:].tolist(),
+            "truth": truth.tolist(),
             "forecasts": {name: f(context_1T)[0].float().cpu().tolist() for name, f in forecasters.items()}}

@@ -57,6 +57,16 @@ def dataset_rows(results: dict) -> list[str]:
     return lines
 
 
+def gap_note(datasets: list[dict]) -> str | None:
+    """What missing points changed, for the rows where any did (see long_horizon.py)."""
+    gaps = [f"{d['dataset']}, horizon {r['horizon']}: {g['windows_left_out']} windows left out (no real point in "
+            f"their context or truth), {g['truth_points_missing']} missing truth points left out, "
+            f"{g['context_points_filled']} context points filled"
+            for d in datasets for r in d["rows"] if any((g := r["gaps"]).values())]
+    return ("Gaps: " + "; ".join(gaps) + " (contexts filled from the points up to their end, interior gaps "
+            "linearly; missing truth points left out of every metric).") if gaps else None
+
+
 def markdown_table(results: dict) -> str:
     datasets = results["datasets"]
     models = ", ".join(f"`{label(k, datasets[0])}` ({v})" for k, v in results["models"].items())
@@ -74,6 +84,9 @@ def markdown_table(results: dict) -> str:
     quick = [d for d in datasets if d["max_windows"] is not None]
     if quick:
         lines += ["", f"Quick run: {quick[0]['subsampling']} (N = {quick[0]['max_windows']})."]
+    gaps = gap_note(datasets)
+    if gaps:
+        lines += ["", gaps]
     lines += ["", "## Leakage", "", "Was each benchmark kept out of each model's training corpus (from the model's "
               "training_data.json)?", "", *(f"- {line}" for line in leakage_lines(results))]
     return "\n".join(lines) + "\n"

@@ -7,9 +7,12 @@ validation corpus (both prepared by timemoe-prep's pipeline under OUT_DIR/finetu
 written nowhere training reads. Training is `timemoe-train` itself (its launcher, over torchrun): the Hydra config is
 experiment=finetune, the model's own architecture from its config.json, and every key=value given here last, so
 any key can be overridden (parallel=expert, parallel.zero_stage=2, optim.lr=...). OUT_DIR/finetune is the run
-directory: the same command again resumes it; SIGTERM/SIGINT stop it after a save, as in pretraining.
+directory: the same command again resumes it (and once the model is exported, writes the report alone);
+SIGTERM/SIGINT stop it after a save, as in pretraining. The data is checked for the report, as timemoe-eval reads
+it (gaps included: see timemoe-eval), before training starts.
 
-Exit status: 0 done, 2 bad input (one line on stderr, nothing written), the trainer's status otherwise.
+Exit status: 0 done, 2 bad input (one line on stderr, nothing written; or the report's, the fine-tuned model kept),
+the trainer's status otherwise.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -24,15 +28,18 @@ import sys
 import time
 from pathlib import Path
 
+from ..checkpoint import BEST
 from ..data.loader import STOP_SIGNALS
 from ..evaluate.cli import int_list
 from ..model.config import HF_CONFIG_KEYS, ConfigError, TimeMoeConfig
-from ..model.hf_layout import TRAINING_DATA
 from .report import eval_inputs
 from .split import FinetuneError, parse_split, read_input, split_record, split_series, write_part
 
 RUN = "finetune"  # OUT_DIR/finetune: the run directory (corpora, checkpoints, metrics, Hydra's files)
 SPLIT_RECORD = "split.json"
+# In the run directory once OUT_DIR holds the export: the training command and the checkpoint exported. The same
+# command again then writes the report alone.
+EXPORTED = "exported.json"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -153,7 +160,34 @@ def main(argv: list[str] | None = None) -> int:
     except FinetuneError as e:
         return _user_error(str(e))
 
+    command = train_command(args.nproc, overrides)
+    exported = json.loads((run_dir / EXPORTED).read_text()) if (run_dir / EXPORTED).is_file() else {}
+    if exported.get("command") == command:
+        print(f"timemoe-finetune: {out} already holds the model this command fine-tuned (checkpoint "
+              f"{exported['checkpoint']}); writing its report", flush=True)
+    else:
+        status = train_and_export(args, data, splits, record, run, command, model_dir, out)
+        if status:
+            return status
+    from ..forecast import ForecastError
+    from .report import write_report
+
+    try:
+        report = write_report(model_dir, out, data, inputs, options, started)
+    except ForecastError as e:  # checked before training: only a changed file or model gets here
+        return _user_error(f"the fine-tuned model is in {out}, but its report failed: {e}")
+    print(Path(report["files"]["markdown"]).read_text())
+    print(f"wrote {out} (fine-tuned model), {report['files']['markdown']}, {report['files']['json']} "
+          f"in {report['wall_time_s'] / 60:.1f} min")
+    return 0
+
+
+def train_and_export(args, data, splits, record: dict, run, command: list[str], model_dir: Path, out: Path) -> int:
+    """The corpora, the training run and its best checkpoint exported to `out`; the status to exit with when
+    training did not finish (0 when it did)."""
+    run_dir, data_dir = out / RUN, out / RUN / "data"
     created = not out.exists()
+    (run_dir / EXPORTED).unlink(missing_ok=True)  # out's model is about to be replaced
     try:
         write_part(data, splits, "train", data_dir / "train")
         write_part(data, splits, "val", data_dir / "val")
@@ -170,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"timemoe-finetune: {len(splits)} series of {data.path} split {args.split}: training on the train "
           f"parts, validating on the val parts; the test parts are held out", flush=True)
 
-    command = train_command(args.nproc, overrides)
-    print("$", " ".join(command), flush=True)
+    print("$", shlex.join(command), flush=True)
     stopped, status = train(command, args.nproc)
     if stopped or status != 0:
         why = "stopped by a signal, after saving" if stopped else f"exited with status {status}"
@@ -179,14 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         return status
 
     from ..export.cli import export
-    from .report import write_report, write_training_data
+    from .report import write_training_data
 
     export(run.checkpoint.dir, out, tag="best")
     write_training_data(out, model_dir, record, data_dir / "train")
-    report = write_report(model_dir, out, data, inputs, options, started)
-    print(Path(report["files"]["markdown"]).read_text())
-    print(f"wrote {out} (fine-tuned model), {report['files']['markdown']}, {report['files']['json']} "
-          f"in {report['wall_time_s'] / 60:.1f} min")
+    best = (Path(run.checkpoint.dir) / BEST).read_text().strip()
+    (run_dir / EXPORTED).write_text(json.dumps({"command": command, "checkpoint": best}, indent=1) + "\n")
     return 0
 
 

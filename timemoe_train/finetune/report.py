@@ -4,21 +4,22 @@
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from data_prep.corpus_manifest import MANIFEST_NAME
-from data_prep.sources.tabular import TIMESTAMP_NAMES
+from data_prep.sources.tabular import SUFFIXES
 
 from ..checkpoint import BEST
 from ..checkpoint.digests import file_digest
-from ..evaluate import evaluate_many
-from ..evaluate.data import SEASONS, Series
+from ..evaluate import EvalError, evaluate_many
+from ..evaluate.data import ETT_ROWS_PER_HOUR, Series, season_length as eval_season_length
+from ..evaluate.long_horizon import plan_windows, read_datasets
 from ..evaluate.leakage import leakage_lines
-from ..evaluate.report import label
+from ..evaluate.report import gap_note, label
 from ..model.hf_layout import TRAINING_DATA
 from .split import FinetuneError, Input, rows_per_hour
 
@@ -37,49 +38,49 @@ def write_training_data(out: Path, model_dir: Path, split: dict, corpus: Path) -
 
 
 def eval_inputs(data: Input, split, horizons, context: int, max_windows: int | None,
-                season_length: int | None) -> tuple[list, dict]:
-    """`evaluate_many`'s inputs and options for the fine-tuning data: the same test split, the report's protocol.
-    A wide CSV is given as the file itself, exactly as to timemoe-eval; any other data as its series, those of
-    one length together (each group is one dataset of the report)."""
+                season_length: int | None) -> tuple[list[Series], dict]:
+    """`evaluate_many`'s datasets and options for the fine-tuning data (the same test split, the report's protocol),
+    each dataset checked under them: bad data for the report stops timemoe-finetune before training starts. A table
+    is read as timemoe-eval reads it (the report's eval_command scores it again); other data as its series, those
+    of one length together (each length is one dataset of the report)."""
     options = {"horizons": list(horizons), "context_lengths": [context], "max_windows": max_windows,
                "season_length": season_length}
     if split == "ett":
         options["ett_rows_per_hour"] = rows_per_hour(data.freq, data.path)
     else:
         options["split_ratios"] = list(split)
-    if data.kind == "csv":
-        header = list(pd.read_csv(data.path, nrows=0).columns)
-        date = next((c for c in TIMESTAMP_NAMES if c in header), None)
-        if date is not None and len(header) == len(data.series) + 1:  # wide: one series per other column
-            return [data.path], {**options, "date_column": date}
-    if season_length is None:
-        seconds = pd.Timedelta(pd.tseries.frequencies.to_offset(data.freq)).total_seconds() if data.freq else None
-        options["season_length"] = SEASONS.get(int(seconds)) if seconds else None
-        if options["season_length"] is None:
-            raise FinetuneError(f"{data.path}: the seasonal-naive baseline's period cannot be told from this data "
-                                f"(frequency {data.freq!r}); give --season-length")
-    lengths = sorted({len(v) for _, v in data.series})
-    path = data.path / MANIFEST_NAME if data.kind == "corpus" else data.path  # what the record's sha256 is of
-    inputs = []
-    for n in lengths:
-        group = [(name, v) for name, v in data.series if len(v) == n]
-        inputs.append(Series(path, [name for name, _ in group], np.stack([v for _, v in group], axis=1), None,
-                             None, data.path.stem if len(lengths) == 1 else f"{data.path.stem} ({n} points)"))
-    return inputs, options
+    try:
+        if data.kind in SUFFIXES:
+            datasets = read_datasets(data.path)
+        else:
+            path = data.path / MANIFEST_NAME if data.kind == "corpus" else data.path  # what the record hashes
+            lengths = sorted({len(v) for _, v in data.series})
+            datasets = [Series(path, [name for name, v in data.series if len(v) == n],
+                               np.stack([v for _, v in data.series if len(v) == n], axis=1),
+                               eval_season_length(data.freq), data.freq,
+                               data.path.stem if len(lengths) == 1 else f"{data.path.stem} ({n} points)")
+                        for n in lengths]
+        for dataset in datasets:
+            plan_windows(dataset, **options)
+    except EvalError as e:
+        raise FinetuneError(f"the before/after report cannot score this data: {e}") from None
+    return datasets, options
 
 
 def eval_command(out: Path, data: Input, options: dict) -> str | None:
     """The timemoe-eval command that scores OUT_DIR on the same windows (ETT splits come from an ETT file's name);
-    None for data timemoe-eval does not read (anything but a wide CSV)."""
-    if "date_column" not in options:
+    None for data timemoe-eval does not read (a .jsonl file, a prepared corpus) or splits otherwise."""
+    ett_named = data.path.stem.lower() in ETT_ROWS_PER_HOUR
+    if data.kind not in SUFFIXES or ("ett_rows_per_hour" in options) != ett_named:
         return None
-    parts = [f"timemoe-eval {out} --csv {data.path}", f"--horizons {','.join(map(str, options['horizons']))}",
-             f"--context-lengths {options['context_lengths'][0]}", f"--date-column {options['date_column']}"]
-    if options["max_windows"]:
-        parts.append(f"--max-windows {options['max_windows']}")
+    command = ["timemoe-eval", str(out), "--csv", str(data.path), "--horizons", ",".join(map(str, options["horizons"])),
+               "--context-lengths", str(options["context_lengths"][0])]
+    for option, key in (("--max-windows", "max_windows"), ("--season-length", "season_length")):
+        if options[key]:
+            command += [option, str(options[key])]
     if "split_ratios" in options:
-        parts.append(f"--split-ratios {','.join(map(str, options['split_ratios']))}")
-    return " ".join(parts)
+        command += ["--split-ratios", ",".join(map(str, options["split_ratios"]))]
+    return shlex.join(command)
 
 
 def training_summary(run_dir: Path) -> dict:
@@ -99,6 +100,7 @@ def write_report(model_dir: Path, out: Path, data: Input, inputs: list, options:
                  "season_length": d["season_length"], "leakage": d["leakage"],
                  "rows": [{"horizon": r["horizon"], "context_length": r["context_length"],
                            "windows_per_channel": r["windows_evaluated_per_channel"], "metrics": r["metrics"],
+                           "gaps": r["gaps"],
                            "fine_tuned_beats_zero_shot": {m: r["metrics"]["fine-tuned"][m] <
                                                           r["metrics"]["zero-shot"][m] for m in METRICS}}
                           for r in d["rows"]]} for d in results["datasets"]]
@@ -114,8 +116,8 @@ def write_report(model_dir: Path, out: Path, data: Input, inputs: list, options:
 
 def markdown(report: dict, results: dict) -> str:
     t = report["training"]
-    reproduce = (f"`{report['eval_command']}` reproduces the fine-tuned rows" if report["eval_command"] else
-                 "the same code as timemoe-eval, on the series as read")
+    reproduce = (f"timemoe-eval's code (`{report['eval_command']}` reproduces the fine-tuned rows)"
+                 if report["eval_command"] else "timemoe-eval's code, on the series as read")
     lines = [f"# Fine-tuning report: {Path(report['data']).name}", "",
              f"Zero-shot `{report['model_dir']}` vs fine-tuned `{report['out']}` on each series' test split, every "
              "channel forecast univariately; MSE/MAE on values scaled by the train split's per-channel mean/std, "
@@ -137,6 +139,8 @@ def markdown(report: dict, results: dict) -> str:
                                                   for m, won in row["fine_tuned_beats_zero_shot"].items())
                 for row in d["rows"]]
         lines += ["", "Fine-tuned vs zero-shot by horizon: " + "; ".join(wins) + ".", ""]
+        gaps = gap_note([d])
+        lines += [gaps, ""] if gaps else []
     lines += [f"Training: {t['steps']} steps; exported checkpoint {t['best_checkpoint']} (lowest validation loss); "
               "validation loss by step: " + ", ".join(f"{s}: {v:.4f}" for s, v in t["validations"]) + ".", "",
               f"Wall time (split, training, export, report): {report['wall_time_s'] / 60:.1f} min.", "",

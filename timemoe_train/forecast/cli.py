@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from data_prep.errors import PrepError
+from data_prep.freq import FreqError, canonical_freq
 from data_prep.sources.tabular import TableLayout
 
 from .batched import forecast_contexts
@@ -55,7 +56,8 @@ def parser() -> argparse.ArgumentParser:
                                                           "batches of one shape)")
     p.add_argument("--no-progress", action="store_true")
     table = p.add_argument_group("tables (as timemoe-prep reads them)")
-    table.add_argument("--freq", help="frequency as a pandas alias, e.g. h, D, MS (default: inferred)")
+    table.add_argument("--freq", help="frequency as a pandas alias, e.g. h, D, MS; old spellings (H, T, M) too "
+                                      "(default: inferred)")
     table.add_argument("--id-columns", type=_columns, help="long layout: comma-separated id columns")
     table.add_argument("--timestamp-column")
     table.add_argument("--value-columns", type=_columns, help="comma-separated value columns")
@@ -63,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
+    args.freq = canonical_freq(args.freq)
     for name in ("horizon", "context_length", "batch_size"):
         if getattr(args, name) < 1:
             raise ForecastError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         run(args)
-    except (ForecastError, PrepError) as e:
+    except (ForecastError, PrepError, FreqError) as e:
         print(f"timemoe-forecast: error: {e}", file=sys.stderr)
         return 2
     return 0

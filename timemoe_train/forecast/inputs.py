@@ -38,12 +38,9 @@ class Inputs:
         return self.freq is not None and all(c.last_time is not None for c in self.contexts)
 
 
-def table_kind(path: Path) -> str:
-    for kind, suffixes in SUFFIXES.items():
-        if path.suffix.lower() in suffixes:
-            return kind
-    raise ForecastError(f"{path}: --input must be a .csv, .parquet or .arrow file or a prepared corpus folder "
-                        f"(with {MANIFEST_NAME})")
+def table_kind(path: Path) -> str | None:
+    """csv, parquet or arrow, by the file's suffix; None for any other file."""
+    return next((kind for kind, suffixes in SUFFIXES.items() if path.suffix.lower() in suffixes), None)
 
 
 def finite_tail(path: Path, item_id: str, points: np.ndarray, context_length: int) -> tuple[np.ndarray, int, int]:
@@ -63,7 +60,11 @@ def finite_tail(path: Path, item_id: str, points: np.ndarray, context_length: in
 
 
 def read_table(path: Path, layout: TableLayout, freq: str | None, context_length: int) -> Inputs:
-    timed, freq = read_timed_series(table_kind(path), path, layout, freq)
+    kind = table_kind(path)
+    if kind is None:
+        raise ForecastError(f"{path}: --input must be a .csv, .parquet or .arrow file or a prepared corpus folder "
+                            f"(with {MANIFEST_NAME})")
+    timed, freq = read_timed_series(kind, path, layout, freq)
     contexts, filled = [], 0
     for item_id, points, times in timed:
         tail, last, holes = finite_tail(path, item_id, points, context_length)
