@@ -208,7 +208,7 @@ def test_the_commands_from_outside_the_checkout(bench, corpus_input, tmp_path):
     assert kept["gift-eval"][digests["m4_weekly"]]["found"] == 1
     assert json.loads((tmp_path / "audit.json").read_text())["totals"] == {"windows": 35, "found": 8}
     bad = run(*common, "--output", "x", "--exclude-benchmark", f"gift-eval:{tmp_path / 'nowhere'}")
-    assert bad.returncode == 1 and bad.stderr.startswith(f"timemoe-prep: error: {tmp_path / 'nowhere'}: "
+    assert bad.returncode == 2 and bad.stderr.startswith(f"timemoe-prep: error: {tmp_path / 'nowhere'}: "
                                                          "--exclude-benchmark = ")
     usage = run(*common, "--output", "x", "--exclude-benchmark", str(root))
     assert usage.returncode == 2 and "expected gift-eval:DIR" in usage.stderr

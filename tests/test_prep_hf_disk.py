@@ -131,6 +131,6 @@ def test_the_installed_command_from_outside_the_checkout(tree, tmp_path):
     assert done.stdout.startswith("corpus: ") and "8 sequences" in done.stdout
     (tmp_path / "map.json").write_text(json.dumps({"electricity": "grid"}))
     bad = run("--output", "again", "--domain-map", "map.json")
-    assert bad.returncode == 1
+    assert bad.returncode == 2
     assert bad.stderr.strip() == "timemoe-prep: error: map.json: electricity = 'grid': not a domain; choose one of " \
                                  "energy, finance, healthcare, nature, other, sales, synthetic, transport, web"
