@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -40,20 +39,18 @@ from pathlib import Path
 
 import torch
 
+from reference import released_style_copy
 from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
 
-REFERENCE = Path(__file__).parent / "reference" / "modeling_time_moe.py"
 HORIZONS = (96, 720)
 
 
 def export_pair(preset: str, root: Path) -> tuple[Path, Path]:
     """One export with random weights, and its copy running the reference modeling code."""
     torch.manual_seed(0)
-    exported, reference = root / f"exported_{preset}", root / f"reference_{preset}"
+    exported = root / f"exported_{preset}"
     TimeMoeForPrediction(TimeMoeConfig.preset(preset)).save_pretrained(exported)
-    shutil.copytree(exported, reference)
-    shutil.copyfile(REFERENCE, reference / "modeling_time_moe.py")
-    return exported, reference
+    return exported, released_style_copy(exported, root / f"reference_{preset}")
 
 
 def load(directory: Path, device: str, dtype: torch.dtype):
