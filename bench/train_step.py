@@ -1,9 +1,12 @@
 """Training throughput (time points/s) and MFU of `timemoe-train`, side by side with a plain training step of the
-reference model (the released code's scheme: HF model with a per-expert mask loop, one process).
+released-style model (bench/reference: the released code's modeling, eager attention, per-expert mask loop).
 
-Runs, per model size, on the same synthetic packed windows (fp32, CPU), the same optimizer implementation
-(torch's fused AdamW, as our engine uses):
-- reference:   1 process, the exported remote-code model, forward/backward/AdamW by hand (gradient accumulation)
+Runs, per model size, on the same synthetic packed windows (fp32, CPU), from the same initial weights (one HF
+export), with the same optimizer implementation (torch's fused AdamW, as our engine uses), all computing the same
+attention: a point sees the earlier points of its own piece only, at positions restarting per piece:
+- reference:   1 process, bench/reference's code loaded from a copy of the export, forward/backward/AdamW by hand
+               (gradient accumulation); the pieces handed to it as the released code takes them, a 4D block-diagonal
+               causal `attention_mask` (dense, T x T) and `position_ids`
 - ours 1p:     the timemoe-train Trainer in this process (EP=1, ZeRO-0 as `parallel.zero_stage` picks for one fp32
                process), attention as `model.attn_impl=auto` picks
 - ours 1p ZeRO-1: the same at `parallel.zero_stage=1` (what one process ran before ZeRO-0 became its default)
@@ -75,9 +78,9 @@ def step_records(run_dir: Path, warmup: int) -> dict:
             "mfu": statistics.median(r["mfu"] for r in records)}
 
 
-def run_ours(size: str, nproc: int, ep: int, peak: float, workdir: Path, warmup: int) -> dict:
+def run_ours(size: str, nproc: int, ep: int, peak: float, start: Path, workdir: Path, warmup: int) -> dict:
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
-    overrides = [*common_overrides(size, peak, nproc), f"hydra.run.dir={run_dir}"]
+    overrides = [*common_overrides(size, peak, nproc), f"hydra.run.dir={run_dir}", f"trainer.init_from_hf={start}"]
     if ep > 1:
         overrides += ["parallel=expert", f"parallel.expert_parallel_size={ep}"]
     env = {**os.environ, "DS_BUILD_OPS": "0",
@@ -89,30 +92,40 @@ def run_ours(size: str, nproc: int, ep: int, peak: float, workdir: Path, warmup:
     return step_records(run_dir, warmup)
 
 
-def reference_step(size: str, batches: list[dict], workdir: Path):
-    """What a user of the released code gets: its model class, a plain loop (gradient accumulation by hand,
-    clipping, our engine's fused AdamW), one process. Returns step(k), which runs global batch k."""
+def released_inputs(batch: dict) -> dict:
+    """A packed micro-batch as the released code takes it: the block-diagonal causal mask of its pieces as a 4D 0/1
+    `attention_mask` and positions restarting per piece, so that it computes the attention ours does. (Its loss lets
+    a head's targets run on into the next piece, where ours stops them: the same work, a slightly different sum.)"""
+    from timemoe_train.model.attention import block_causal_mask, packed_positions
+
+    ids_BT = batch["sequence_ids"]
+    return {"input_ids": batch["inputs"], "labels": batch["labels"], "loss_masks": batch["loss_mask"],
+            "attention_mask": block_causal_mask(ids_BT).unsqueeze(1).float(), "position_ids": packed_positions(ids_BT)}
+
+
+def reference_step(size: str, batches: list[dict], start: Path, workdir: Path):
+    """What a user of the released code gets: its modeling code (bench/reference), a plain loop (gradient
+    accumulation by hand, clipping, our engine's fused AdamW), one process. Returns step(k), which runs global
+    batch k."""
     import transformers
+    from reference import released_style_copy
 
-    from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
-
-    torch.manual_seed(0)
-    TimeMoeForPrediction(TimeMoeConfig.preset(size)).save_pretrained(workdir / "reference")
-    model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "reference", trust_remote_code=True).train()
+    model = transformers.AutoModelForCausalLM.from_pretrained(released_style_copy(start, workdir / "reference"),
+                                                              trust_remote_code=True).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     gas = SIZES[size]["global"] // SIZES[size]["micro"]
+    inputs = [released_inputs(b) for b in batches]  # built before the first step, as ours are
 
     def step(k: int) -> None:
-        for batch in batches[k * gas:(k + 1) * gas]:
-            out = model(input_ids=batch["inputs"], labels=batch["labels"], loss_masks=batch["loss_mask"])
-            (out.loss / gas).backward()
+        for micro in inputs[k * gas:(k + 1) * gas]:
+            (model(**micro).loss / gas).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
     return step
 
 
-def our_step(size: str, batches: list[dict], workdir: Path, extra: tuple[str, ...] = ()):
+def our_step(size: str, batches: list[dict], start: Path, workdir: Path, extra: tuple[str, ...] = ()):
     """The timemoe-train Trainer's step (one process, not a logging step) on global batch k."""
     from hydra import compose, initialize_config_dir
 
@@ -121,7 +134,7 @@ def our_step(size: str, batches: list[dict], workdir: Path, extra: tuple[str, ..
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[*common_overrides(size, 1e12, 1), "logger.interval=1000",
                                           "logger.progress_interval=1000", f"checkpoint.dir={workdir}/checkpoints",
-                                          *extra])
+                                          f"trainer.init_from_hf={start}", *extra])
     trainer = make_trainer(cfg, workdir)
     gas = trainer.gas
 
@@ -135,10 +148,11 @@ IN_PROCESS = {"reference 1p": ("reference",), "ours 1p": ("ours",),
               "ours 1p ZeRO-1": ("ours", "parallel.zero_stage=1"), "ours 1p compile": ("ours", "model.compile=true")}
 
 
-def child(kind: str, size: str, workdir: str, *extra: str) -> None:
+def child(kind: str, size: str, start: str, workdir: str, *extra: str) -> None:
     """One in-process run, kept alive: runs global batch k for each k read from stdin, answering its seconds."""
-    batches, workdir = global_batches(size), Path(workdir)
-    step = reference_step(size, batches, workdir) if kind == "reference" else our_step(size, batches, workdir, extra)
+    batches, start, workdir = global_batches(size), Path(start), Path(workdir)
+    step = (reference_step(size, batches, start, workdir) if kind == "reference"
+            else our_step(size, batches, start, workdir, extra))
     print("bench: ready", flush=True)
     for line in sys.stdin:
         start = time.perf_counter()
@@ -146,7 +160,8 @@ def child(kind: str, size: str, workdir: str, *extra: str) -> None:
         print(f"bench: {time.perf_counter() - start}", flush=True)
 
 
-def run_in_lockstep(names: list[str], size: str, peak: float, workdir: Path, warmup: int) -> dict[str, dict]:
+def run_in_lockstep(names: list[str], size: str, peak: float, start: Path, workdir: Path,
+                    warmup: int) -> dict[str, dict]:
     """The in-process runs `names`, one process each, stepped alternately; points/s and MFU per run."""
     from timemoe_train.model import TimeMoeConfig
     from timemoe_train.train.metrics import segment_square_sum, train_flops
@@ -154,7 +169,7 @@ def run_in_lockstep(names: list[str], size: str, peak: float, workdir: Path, war
     procs, run_dirs = {}, {name: Path(tempfile.mkdtemp(dir=workdir)) for name in names}
     for name, run_dir in run_dirs.items():
         procs[name] = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", *IN_PROCESS[name][:1],
-                                        size, str(run_dir), *IN_PROCESS[name][1:]], cwd=REPO, text=True,
+                                        size, str(start), str(run_dir), *IN_PROCESS[name][1:]], cwd=REPO, text=True,
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=open(run_dir / "stderr.log", "w"))
 
@@ -184,6 +199,15 @@ def run_in_lockstep(names: list[str], size: str, peak: float, workdir: Path, war
         proc.stdin.close()
         proc.wait()
     return {n: {"points_per_s": statistics.median(rates[n]), "mfu": statistics.median(mfus[n])} for n in names}
+
+
+def initial_weights(size: str, workdir: Path) -> Path:
+    """The HF-layout weights every run of `size` starts from: the same weights route each point to the same experts
+    in every run."""
+    from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
+
+    torch.manual_seed(0)
+    return TimeMoeForPrediction(TimeMoeConfig.preset(size)).save_pretrained(workdir / f"start_{size}")
 
 
 def global_batches(size: str) -> list[dict]:
@@ -225,15 +249,16 @@ def main() -> None:
     names = [name for name in RUNS if name in args.runs]
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
+            start = initial_weights(size, Path(tmp))
             results = {name: [] for name in names}
             for _ in range(args.rounds):
                 here = [name for name in names if name in IN_PROCESS]
                 if here:
-                    for name, result in run_in_lockstep(here, size, peak, Path(tmp), w).items():
+                    for name, result in run_in_lockstep(here, size, peak, start, Path(tmp), w).items():
                         results[name].append(result)
                 for name in names:
                     if name in torchrun_runs:
-                        results[name].append(run_ours(size, 2, torchrun_runs[name], peak, Path(tmp), w))
+                        results[name].append(run_ours(size, 2, torchrun_runs[name], peak, start, Path(tmp), w))
             first = next(iter(results))
             ref = statistics.median(r["points_per_s"] for r in results[first])
             print(f"{size}: global batch {SIZES[size]['global']} x {MAX_LENGTH}, micro-batch {SIZES[size]['micro']}, "
