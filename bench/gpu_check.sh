@@ -94,8 +94,10 @@ if ((DRY)) && [[ -z ${PY:-} ]]; then
 fi
 PY=${PY:-python3}
 "$PY" -c "import torch" 2>/dev/null || fail_install "$PY: no such interpreter, or it has no torch (set PY=)"
-((DRY)) || "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" ||
-  fail_install "$PY: its torch $("$PY" -c "import torch; print(torch.__version__)") sees no CUDA device (--cpu-dry-run runs on the CPU)"
+if ((!DRY)) && ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  version=$("$PY" -c "import torch; print(torch.__version__)")
+  fail_install "$PY: its torch $version sees no CUDA device (--cpu-dry-run runs on the CPU)"
+fi
 if ! stage install "$OUT/install.log" 60 "$PY" "$WHEELHOUSE/wheelhouse.py" install --venv "$VENV"; then
   # wheelhouse.py prints one line per missing or too old package the image must bring: join them.
   fail_install "$(grep -E '^wheelhouse.py: |Error|error:' "$OUT/install.log" | sed 's/^wheelhouse.py: [^:]*: //' |
@@ -122,7 +124,8 @@ else:
     print(f"CPU dry run ({torch.get_num_threads()} threads)")
 EOF
 )
-[[ $DEVICE == missing:* || -z $DEVICE ]] && fail_install "${DEVICE:-the check of what the stages need failed} ($OUT/install.log)"
+[[ $DEVICE == missing:* || -z $DEVICE ]] &&
+  fail_install "${DEVICE:-the check of what the stages need failed} ($OUT/install.log)"
 GPUS=$("$VPY" -c "import torch; print(torch.cuda.device_count())")
 summary "[0/4] install: ok on $DEVICE; $("$VPY" -P -c "
 import pytest, torch, transformers, timemoe_train
@@ -132,7 +135,8 @@ print(f'torch {torch.__version__}, transformers {transformers.__version__}, pyte
 # --- 1: tests marked cuda (on the CPU they are collected and skipped), and the bf16 export test -----------------
 t0=$SECONDS
 lines=()
-for tests in "90 -m cuda tests/test_attention.py tests/test_moe_paths.py tests/test_bf16_cuda.py tests/test_host_syncs.py" \
+for tests in "90 -m cuda tests/test_attention.py tests/test_moe_paths.py tests/test_bf16_cuda.py \
+               tests/test_host_syncs.py" \
              "60 tests/test_checkpoint_export.py"; do
   read -r -a argv <<<"$tests"
   log=$SCRATCH/pytest.log
@@ -269,7 +273,8 @@ EOF
     rc=$?
     ((rc)) && STATUS=1
     backend=$( ((DRY)) && echo gloo || echo NCCL)
-    summary "[3/4] multi-rank on $DEVICE, 2 processes over $backend, fp32, async saves: ${line:-comparison failed ($LOG)} ($((SECONDS - t0)) s)"
+    summary "[3/4] multi-rank on $DEVICE, 2 processes over $backend, fp32, async saves: ${line:-comparison failed \
+($LOG)} ($((SECONDS - t0)) s)"
   fi
   unset NVIDIA_TF32_OVERRIDE
 fi

@@ -12,7 +12,8 @@ Measured in one run on the same machine:
             attention over each packed sequence); headroom per loader worker = a worker's points/s over that
 Goal: loader >= 20x what training consumes. The last line is `headroom: <loader / training>x`.
 
-    python bench/loader.py [--points 6000000] [--workers 2] [--batch 8] [--batches 150] [--train-steps 2] [--train-preset base]
+    python bench/loader.py [--points 6000000] [--workers 2] [--batch 8] [--batches 150] [--train-steps 2]
+                           [--train-preset base]
 """
 
 from __future__ import annotations
