@@ -2,7 +2,7 @@
 # The GPU path on a bare CUDA node (a vendor PyTorch image, no internet), in about 8 minutes with the install on one
 # GPU (time limit per stage in brackets; a stage stopped at its limit is reported, the next one runs):
 #   0. install: the wheelhouse into a scratch venv over the node's python3, --no-index; pytest from the wheelhouse
-#      where the image has none; then what every stage needs (CUDA torch, pytest, transformers) in one line [60 s]
+#      where the image has none [30 s]; what every stage needs (CUDA torch, pytest, transformers) in one line [60 s]
 #   1. the tests marked `cuda` [90 s]: every attention path vs the dense mask (fp32, 1e-5), the bf16 grouped GEMM
 #      vs the per-expert loop without a host sync, a whole bf16 step (flex block mask, grouped GEMM, fused AdamW)
 #      under torch.cuda.set_sync_debug_mode("error"), the Trainer's step likewise (no sync in a micro-batch's
@@ -15,12 +15,12 @@
 #      training on 1 process (losses and gradient norms of steps 1-6, weights of the step-3 and step-6 checkpoints
 #      within 1e-5, as tests/test_train_parallel.py): ZeRO-1 (data parallel); EP=2 (model.moe_impl=megatron,
 #      parallel=expert: the all-to-all) to step 3, then resumed in place to step 6 (same layout); the EP=2 step-3
-#      checkpoint resumed at ZeRO-1 without expert parallelism (elastic) [240 s]
+#      checkpoint resumed at ZeRO-1 without expert parallelism (elastic) [5 x 60 s]
 #   4. the benches with a CUDA path, bf16 on the device: attention paths [40 s], the MoE block [35 s], forecasting
 #      with the exported code vs the released-style code [60 s] (its CPU fp32 comparison runs first). The others
 #      (loader, plan, prep, checkpoint memory, host-sync counts, the CPU train step) measure the host: `make bench`
 # One summary line per stage, naming the device; the exit status says whether all passed. Everything is also
-# written under $OUT when it is set (6 files).
+# written under $OUT when it is set (at most 6 files).
 #
 #   make wheelhouse                       # on a machine with PyPI: wheelhouse/ for Python 3.12, manylinux x86-64
 #   bash bench/gpu_check.sh               # on the node, from a copy of the checkout holding wheelhouse/
