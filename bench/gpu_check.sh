@@ -15,7 +15,7 @@
 #      training on 1 process (losses and gradient norms of steps 1-6, weights of the step-3 and step-6 checkpoints
 #      within 1e-5, as tests/test_train_parallel.py): ZeRO-1 (data parallel); EP=2 (model.moe_impl=megatron,
 #      parallel=expert: the all-to-all) to step 3, then resumed in place to step 6 (same layout); the EP=2 step-3
-#      checkpoint resumed at ZeRO-1 without expert parallelism (elastic) [5 x 60 s]
+#      checkpoint resumed at ZeRO-1 without expert parallelism (elastic) [5 x 90 s: FlexAttention compiles in each]
 #   4. the benches with a CUDA path, bf16 on the device: attention paths [40 s], the MoE block [35 s], forecasting
 #      with the exported code vs the released-style code [60 s] (its CPU fp32 comparison runs first). The others
 #      (loader, plan, prep, checkpoint memory, host-sync counts, the CPU train step) measure the host: `make bench`
@@ -204,7 +204,7 @@ TimeMoeForPrediction(TimeMoeConfig.preset('tiny')).save_pretrained(sys.argv[1])"
     shift 3
     [[ ${1:-} == resume ]] && resume=1 && shift
     : >"$log"
-    stage "$name" "$log" 60 "$TRAIN" --nproc-per-node "$nproc" "${COMMON[@]}" "trainer.max_steps=$steps" \
+    stage "$name" "$log" 90 "$TRAIN" --nproc-per-node "$nproc" "${COMMON[@]}" "trainer.max_steps=$steps" \
       "run.dir=$M/$name" "$@"
     rc=$?
     cat "$log" >>"$LOG"
