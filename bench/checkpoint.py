@@ -135,7 +135,10 @@ def worker(args) -> None:
                          "extra_bytes": max(_status("VmHWM"), sampled) - before, "written_bytes": written["bytes"],
                          "staged_bytes": written["staged"], "staging_peak_bytes": staging_peak}
     trainer.close()
-    print("FIGURES " + json.dumps(figures), flush=True)
+    # One write of the whole line (atomic on a pipe under PIPE_BUF bytes): the ranks share the launcher's stdout, and
+    # print's separate write of the newline let another rank's line land in the middle.
+    sys.stdout.write(f"FIGURES {json.dumps(figures)}\n")
+    sys.stdout.flush()
 
 
 def launch(nproc: int, args, workdir: Path) -> list[dict]:

@@ -12,7 +12,8 @@ export directory through `AutoModelForCausalLM.from_pretrained(..., trust_remote
 own copy of that directory with its modeling file swapped in.
 Random base-size weights (routing close to uniform, like a trained model's balanced experts), context 512,
 batches 8 and 32, horizons 96 (64 + 32) and 720 (11 x 64 + 8 + 8); CPU fp32, and CUDA bf16 when present.
-The last line is the CPU speed-up of the slowest batch size: the smaller ratio over batches 8 and 32, per horizon.
+The last line is the CPU speed-up of the slowest batch size: the smaller ratio over batches 8 and 32, per horizon; the
+line before it per device (CUDA bf16 too when present).
 
     python bench/forecast.py [--preset base] [--batches 8,32] [--repeats 3] [--threads N] [--profile]
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -40,20 +40,18 @@ from pathlib import Path
 
 import torch
 
+from reference import released_style_copy
 from timemoe_train.model import TimeMoeConfig, TimeMoeForPrediction
 
-REFERENCE = Path(__file__).parent / "reference" / "modeling_time_moe.py"
 HORIZONS = (96, 720)
 
 
 def export_pair(preset: str, root: Path) -> tuple[Path, Path]:
     """One export with random weights, and its copy running the reference modeling code."""
     torch.manual_seed(0)
-    exported, reference = root / f"exported_{preset}", root / f"reference_{preset}"
+    exported = root / f"exported_{preset}"
     TimeMoeForPrediction(TimeMoeConfig.preset(preset)).save_pretrained(exported)
-    shutil.copytree(exported, reference)
-    shutil.copyfile(REFERENCE, reference / "modeling_time_moe.py")
-    return exported, reference
+    return exported, released_style_copy(exported, root / f"reference_{preset}")
 
 
 def load(directory: Path, device: str, dtype: torch.dtype):
@@ -145,9 +143,12 @@ def main() -> None:
                 profile(models["exported"], contexts(8, args.context_length), 96)
             del models
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")
-    cpu = results["cpu"]
-    speedup = {h: min(cpu[b, h]["reference"] / cpu[b, h]["exported"] for b in batches) for h in HORIZONS}
-    print(f"forecast speed-up: h96 {speedup[96]:.2f}x, h720 {speedup[720]:.2f}x")
+    speedup = {device: {h: min(r[b, h]["reference"] / r[b, h]["exported"] for b in batches) for h in HORIZONS}
+               for device, r in results.items()}
+    for (device, dtype), s in zip(devices, speedup.values()):  # bench/gpu_check.sh reads the CUDA one
+        print(f"{device} {str(dtype).removeprefix('torch.')} forecast speed-up, released-style / exported time: "
+              f"h96 {s[96]:.2f}x, h720 {s[720]:.2f}x")
+    print(f"forecast speed-up: h96 {speedup['cpu'][96]:.2f}x, h720 {speedup['cpu'][720]:.2f}x")
 
 
 if __name__ == "__main__":

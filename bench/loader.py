@@ -13,6 +13,7 @@ Measured in one run on the same machine:
 Goal: loader >= 20x what training consumes. The last line is `headroom: <loader / training>x`.
 
     python bench/loader.py [--points 6000000] [--workers 2] [--batch 8] [--batches 150] [--train-steps 2]
+                           [--train-preset base]
 """
 
 from __future__ import annotations
@@ -124,9 +125,9 @@ def rate(batches, n_batches: int, warmup: int = 5, shape: dict | None = None) ->
     return windows / seconds, points / seconds
 
 
-def train_rate(batch: dict[str, torch.Tensor], steps: int) -> float:
+def train_rate(batch: dict[str, torch.Tensor], steps: int, preset: str) -> float:
     torch.manual_seed(0)
-    model = TimeMoeForPrediction(TimeMoeConfig.preset("base")).train()
+    model = TimeMoeForPrediction(TimeMoeConfig.preset(preset)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
@@ -149,6 +150,7 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--batches", type=int, default=150)
     p.add_argument("--train-steps", type=int, default=2)
+    p.add_argument("--train-preset", default="base", help="model of the CPU training step (tiny: a quick run)")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,7 +171,7 @@ def main():
         theirs, theirs_points = rate(released, args.batches)
 
         one_row = build_train_loader(DataConfig(path=str(prepared), max_length=MAX_LENGTH, num_workers=0))
-        trained = train_rate(next(iter(one_row)), args.train_steps)
+        trained = train_rate(next(iter(one_row)), args.train_steps, args.train_preset)
 
     print(f"corpus: {args.points:,} points in {len(DOMAINS) * 2} Time-300B datasets; {args.workers} workers, "
           f"batches of {args.batch} x {MAX_LENGTH}; torch threads {torch.get_num_threads()}")
@@ -177,7 +179,7 @@ def main():
     print(f"loader:   {ours:10.1f} windows/s  {ours_points / 1e6:8.2f} M labelled points/s")
     print(f"released: {theirs:10.1f} windows/s  {theirs_points / 1e6:8.2f} M labelled points/s  "
           f"(loader is {ours / theirs:.1f}x in windows, {ours_points / theirs_points:.1f}x in points)")
-    print(f"training: {trained:10.4f} windows/s  (base preset, fwd+bwd+AdamW, 1 x {MAX_LENGTH})")
+    print(f"training: {trained:10.4f} windows/s  ({args.train_preset} preset, fwd+bwd+AdamW, 1 x {MAX_LENGTH})")
     # The loader's points: every real point of a row (what the trainer counts for MFU), per worker.
     worker_points = shape["points"] / args.batches / args.batch * ours / max(args.workers, 1)
     print(f"GPU assumption: one H100 at {MFU:.0%} MFU of {H100_BF16_DENSE / 1e12:.0f} TFLOP/s dense bf16 "

@@ -82,8 +82,9 @@ def main() -> None:
     print(f"{args.size}: global batch {s['global']} x {train_step.MAX_LENGTH}, micro-batch {s['micro']}; "
           "one step after a warm-up step, CPU seconds of its ops by where they were issued")
     with tempfile.TemporaryDirectory() as tmp:
-        steps = {"reference 1p": train_step.reference_step(args.size, batches, Path(tmp) / "ref"),
-                 "ours 1p": train_step.our_step(args.size, batches, Path(tmp) / "ours")}
+        start = train_step.initial_weights(args.size, Path(tmp))
+        steps = {"reference 1p": train_step.reference_step(args.size, batches, start, Path(tmp) / "ref"),
+                 "ours 1p": train_step.our_step(args.size, batches, start, Path(tmp) / "ours")}
         for step in steps.values():
             step(0)
         for name, step in steps.items():

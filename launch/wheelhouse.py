@@ -5,7 +5,8 @@ On a machine that reaches PyPI (any Python, any OS that pip runs on):
     python launch/wheelhouse.py build [--python 3.12] [--platform manylinux_2_28_x86_64] [--out wheelhouse]
 On the node, with the image's own interpreter (the wheelhouse carries a copy of this script):
     python3 wheelhouse/wheelhouse.py install --venv DIR
-then `DIR/bin/timemoe-train ...`, `DIR/bin/timemoe-prep ...`.
+then `DIR/bin/timemoe-train ...`, `DIR/bin/timemoe-prep ...`. Without a node (a dry run), an interpreter like its:
+    .venv/bin/python wheelhouse/wheelhouse.py stand-in --venv IMAGE
 
 `build` resolves the project for the target Python and platform, wheels only (DeepSpeed and antlr4's runtime,
 published as source distributions alone, are built first into pure-Python wheels, DeepSpeed's with its ops off:
@@ -14,6 +15,7 @@ downloads every package the project needs except those the image brings (`--imag
 need, and writes into `image-brings.txt` the brought packages the shipped wheels require, each with the versions
 they require of it (a brought package nothing requires, such as transformers, which only `--backend remote`
 imports, is no condition of the install).
+It also ships pytest, which bench/gpu_check.sh installs from it where the image has none.
 
 `install` checks those first (one line per problem, exit 2), then makes a venv layered over the interpreter's own
 packages (a `.pth` file adds its site directories behind the venv's: the image's torch stays, nothing is
@@ -40,6 +42,9 @@ BRINGS_FILE = "image-brings.txt"
 IMAGE_BRINGS = ("torch", "numpy", "pyarrow", "pandas", "scipy", "safetensors", "transformers", "matplotlib")
 # Published as source distributions only (antlr4's 4.9.3 is the one hydra-core 1.3 accepts).
 SOURCE_ONLY = ("deepspeed==0.19.8", "antlr4-python3-runtime==4.9.3")
+# Shipped beside the project, not installed with it: what bench/gpu_check.sh needs and an image may lack (it runs
+# the tests marked `cuda`), installed from the wheelhouse only where the interpreter has none.
+CHECK_NEEDS = ("pytest>=8",)
 
 
 def _packaging():
@@ -150,7 +155,7 @@ def build(args: argparse.Namespace) -> int:
         report_path = Path(tmp) / "report.json"
         # pip takes --platform only with --target, which also makes it ignore what this interpreter has installed.
         pip("install", "-q", "--dry-run", "--target", str(Path(tmp) / "target"), "--report", str(report_path), *target,
-            *constraints, "--find-links", str(out), "--cache-dir", str(cache / "pip"), str(project))
+            *constraints, "--find-links", str(out), "--cache-dir", str(cache / "pip"), str(project), *CHECK_NEEDS)
         report = json.loads(report_path.read_text())["install"]
     ships, needs = shipped(report, brings, marker_environment(args.python, args.platform))
     downloads = [f"{item['metadata']['name']}=={item['metadata']['version']}" for item in ships
@@ -235,6 +240,44 @@ def install(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- stand-in ---------------------------------------------------------------------------------------------------
+
+def stand_in(args: argparse.Namespace) -> int:
+    """A venv standing in for the node's interpreter where there is no node (bench/gpu_check.sh --cpu-dry-run, the
+    tests): links to this interpreter's copies of what image-brings.txt names, of what those require, and of pip;
+    nothing else, so an install over it brings everything the wheelhouse says it brings."""
+    from importlib import metadata
+
+    _, requirements, _, utils = _packaging()
+    brings = Path(args.wheelhouse).resolve() / BRINGS_FILE
+    lines = [ln.split("#")[0].strip() for ln in brings.read_text().splitlines()]
+    found, todo = {}, [requirements.Requirement(ln) for ln in [*lines, "pip"] if ln]
+    while todo:
+        req = todo.pop()
+        try:
+            dist = metadata.distribution(req.name)
+        except metadata.PackageNotFoundError:
+            raise SystemExit(f"wheelhouse.py: {sys.executable} has no {req.name}, which a stand-in needs ({req})")
+        if not req.specifier.contains(dist.version, prereleases=True):
+            raise SystemExit(f"wheelhouse.py: {sys.executable} has {req.name} {dist.version}, a stand-in needs {req}")
+        key = utils.canonicalize_name(dist.metadata["Name"])
+        if key not in found:
+            found[key] = dist
+            todo += [r for r in map(requirements.Requirement, dist.requires or [])
+                     if not r.marker or r.marker.evaluate({"extra": ""})]
+    venv = Path(args.venv).resolve()
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c",
+                                "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    for dist in found.values():
+        for top in {f.parts[0] for f in dist.files or () if f.parts[0] != ".."}:
+            if not (site / top).exists():
+                (site / top).symlink_to(dist.locate_file(top))
+    print(f"wheelhouse.py: {venv}: {len(found)} packages of {sys.executable} ({', '.join(sorted(found))})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -252,8 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--venv", required=True, help="the venv to create or update")
     i.add_argument("--wheelhouse", default=str(Path(__file__).resolve().parent),
                    help="default: this script's directory")
+    d = sub.add_parser("stand-in", help="a venv holding only what the wheelhouse assumes the node has, linked from "
+                                        "this interpreter (for a dry run without the node)")
+    d.add_argument("--venv", required=True, help="the venv to create")
+    d.add_argument("--wheelhouse", default=str(Path(__file__).resolve().parent),
+                   help="default: this script's directory")
     args = p.parse_args(argv)
-    return build(args) if args.command == "build" else install(args)
+    return {"build": build, "install": install, "stand-in": stand_in}[args.command](args)
 
 
 if __name__ == "__main__":

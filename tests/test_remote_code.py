@@ -245,6 +245,40 @@ def test_padded_rows_and_several_horizons_in_one_roll_out_match_the_reference(tm
             assert err <= 1e-5, f"row {i} ({n} points), horizon {horizon}: {err:.2e}"
 
 
+def test_packed_rows_with_a_block_mask_match_the_training_forward(tmp_path):
+    """bench/train_step.py's reference arm: packed rows handed to the released-style code as the released code takes
+    them (a 4D block-diagonal causal mask, positions restarting per piece) compute what our training forward computes
+    from the sequence ids, at every real point."""
+    from timemoe_train.train.synthetic import SyntheticDataConfig
+
+    ours = make_ours()
+    _, reference_dir = export_with_reference(ours, tmp_path)
+    reference = load_remote(reference_dir)
+    batch = next(iter(SyntheticDataConfig(max_length=64, max_pieces=4).build_train_loader(0, 1, 4, 4)))
+    ids_BT = batch["sequence_ids"]
+    assert (ids_BT.amax(1) >= 2).any() and (ids_BT < 0).any()  # pieces and padding: a causal mask would differ
+    B, T = ids_BT.shape
+    allowed_BTS = torch.zeros(B, T, T, dtype=torch.bool)
+    positions_BT = torch.zeros(B, T, dtype=torch.long)
+    for b in range(B):
+        for t in range(T):
+            allowed_BTS[b, t, [s for s in range(t + 1) if ids_BT[b, s] == ids_BT[b, t]]] = True
+            run_start = t
+            while run_start > 0 and ids_BT[b, run_start - 1] == ids_BT[b, t]:
+                run_start -= 1
+            positions_BT[b, t] = t - run_start
+    with torch.no_grad():
+        a = ours(batch["inputs"], sequence_ids_BT=ids_BT)
+        b = reference(input_ids=batch["inputs"], attention_mask=allowed_BTS[:, None].float(), position_ids=positions_BT)
+    real_BT = ids_BT >= 0
+    for pa, pb in zip(a.predictions, b.predictions):
+        torch.testing.assert_close(pa[real_BT], pb[real_BT], atol=1e-5, rtol=1e-5)
+    for la, lb in zip(a.router_logits, b.router_logits):
+        torch.testing.assert_close(la[real_BT.flatten()], lb[real_BT.flatten()], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="4D attention_mask"):
+        reference(input_ids=batch["inputs"], attention_mask=allowed_BTS[:, None, :, :-1].float())
+
+
 def test_padding_mask_and_cache_match_the_reference(tmp_path):
     exported_dir, reference_dir = export_with_reference(make_ours(num_key_value_heads=2), tmp_path)
     exported, reference = load_remote(exported_dir), load_remote(reference_dir)

@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 
 from timemoe_train.checkpoint import read_meta
 
@@ -30,36 +28,6 @@ CACHE = REPO / ".cache" / "wheelhouse"
 spec = importlib.util.spec_from_file_location("wheelhouse", SCRIPT)
 wheelhouse = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(wheelhouse)
-
-
-def requirement_closure(name: str) -> list[metadata.Distribution]:
-    """`name`'s installed distribution and every one it requires, in this interpreter (which must meet them: pip
-    checks an installed torch's requirements too)."""
-    found, todo = {}, [Requirement(name)]
-    while todo:
-        req = todo.pop()
-        dist = metadata.distribution(req.name)
-        assert req.specifier.contains(dist.version, prereleases=True), \
-            f"this interpreter has {req.name} {dist.version}, torch needs {req}: pip install '{req}'"
-        key = canonicalize_name(dist.metadata["Name"])
-        if key not in found:
-            found[key] = dist
-            todo += [r for r in map(Requirement, dist.requires or []) if not r.marker or r.marker.evaluate({"extra": ""})]
-    return list(found.values())
-
-
-def torch_only_python(root: Path) -> Path:
-    """A venv standing in for a CUDA image's interpreter: torch, what torch requires and pip, linked from this
-    interpreter's site-packages, and nothing else."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
-    python = root / "bin" / "python"
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip())
-    for dist in [*requirement_closure("torch"), metadata.distribution("pip")]:
-        for top in {f.parts[0] for f in dist.files if f.parts[0] != ".."}:
-            if not (site / top).exists():
-                (site / top).symlink_to(dist.locate_file(top))
-    return python
 
 
 def clean_env(venv: Path, **extra) -> dict:
@@ -89,11 +57,14 @@ def test_offline_install_over_torch_only_trains_from_no_checkout(tmp_path):
     assert "transformers" not in (out / wheelhouse.BRINGS_FILE).read_text()
     names = {w.name.split("-")[0].lower() for w in out.glob("*.whl")}
     assert {"timemoe_train", "deepspeed", "megatron_core", "hydra_core", "omegaconf", "antlr4_python3_runtime",
-            "wandb", "datasets", "submitit", "hydra_submitit_launcher", "numpy", "pyarrow"} <= names
+            "wandb", "datasets", "submitit", "hydra_submitit_launcher", "numpy", "pyarrow", "pytest"} <= names
     assert "torch" not in names and "sympy" not in names  # brought, and needed by torch alone
     # The wheelhouse travels alone: its own copy of the installer, its list of what the image must bring.
     moved = shutil.move(out, tmp_path / "elsewhere")
-    image = torch_only_python(tmp_path / "image")
+    # An interpreter standing in for a CUDA image's: torch, what torch requires and pip, nothing else.
+    run([sys.executable, Path(moved) / "wheelhouse.py", "stand-in", "--venv", tmp_path / "image"], REPO, {**os.environ},
+        timeout=120)
+    image = tmp_path / "image" / "bin" / "python"
     venv = tmp_path / "venv"
     work = tmp_path / "work"  # no checkout here or above
     work.mkdir()

@@ -224,8 +224,17 @@ class TimeMoePreTrainedModel(PreTrainedModel):
 
 
 def build_attention_mask(attention_mask, batch_size, q_len, past_len, dtype, device):
-    """Additive mask [B, 1, T, past + T]: causal, offset by the cache, plus padding columns from a [B, S] 0/1 mask."""
+    """Additive mask [B, 1, T, past + T]: causal, offset by the cache, plus padding columns from a [B, S] 0/1 mask.
+    A 0/1 mask that is already [B, 1, T, past + T] is taken as it is, causal part included, as the released code's
+    `_prepare_4d_causal_attention_mask` takes one: how its users train on packed rows (a block-diagonal causal
+    mask, positions restarting per piece)."""
     total = past_len + q_len
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.shape != (batch_size, 1, q_len, total):
+            raise ValueError(f"a 4D attention_mask must be [batch, 1, time, past + time] = "
+                             f"{(batch_size, 1, q_len, total)}, got {tuple(attention_mask.shape)}")
+        zero = torch.zeros((), dtype=dtype, device=device)
+        return torch.where(attention_mask.bool(), zero, torch.finfo(dtype).min)
     allowed = torch.ones(q_len, total, dtype=torch.bool, device=device).tril(diagonal=past_len)
     allowed = allowed[None, None].expand(batch_size, 1, q_len, total)
     if attention_mask is not None:
