@@ -363,3 +363,44 @@ def test_a_long_table_of_series_of_several_lengths_is_one_dataset_per_length(tmp
     assert [(d["dataset"], d["columns"], d["length"]) for d in datasets] == [
         ("m (600 points)", ["x", "y"], 600), ("m (400 points)", ["z"], 400)]
     assert datasets[1]["borders"]["test"] == [320, 400] and datasets[0]["season_length"] == 24
+
+
+def test_horizons_of_one_context_share_one_roll_out_per_window(tmp_path, model_dir):
+    """Horizons with the same context length are scored from one roll-out per window (their window sets differ:
+    a longer horizon has fewer), a horizon with another context length from its own; the metrics equal those of
+    one evaluation per horizon within 1e-5."""
+    n = 600
+    t = np.arange(n)
+    csv = tmp_path / "toy.csv"
+    pd.DataFrame({"date": pd.date_range("2020-01-01", periods=n, freq="h").astype(str),
+                  "a": np.sin(2 * np.pi * t / 24) + 0.01 * t, "b": np.cos(t / 5.0)}).to_csv(csv, index=False)
+    model = TimeMoeForPrediction.from_pretrained(model_dir).eval()
+    rows_by_length = {}
+    model.model.register_forward_hook(
+        lambda m, args, out: rows_by_length.__setitem__(args[0].shape[1], rows_by_length.get(args[0].shape[1], 0)
+                                                        + args[0].shape[0]))
+    horizons, contexts = [24, 48, 40], [64, 64, 96]
+    together = evaluate_long_horizon({"model": model}, csv, horizons=horizons, context_lengths=contexts,
+                                     batch_size=256, progress=False)
+    windows = {r["horizon"]: r["windows_evaluated_per_channel"] for r in together["rows"]}
+    assert windows == {24: 120 - 24 + 1, 48: 120 - 48 + 1, 40: 120 - 40 + 1}  # stride 1 over a 120-row test split
+    # Context passes: every window of h24 (h48's are among them) once per channel, h40's on their own; plus the
+    # one plotted window of each horizon.
+    assert rows_by_length[64] == 2 * windows[24] + 2 and rows_by_length[96] == 2 * windows[40] + 1
+    for h, c in zip(horizons, contexts):
+        alone = evaluate_long_horizon({"model": model}, csv, horizons=[h], context_lengths=[c], batch_size=256,
+                                      progress=False)
+        row = next(r for r in together["rows"] if r["horizon"] == h)
+        for name, metrics in alone["rows"][0]["metrics"].items():
+            for m, value in metrics.items():
+                assert row["metrics"][name][m] == pytest.approx(value, rel=1e-5), (h, name, m)
+
+    # --max-windows spreads each horizon's windows over its own range: the first is shared, the rest are not.
+    rows_by_length.clear()
+    spread = evaluate_long_horizon({"model": model}, csv, horizons=[24, 48], context_lengths=[64], max_windows=3,
+                                   batch_size=256, progress=False)
+    assert rows_by_length[64] == 2 * (1 + 2 + 2) + 2
+    for row, h in zip(spread["rows"], (24, 48)):
+        alone = evaluate_long_horizon({"model": model}, csv, horizons=[h], context_lengths=[64], max_windows=3,
+                                      progress=False)
+        assert row["metrics"]["model"] == pytest.approx(alone["rows"][0]["metrics"]["model"], rel=1e-5)

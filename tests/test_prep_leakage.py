@@ -111,7 +111,7 @@ def test_other_benchmarks_do_not_reuse_a_finished_corpus(tmp_path, capsys):
     args = ["--source", "csv", "--input", str(table), "--output", str(tmp_path / "out"), "--workers", "1",
             "--no-progress"]
     assert prep_main(args) == 0
-    assert prep_main([*args, "--benchmarks", str(bench)]) == 1
+    assert prep_main([*args, "--benchmarks", str(bench)]) == 2
     assert "holds a corpus made from another source or options" in capsys.readouterr().err
 
 
@@ -120,7 +120,7 @@ def test_a_missing_benchmark_is_a_clear_error(tmp_path, capsys):
     pd.DataFrame({"timestamp": range(300), "x": np.arange(300.0)}).to_csv(table, index=False)
     missing = tmp_path / "no_such_eval.csv"
     assert prep_main(["--source", "csv", "--input", str(table), "--output", str(tmp_path / "out"),
-                      "--benchmarks", str(missing)]) == 1
+                      "--benchmarks", str(missing)]) == 2
     err = capsys.readouterr().err
     # the value is shortened in the middle when long (as tmp paths are): the line starts with the whole path
     assert err.startswith(f"timemoe-prep: error: {missing}: --benchmarks = ") and "no such file" in err, err
@@ -151,7 +151,7 @@ def test_no_leakage_guard_keeps_an_ett_named_series_and_says_so(tmp_path, capsys
     etth1 = pd.read_csv(ETTH1)
     etth1.iloc[:2000].rename(columns={"date": "timestamp"}).to_csv(table, index=False)
     args = ["--source", "csv", "--input", str(table), "--workers", "1", "--no-progress"]
-    assert prep_main([*args, "--output", str(tmp_path / "guarded")]) == 1  # every series excluded by name
+    assert prep_main([*args, "--output", str(tmp_path / "guarded")]) == 2  # every series excluded by name
     assert "the leakage guard excluded all 7" in capsys.readouterr().err
     assert prep_main([*args, "--output", str(tmp_path / "open"), "--no-leakage-guard"]) == 0
     manifest = load_manifest(tmp_path / "open")

