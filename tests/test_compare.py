@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from timemoe_train.evaluate import EvalError
-from timemoe_train.evaluate.compare import find_jobs, markdown, summarise
+from timemoe_train.compare import find_jobs, markdown, summarise
 
 
 def job(arm, seed, loss, mse):
@@ -100,11 +100,10 @@ def test_the_preset_arms_activate_the_same_number_of_parameters(arm):
     from test_train import composed
 
     from timemoe_train.train.__main__ import run_config
-    from timemoe_train.train.metrics import active_params_per_token
 
     def activated(a):
         run = run_config(composed("experiment=moe_vs_dense", "data.path=x", f"arm={a}", data=None))
-        return run.model.use_dense, active_params_per_token(run.model), run.data.holdout_points
+        return run.model.use_dense, run.model.active_params_per_token, run.data.holdout_points
 
     dense, count, holdout = activated(arm)
     assert dense == (arm == "dense") and holdout == 48

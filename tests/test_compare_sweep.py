@@ -1,5 +1,5 @@
 """`experiment=moe_vs_dense` end to end through the real commands: `timemoe-prep` packs a small corpus, one
-`timemoe-train` sweep trains 2 arms × 2 seeds for a few steps, and `python -m timemoe_train.evaluate.compare` on
+`timemoe-train` sweep trains 2 arms × 2 seeds for a few steps, and `python -m timemoe_train.compare` on
 the sweep directory writes the report; its held-out figures are recomputed here from the CSV and the exported
 models, independently of compare's code."""
 
@@ -44,7 +44,7 @@ def study(tmp_path_factory):
     unfinished.mkdir(parents=True)
     finished = next((cwd / "sweep").glob("*/.hydra/config.yaml"))
     (unfinished / "config.yaml").write_text(finished.read_text().replace("seed: 0", "seed: 7"))
-    compare = subprocess.run([sys.executable, "-m", "timemoe_train.evaluate.compare", str(cwd / "sweep"),
+    compare = subprocess.run([sys.executable, "-m", "timemoe_train.compare", str(cwd / "sweep"),
                               "--csv", str(REPO / "examples" / "data" / "ETTh1.csv"), "--max-windows", "2",
                               "--context", str(CONTEXT), "--no-progress"], cwd=tmp_path_factory.mktemp("elsewhere"),
                              env=worker_env(), capture_output=True, text=True, timeout=900)

@@ -22,7 +22,7 @@ from timemoe_train.checkpoint import load_checkpoint_file
 from timemoe_train.train.config import OptimConfig, TrainConfigError
 from timemoe_train.train.engine import learning_rate
 from timemoe_train.train.guard import NonFiniteGuard, TrainingDiverged
-from timemoe_train.train.metrics import active_params_per_token, segment_square_sum, train_flops
+from timemoe_train.train.metrics import segment_square_sum, train_flops
 from timemoe_train.train.monitor import scrub
 from timemoe_train.train.synthetic import SyntheticDataConfig
 
@@ -254,9 +254,9 @@ def test_flop_counting():
     assert segment_square_sum(seq).item() == 9 + 4 + 16
     # activated parameters per point, as the paper reports them (50M, 200M, 1.1B)
     for size, paper in (("base", 50e6), ("large", 200e6), ("ultra", 1.1e9)):
-        assert abs(active_params_per_token(TimeMoeConfig.preset(size)) / paper - 1) < 0.05, size
+        assert abs(TimeMoeConfig.preset(size).active_params_per_token / paper - 1) < 0.05, size
     c = TimeMoeConfig.preset("tiny")
-    assert train_flops(c, 10, 0) == 60 * active_params_per_token(c)
+    assert train_flops(c, 10, 0) == 60 * c.active_params_per_token
     assert train_flops(c, 0, 100) == 12 * c.num_hidden_layers * c.hidden_size * 100
 
 

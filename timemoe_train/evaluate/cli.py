@@ -17,24 +17,11 @@ import sys
 from pathlib import Path
 
 from data_prep.freq import FreqError, canonical_freq
+from ..cli_types import float_list, int_list, names
 from ..forecast import BACKENDS, DTYPES, ForecastError
 from .data import DEFAULT_RATIOS
 from .leakage import leakage_warnings
 from .long_horizon import evaluate_many
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
-
-
-def float_list(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,15 +32,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", required=True, nargs="+",
                    help="benchmark tables (.csv, .parquet, .arrow, as timemoe-prep reads them); ETTh1/ETTh2/ETTm1/"
                         "ETTm2 stems get their month splits")
-    p.add_argument("--columns", type=lambda s: s.split(","), default=None,
+    p.add_argument("--columns", type=names, default=None,
                    help="comma-separated channels, named as timemoe-prep names the series (a wide table's columns, "
                         "a long table's ids; default: all)")
     p.add_argument("--date-column", "--timestamp-column", dest="date_column",
                    help="default: the first of timestamp, date, ds, time, datetime present (as timemoe-prep finds "
                         "its timestamp column)")
-    p.add_argument("--id-columns", type=lambda s: s.split(","), default=None,
+    p.add_argument("--id-columns", type=names, default=None,
                    help="long layout: comma-separated id columns (default: id, item_id or unique_id when present)")
-    p.add_argument("--value-columns", type=lambda s: s.split(","), default=None,
+    p.add_argument("--value-columns", type=names, default=None,
                    help="comma-separated value columns (long layout default: value, target or y)")
     p.add_argument("--freq", help="frequency as a pandas alias, e.g. h, D, MS; old spellings (H, T, M) too "
                                   "(default: inferred)")

@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 from ..checkpoint import BEST
+from ..cli_types import int_list
 from ..data.loader import STOP_SIGNALS
-from ..evaluate.cli import int_list
 from ..model.config import HF_CONFIG_KEYS, ConfigError, TimeMoeConfig
 from .report import eval_inputs
 from .split import FinetuneError, parse_split, read_input, split_record, split_series, write_part

@@ -36,6 +36,7 @@ from data_prep.errors import PrepError
 from data_prep.freq import FreqError, canonical_freq
 from data_prep.sources.tabular import TableLayout
 
+from ..cli_types import names
 from ..launch import LAUNCHED, run_torchrun, torchrun_command, write_error_file
 from .batched import auto_batch_size, forecast_contexts
 from .model import AUTO, BACKENDS, DTYPES, ForecastError, load_model, resolve_dtype
@@ -46,10 +47,6 @@ from .stream import Source, find_sources, part_count, part_name, read_parts
 PROGRAM = "timemoe-forecast"
 # A launched process's tally, in the output folder, read (and removed) by the launching command.
 RESULT, RESULTS = ".rank-{:05d}.json", ".rank-*.json"
-
-
-def _columns(text: str) -> tuple[str, ...]:
-    return tuple(c.strip() for c in text.split(",") if c.strip())
 
 
 def parser() -> argparse.ArgumentParser:
@@ -83,9 +80,9 @@ def parser() -> argparse.ArgumentParser:
     table = p.add_argument_group("tables (as timemoe-prep reads them)")
     table.add_argument("--freq", help="frequency as a pandas alias, e.g. h, D, MS; old spellings (H, T, M) too "
                                       "(default: inferred)")
-    table.add_argument("--id-columns", type=_columns, help="long layout: comma-separated id columns")
+    table.add_argument("--id-columns", type=names, help="long layout: comma-separated id columns")
     table.add_argument("--timestamp-column")
-    table.add_argument("--value-columns", type=_columns, help="comma-separated value columns")
+    table.add_argument("--value-columns", type=names, help="comma-separated value columns")
     return p
 
 

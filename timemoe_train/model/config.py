@@ -85,6 +85,22 @@ class TimeMoeConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def active_params_per_token(self) -> int:
+        """Weights one time point is multiplied with (top-k experts, not all): the N of a 6·N FLOP estimate and
+        the "activated parameters" of the paper's tables."""
+        kv = self.num_key_value_heads * self.head_dim
+        attention = 2 * self.hidden_size * self.hidden_size + 2 * self.hidden_size * kv
+        if self.use_dense:
+            ffn = 3 * self.hidden_size * self.intermediate_size
+        else:
+            ffn = (self.hidden_size * self.num_experts  # router
+                   + self.num_experts_per_tok * 3 * self.hidden_size * self.expert_intermediate_size
+                   + 3 * self.hidden_size * self.intermediate_size + self.hidden_size)  # shared expert and its gate
+        embed = 2 * self.input_size * self.hidden_size
+        heads = self.hidden_size * self.input_size * sum(self.horizon_lengths)
+        return embed + self.num_hidden_layers * (attention + ffn) + heads
+
     def validate(self) -> None:
         def bad(field_name, value, why):
             raise ConfigError(f"TimeMoeConfig.{field_name}={value!r}: {why}")

@@ -15,21 +15,6 @@ from ..model.attention import segment_starts
 KNOWN_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
-def active_params_per_token(c: TimeMoeConfig) -> int:
-    """Weights one time point is multiplied with (top-k experts, not all): the 6·N of the FLOP estimate."""
-    kv = c.num_key_value_heads * c.head_dim
-    attention = 2 * c.hidden_size * c.hidden_size + 2 * c.hidden_size * kv
-    if c.use_dense:
-        ffn = 3 * c.hidden_size * c.intermediate_size
-    else:
-        ffn = (c.hidden_size * c.num_experts  # router
-               + c.num_experts_per_tok * 3 * c.hidden_size * c.expert_intermediate_size
-               + 3 * c.hidden_size * c.intermediate_size + c.hidden_size)  # shared expert and its gate
-    embed = 2 * c.input_size * c.hidden_size
-    heads = c.hidden_size * c.input_size * sum(c.horizon_lengths)
-    return embed + c.num_hidden_layers * (attention + ffn) + heads
-
-
 def segment_square_sum(sequence_ids_BT: torch.Tensor) -> torch.Tensor:
     """Σ over packed sequences (runs of one id, padding left out) of length²: attention work is quadratic per
     sequence, not per row. A scatter-add into one slot per possible run: no size is read back to the host."""
@@ -44,7 +29,7 @@ def segment_square_sum(sequence_ids_BT: torch.Tensor) -> torch.Tensor:
 def train_flops(c: TimeMoeConfig, points: float, square_sum: float) -> float:
     """Forward + backward FLOPs: 6 per active weight per point, plus 12·L·D·Σ len² for QKᵀ and AV (counted over
     the whole sequence, as PaLM's MFU does)."""
-    return 6.0 * active_params_per_token(c) * points + 12.0 * c.num_hidden_layers * c.hidden_size * square_sum
+    return 6.0 * c.active_params_per_token * points + 12.0 * c.num_hidden_layers * c.hidden_size * square_sum
 
 
 def expert_choices(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from data_prep.errors import PrepError
 from data_prep.gift_eval import TERMS
+from ...cli_types import names
 from ...forecast import DTYPES, ForecastError
 from ..data import EvalError
 
@@ -34,10 +35,6 @@ from ..data import EvalError
 DEFAULT_CONTEXT = 512
 EXTRA = "pip install 'timemoe-train[gift]'"
 CONFIG = "config.json"
-
-
-def names(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""`python -m timemoe_train.evaluate.compare RUNS_DIR --csv ETTh1.csv`: the report of `experiment=moe_vs_dense`.
+"""`python -m timemoe_train.compare RUNS_DIR --csv ETTh1.csv`: the report of `experiment=moe_vs_dense`.
 
 RUNS_DIR is the sweep directory (hydra.sweep.dir): one sub-directory per job (Hydra's `.hydra/config.yaml` says its
 `arm` and seed, `checkpoints/` holds its final checkpoint). Other runs and unfinished jobs there are left out with a
@@ -28,15 +28,14 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from ..data.errors import DataError
-from ..data.corpus import read_manifest
-from ..data.shards import ShardStore
-from ..export.cli import export
-from ..model import TimeMoeForPrediction
-from ..train.metrics import active_params_per_token
-from .baselines import last_value
-from .data import EvalError
-from .long_horizon import evaluate_long_horizon
+from .data.errors import DataError
+from .data.corpus import read_manifest
+from .data.shards import ShardStore
+from .export.cli import export
+from .model import TimeMoeForPrediction
+from .evaluate.baselines import last_value
+from .evaluate.data import EvalError
+from .evaluate.long_horizon import evaluate_long_horizon
 
 METRICS = ("mse", "mae")
 
@@ -45,7 +44,7 @@ METRICS = ("mse", "mae")
 # the arm through interpolations, which the saved configs keep unresolved), and the keys that change nothing trained
 # (configs/train.yaml's list, the same one that keeps them out of run names) but trainer.max_steps: a run may be
 # extended, yet arms trained for different numbers of steps are not a comparison.
-_TRAIN_YAML = Path(__file__).resolve().parents[2] / "configs" / "train.yaml"
+_TRAIN_YAML = Path(__file__).resolve().parents[1] / "configs" / "train.yaml"
 _STUDY_KEYS = ("arm", "trainer.seed")
 
 
@@ -176,7 +175,7 @@ def score_job(job: dict, held: tuple, csvs: list[str], protocol: dict) -> dict:
         return cached["scores"]
     hf = export(job["dir"] / "checkpoints", job["dir"] / "hf")
     model = TimeMoeForPrediction.from_pretrained(hf).eval()
-    scores = {"activated_params": active_params_per_token(model.config),
+    scores = {"activated_params": model.config.active_params_per_token,
               "total_params": sum(p.numel() for p in model.parameters()), "zero_shot": {}, "baselines": {}}
     with torch.no_grad():
         scores["held_out"] = held_out_scores(model, *held)
@@ -306,7 +305,7 @@ def plot(jobs: list[dict], arms: dict, path: Path, smooth: int = 25) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m timemoe_train.evaluate.compare", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m timemoe_train.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs_dir", type=Path, help="the multirun directory of experiment=moe_vs_dense")
     p.add_argument("--csv", nargs="*", default=[], help="zero-shot benchmark CSVs (e.g. examples/data/ETTh1.csv)")
@@ -330,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{arm}: {a['activated_params']:,} activated weights per point, {a['total_params']:,} in all "
               f"(seeds {', '.join(map(str, a['seeds']))})")
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m timemoe_train.evaluate.compare " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m timemoe_train.compare " + " ".join(sys.argv[1:] if argv is None else argv)
     (out / "report.md").write_text(markdown(jobs, arms, command, notes))
     (out / "report.json").write_text(json.dumps({"arms": arms, "jobs": jobs}, indent=2) + "\n")
     plot(jobs, arms, out / "report.png")
