@@ -28,7 +28,7 @@ $(TRANSFORMERS_4_40)/.installed:
 	touch $@
 
 test: setup $(TRANSFORMERS_4_40)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 demo: setup
 	$(PY) -m timemoe_train.demo

@@ -295,6 +295,8 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"{cpu_name() if args.device == 'cpu' else torch.cuda.get_device_name()}; {load()}", flush=True)
 
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         scale = {}
