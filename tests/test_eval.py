@@ -335,9 +335,9 @@ def test_gaps_are_filled_in_contexts_and_left_out_of_the_truth_in_every_layout_p
     frame.to_parquet(tmp_path / "wide.parquet", index=False)
     reference = gap_reference(model_dir)
     assert reference["gaps"]["windows_left_out"] == 8  # the truth of a's windows from row 530 to 537: all missing
-    # the long table's missing rows are gaps on its hourly grid (--freq: pandas infers none from a gappy grid)
-    for table, args in (("wide.csv", ()), ("long.csv", ("--freq", "h")), ("wide.parquet", ())):
-        [row] = installed_eval(model_dir, tmp_path / table, tmp_path / table.replace(".", "_"), *args)["rows"]
+    # the long table's missing rows are gaps on its hourly grid, which prep infers from its usual step
+    for table in ("wide.csv", "long.csv", "wide.parquet"):
+        [row] = installed_eval(model_dir, tmp_path / table, tmp_path / table.replace(".", "_"))["rows"]
         assert row["gaps"] == reference["gaps"], table
         for name, want in reference["metrics"].items():
             got = row["metrics"][name]

@@ -44,7 +44,8 @@ def walks(lengths, seed=0):
 
 
 def read_folder(out: Path) -> pd.DataFrame:
-    return pd.concat([pd.read_parquet(p) for p in sorted(out.glob("*.parquet"))], ignore_index=True)
+    """The folder as a user reads it: one Parquet dataset, parts in name order (the record and log are no part)."""
+    return pd.read_parquet(out)
 
 
 def test_corpus_to_shards_equals_the_reference(dirs, tmp_path):
@@ -64,7 +65,7 @@ def test_corpus_to_shards_equals_the_reference(dirs, tmp_path):
     names = sorted(p.name for p in (tmp_path / "out").glob("*.parquet"))
     assert names == [f"shard-{k:05d}-of-00003.arrow.{j:05d}-of-{n:05d}.parquet"
                      for k, n in enumerate((3, 3, 2)) for j in range(n)]
-    log = (tmp_path / "out" / "forecast.log").read_text()
+    log = (tmp_path / "out" / "_forecast.log").read_text()
     assert len(re.findall(r"series/s, \d+ shards written.*; wrote shard-", log)) == len(names)
 
     out = read_folder(tmp_path / "out")
@@ -205,7 +206,7 @@ def test_two_processes_write_what_one_writes(dirs, tmp_path):
     two = run(exported, *args, "--out", tmp_path / "two", "--nproc-per-node", 2, cwd=tmp_path)
     assert one.returncode == 0 and two.returncode == 0, two.stderr
     assert LAST_LINE.match(two.stderr.strip().splitlines()[-1]).groups() == ("45", "20", "2")
-    assert "[rank 1 of 2]" in (tmp_path / "two" / "forecast.log").read_text()
+    assert "[rank 1 of 2]" in (tmp_path / "two" / "_forecast.log").read_text()
     names = sorted(p.name for p in (tmp_path / "one").glob("*.parquet"))
     assert names == sorted(p.name for p in (tmp_path / "two").glob("*.parquet")) and len(names) == 12
     for name in names:

@@ -31,15 +31,30 @@ def test_csv_wide_one_series_per_column_in_time_order(tmp_path):
     assert manifest["datasets"]["energy/load"]["freq"] == "h"
 
 
-def test_csv_long_with_a_missing_hour_becomes_a_gap_that_cleaning_fills(tmp_path):
+@pytest.mark.parametrize("freq", ["h", None], ids=["given", "inferred"])
+def test_csv_long_with_a_missing_hour_becomes_a_gap_that_cleaning_fills(tmp_path, freq):
+    """Given or not: pandas infers no frequency from a grid with a row missing, prep takes its usual step."""
     rows = [("a", t, float(i)) for i, t in enumerate(HOURS) if i != 3] + [("b", t, 10.0 - i) for i, t in
-                                                                       enumerate(HOURS)]
+                                                                       enumerate(HOURS) if i != 1]
     pd.DataFrame(rows, columns=["id", "timestamp", "value"]).to_csv(tmp_path / "long.csv", index=False)
-    manifest = prepare(TableSource("csv", str(tmp_path / "long.csv"), freq="h"), tmp_path / "out", OPTIONS)
+    manifest = prepare(TableSource("csv", str(tmp_path / "long.csv"), freq=freq), tmp_path / "out", OPTIONS)
+    assert manifest["datasets"]["other/long"]["freq"] == "h"
     got = read_all(tmp_path / "out")
     assert np.array_equal(got["other/long/a"][2], [0, 1, 2, 3, 4, 5])  # hour 3 interpolated
     assert np.array_equal(got["other/long/b"][2], [10, 9, 8, 7, 6, 5])
-    assert manifest["cleaning"]["rules"]["interpolated_gaps"] == {"count": 1, "points": 1}
+    assert manifest["cleaning"]["rules"]["interpolated_gaps"] == {"count": 2, "points": 2}
+
+
+def test_an_irregular_or_calendar_grid_with_rows_missing_has_no_frequency_inferred():
+    from data_prep.sources.tabular import _infer_freq
+
+    irregular = pd.Series(pd.to_datetime(["2024-01-01 00:00", "2024-01-01 01:00", "2024-01-01 02:30",
+                                          "2024-01-01 03:30", "2024-01-01 04:30"], utc=True))
+    months = pd.Series(pd.date_range("2024-01-01", periods=8, freq="MS", tz="UTC").delete(3))
+    mostly_gaps = pd.Series(pd.to_datetime(["2024-01-01 00:00", "2024-01-01 01:00", "2024-01-01 03:00",
+                                            "2024-01-01 05:00", "2024-01-01 07:00"], utc=True))
+    assert _infer_freq([irregular]) is None and _infer_freq([months]) is None
+    assert _infer_freq([mostly_gaps]) is None  # most spacings are two hours, the first half of that: not a grid
 
 
 def test_csv_long_with_several_id_and_value_columns(tmp_path):

@@ -243,11 +243,23 @@ def _infer_freq(times: list[pd.Series]) -> str | None:
             with warnings.catch_warnings():
                 # pandas 3 announces that infer_freq will return an offset; to_offset below accepts either
                 warnings.simplefilter("ignore", DeprecationWarning)
-                inferred = pd.infer_freq(pd.DatetimeIndex(t))
+                inferred = pd.infer_freq(pd.DatetimeIndex(t)) or _grid_step(t)
         except (ValueError, TypeError):
             return None
         found.add(inferred and pd.tseries.frequencies.to_offset(inferred).freqstr)
     return found.pop() if len(found) == 1 else None
+
+
+def _grid_step(time: pd.Series) -> pd.Timedelta | None:
+    """The step of a fixed grid with rows missing from it, which pandas infers nothing from: the most common
+    spacing, when most spacings are it and every other is a whole number of it. (A calendar frequency with rows
+    missing, months or quarters, stays unknown: its spacings are not multiples of one length.)"""
+    spacing = np.diff(pd.DatetimeIndex(time).as_unit("ns").asi8)
+    steps, counts = np.unique(spacing, return_counts=True)
+    step = steps[counts.argmax()]
+    if step <= 0 or 2 * counts.max() <= len(spacing) or (spacing % step).any():
+        return None
+    return pd.Timedelta(int(step), unit="ns")
 
 
 def frame_series(

@@ -12,7 +12,7 @@ input's at its frequency) or `step` (1..H, when it has no timestamps) and `forec
 (`<input file>.<k>-of-<n>.parquet`), each written whole; the input is read one such part at a time, so memory is
 set by a part, not by the input. The same command again skips the parts already written (and says how many):
 a killed run resumes. --nproc-per-node N splits the parts over N processes (one GPU each where there are GPUs),
-the output the same as one process's. Progress goes to stderr and to OUT/forecast.log.
+the output the same as one process's. Progress goes to stderr and to OUT/_forecast.log.
 --out f.csv / f.parquet writes one file, whole or not at all; without --out, CSV goes to stdout.
 
 Bad input stops the command with one line naming the file, field and value (exit 2); parts already written stay.
@@ -76,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
                    help="native: timemoe-train's model; remote: the directory's own modeling code via transformers")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (pays off for many "
                                                           "batches of one shape)")
-    p.add_argument("--no-progress", action="store_true", help="no progress on stderr (OUT/forecast.log keeps it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress on stderr (OUT/_forecast.log keeps it)")
     table = p.add_argument_group("tables (as timemoe-prep reads them)")
     table.add_argument("--freq", help="frequency as a pandas alias, e.g. h, D, MS; old spellings (H, T, M) too "
                                       "(default: inferred)")

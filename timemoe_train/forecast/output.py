@@ -2,7 +2,7 @@
 its series), and the three places they go.
 
 - `ShardFolder` (`--out FOLDER/`): one Parquet file per part, written under a temporary name and renamed, so a
-  file under its final name is finished; `forecast.json` records what the folder holds forecasts of, and a re-run
+  file under its final name is finished; `_forecast.json` records what the folder holds forecasts of, and a re-run
   with the same settings skips the parts already there.
 - `SingleFile` (`--out f.csv` / `f.parquet`): every part appended to one temporary file, renamed over `f` at the
   end: the output appears whole or not at all.
@@ -27,8 +27,10 @@ from .model import ForecastError
 from .stream import Part
 
 FILE_SUFFIXES = (".csv", ".parquet")
-RECORD = "forecast.json"  # in a shard folder: the settings its forecasts were made with
-LOG = "forecast.log"  # in a shard folder: progress, appended by every process
+# In a shard folder, beside the parts: names that Parquet readers (pyarrow, pandas, Spark) skip, so the folder reads
+# as one dataset.
+RECORD = "_forecast.json"  # the settings its forecasts were made with
+LOG = "_forecast.log"  # progress, appended by every process
 PARTIAL = ".partial"
 
 
