@@ -93,3 +93,28 @@ def test_each_csv_is_hashed_once_however_many_models(tmp_path, monkeypatch):
     assert hashed == [ETTH1]
     assert leakage.leakage_report([("released", tmp_path / "released")], ETTH1)["released"]["status"] == "unknown"
     assert hashed == [ETTH1]  # no record asked for it
+
+
+def test_a_model_trained_on_synthetic_series_only_saw_no_benchmark(tmp_path):
+    """The record timemoe-export writes for a `data=synthetic` run, read by both protocols: nothing real was seen."""
+    import yaml
+
+    from timemoe_train.evaluate.leakage import gift_eval_leakage
+    from timemoe_train.export.training_data import write_training_data
+
+    run, model = tmp_path / "run", tiny_model_dir(tmp_path / "model", 0)
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(
+        {"data": {"_target_": "timemoe_train.train.synthetic.SyntheticDataConfig", "seed": 3, "max_length": 512}}))
+    write_training_data(run, model)
+    results = evaluate_long_horizon(model, ETTH1, horizons=[8], context_lengths=[48], columns=["OT"], max_windows=1,
+                                    progress=False)
+    note = "trained on seeded synthetic series only (data=synthetic, seed 3)"
+    assert results["leakage"]["model"] == {"status": "synthetic only",
+                                           "detail": f"{model / 'training_data.json'}: {note}"}
+    from gift_layout import save_config, walk
+
+    save_config(tmp_path / "suite", "shop/D", [walk(np.random.default_rng(0), 400)], "D")
+    decided = gift_eval_leakage(model, tmp_path / "suite")
+    assert decided == {"testdata_leakage": "No", "configs": {"shop/D": "synthetic"},
+                       "line": f"testdata_leakage: No: {note}"}

@@ -60,6 +60,8 @@ def record_status(record: dict, path: Path, csv: Path, digest: Callable[[], str]
                   rows: int | None) -> dict[str, str]:
     if "split" in record:
         return fine_tuned_status(record, path, csv, digest, test_start, rows)
+    if record.get("synthetic"):
+        return {"status": "synthetic only", "detail": f"{path}: {record['note']}"}
     guard, corpus = record.get("leakage_guard"), record.get("corpus")
     if guard is None:
         if record.get("manifest_sha256") is None:  # the corpus could not be read at export
@@ -119,7 +121,7 @@ def fine_tuned_status(record: dict, path: Path, csv: Path, digest: Callable[[], 
                                                     f"evaluated test split (from row {test_start}) overlaps"}
     own = (f"fine-tuned on this file's rows before {read_until} only (train and val of --split "
            f"{split['split']}); the test split from row {test_start} was never read by training")
-    if base["status"] in ("guarded", "held out"):
+    if base["status"] in ("guarded", "held out", "synthetic only"):
         return {"status": "held out", "detail": f"{own}; the base model: {base['detail']}"}
     return {"status": base["status"], "detail": f"{own}; but the base model: {base['detail']}"}
 
@@ -127,13 +129,13 @@ def fine_tuned_status(record: dict, path: Path, csv: Path, digest: Callable[[], 
 def gift_eval_leakage(model, data: Path, configs: list[str] | None = None) -> dict:
     """GIFT-Eval's `testdata_leakage` for `model` (a directory, or a loaded model) scored on the configurations
     `configs` (names, default all) under `data`: {"testdata_leakage": "Yes" | "No" | None, "line": one line saying
-    which and why, "configs": {name: "held" | "guarded" | "audited" | "unknown"}}.
+    which and why, "configs": {name: "held" | "guarded" | "audited" | "unknown" | "synthetic"}}.
 
     Each scored configuration is matched by its digest (``data_prep.gift_leakage``: its test windows' content) with
     the model's training_data.json: "held" when an audit of its corpus (``timemoe-prep audit``, read at export or
     now from the corpus) found windows of it, "guarded" when the corpus was prepared with ``--exclude-benchmark``
     over it, "audited" when an audit found none. "Yes" when one is held; "No" only when every one is guarded or
-    audited; otherwise None: this refuses to guess, and the line says how to find out. A fine-tuned model is "Yes"
+    audited, or when the model trained on synthetic series only; otherwise None: this refuses to guess, and the line says how to find out. A fine-tuned model is "Yes"
     when its base model is, else undeclared: its fine-tuning file was never checked against GIFT-Eval.
     """
     how = (f"find out with `timemoe-prep audit CORPUS --benchmark gift-eval:{data}` (CORPUS: the corpus the model "
@@ -154,6 +156,9 @@ def _gift_eval_decision(record: dict, data: Path, configs: list[str] | None, how
         why = f"fine-tuned on {record['split'].get('file')}, which nothing checked against GIFT-Eval"
         return {"testdata_leakage": None, "configs": {}, "line": f"testdata_leakage: not declared: {why}; {how}"}
     digests = config_digests(data, configs)
+    if record.get("synthetic"):
+        return {"testdata_leakage": "No", "configs": dict.fromkeys(digests, "synthetic"),
+                "line": f"testdata_leakage: No: {record['note']}"}
     corpus = record.get("corpus")
     audits = {**record.get("leakage_audit", {}), **(read_audit(corpus, record.get("manifest_sha256"))
                                                      if corpus else {})}

@@ -8,6 +8,8 @@ kept out, so that `timemoe-eval` can tell whether a benchmark CSV was excluded f
                      of series it left or cut out; null when unknown or absent
     leakage_audit    what `timemoe-prep audit` found of each GIFT-Eval configuration in this very corpus, by the
                      configuration's digest ({config, windows, found, ...}); absent when it was not audited
+    synthetic        true when the run trained on seeded synthetic series (`data=synthetic`): no real data, so no
+                     benchmark's either
     note             what could not be read, when something could not
 
 A corpus that cannot be read at export does not stop the export: the record says what is known.
@@ -26,14 +28,19 @@ from data_prep.gift_leakage import read_audit
 from ..checkpoint import CONFIG
 from ..checkpoint.digests import file_digest
 from ..model.hf_layout import TRAINING_DATA
+from ..train.synthetic import SyntheticDataConfig
 
 
 def training_data(tag_dir: Path) -> dict:
     record = {"corpus": None, "manifest_sha256": None, "leakage_guard": None}
     config_path = tag_dir / CONFIG
     try:
-        corpus = yaml.safe_load(config_path.read_text())["data"]["path"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        data = yaml.safe_load(config_path.read_text())["data"]
+        if str(data.get("_target_", "")).endswith(f".{SyntheticDataConfig.__name__}"):
+            return {**record, "synthetic": True,
+                    "note": f"trained on seeded synthetic series only (data=synthetic, seed {data.get('seed')})"}
+        corpus = data["path"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
         return {**record, "note": f"{config_path}: no data.path to read ({type(e).__name__}: {e}): corpus unknown"}
     manifest_path = Path(corpus) / MANIFEST_NAME
     try:
