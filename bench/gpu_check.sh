@@ -88,7 +88,9 @@ fail_install() {
   ((DRY)) && echo ' WHEELHOUSE_ARGS="--python 3.11 --out .cache/wheelhouse-cpu"'))"
 if ((DRY)) && [[ -z ${PY:-} ]]; then
   # No node: an interpreter like its, linked from this checkout's .venv, holding only what the wheelhouse assumes.
-  stage stand-in "$OUT/install.log" 30 .venv/bin/python "$WHEELHOUSE/wheelhouse.py" stand-in --venv "$SCRATCH/image" ||
+  # transformers: every GPU image we are lent has it, though nothing the wheelhouse ships requires it.
+  stage stand-in "$OUT/install.log" 30 .venv/bin/python "$WHEELHOUSE/wheelhouse.py" stand-in --venv "$SCRATCH/image" \
+    --also transformers ||
     fail_install "no stand-in for the node's interpreter (make setup first; $OUT/install.log)"
   PY=$SCRATCH/image/bin/python
 fi

@@ -244,14 +244,15 @@ def install(args: argparse.Namespace) -> int:
 
 def stand_in(args: argparse.Namespace) -> int:
     """A venv standing in for the node's interpreter where there is no node (bench/gpu_check.sh --cpu-dry-run, the
-    tests): links to this interpreter's copies of what image-brings.txt names, of what those require, and of pip;
-    nothing else, so an install over it brings everything the wheelhouse says it brings."""
+    tests): links to this interpreter's copies of what image-brings.txt and --also name, of what those require, and
+    of pip; nothing else, so an install over it brings everything the wheelhouse says it brings."""
     from importlib import metadata
 
     _, requirements, _, utils = _packaging()
     brings = Path(args.wheelhouse).resolve() / BRINGS_FILE
     lines = [ln.split("#")[0].strip() for ln in brings.read_text().splitlines()]
-    found, todo = {}, [requirements.Requirement(ln) for ln in [*lines, "pip"] if ln]
+    also = [name.strip() for name in args.also.split(",") if name.strip()]
+    found, todo = {}, [requirements.Requirement(ln) for ln in [*lines, *also, "pip"] if ln]
     while todo:
         req = todo.pop()
         try:
@@ -300,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--venv", required=True, help="the venv to create")
     d.add_argument("--wheelhouse", default=str(Path(__file__).resolve().parent),
                    help="default: this script's directory")
+    d.add_argument("--also", default="", help="comma-separated packages the node has though nothing shipped requires "
+                                              "them (e.g. transformers, which the GPU check's export test loads)")
     args = p.parse_args(argv)
     return {"build": build, "install": install, "stand-in": stand_in}[args.command](args)
 
