@@ -45,6 +45,7 @@ bench: setup
 	$(PY) bench/attention.py --tokens 1024 --repeats 2
 	$(PY) bench/checkpoint.py --hidden 64 --layers 2
 	$(PY) bench/forecast.py --preset tiny --batches 2 --context-length 64 --repeats 1
+	$(PY) bench/forecast_scale.py --series 20000 --shards 10 --arms-preset tiny --repeats 1 --windows 8
 	$(PY) bench/host_syncs.py --size tiny
 	$(PY) bench/loader.py --points 1000000 --batches 20 --train-steps 1 --train-preset tiny
 	$(PY) bench/loader_scale.py --sizes 0.01M,0.05M --ranks 2

@@ -226,9 +226,9 @@ def base_arms(args) -> dict:
     device = args.device
     dtype = torch.float32 if device == "cpu" else torch.bfloat16  # a GPU's MoE arms in what it serves in
     torch.manual_seed(0)
-    base = TimeMoeConfig.preset("base")
+    base = TimeMoeConfig.preset(args.arms_preset)
     moe = TimeMoeForPrediction(base).eval().to(device, dtype)
-    dense = TimeMoeForPrediction(TimeMoeConfig.preset("base", use_dense=True,
+    dense = TimeMoeForPrediction(TimeMoeConfig.preset(args.arms_preset, use_dense=True,
                                                       intermediate_size=2 * base.intermediate_size))
     dense = dense.eval().to(device, dtype)
     every = copy.deepcopy(moe)
@@ -240,7 +240,7 @@ def base_arms(args) -> dict:
         assert ((a - b).abs().max() / a.abs().max()).item() < 1e-3, "every-expert forecasts differ from the MoE's"
         flops = {name: rollout_flops(c, args.batch, 512, 96, every=name == "every")
                  for name, c in (("moe", base), ("dense", dense.config), ("every", base))}
-        print(f"  base, batch {args.batch}, context 512, horizon 96, {str(dtype).removeprefix('torch.')}: GFLOP per "
+        print(f"  {args.arms_preset}, batch {args.batch}, context 512, horizon 96, {str(dtype).removeprefix('torch.')}: GFLOP per "
               "roll-out " + ", ".join(f"{n} {f / 1e9:.1f}" for n, f in flops.items()), flush=True)
         times = interleaved({"moe": moe, "dense": dense, "every": every}, context_BT, 96, args.repeats, device)
         del every, dense
@@ -284,6 +284,7 @@ def main() -> None:
     p.add_argument("--context-length", type=int, default=64)
     p.add_argument("--horizon", type=int, default=32)
     p.add_argument("--batch", type=int, default=8, help="contexts per roll-out of the base-size arms")
+    p.add_argument("--arms-preset", default="base", help="the model of the MoE arms (tiny: a quick run of the bench)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--windows", type=int, default=64, help="ETTh1 windows of the bf16 accuracy check")
     p.add_argument("--accuracy-model", help="an export for the bf16 accuracy check (default: the random base)")
