@@ -183,3 +183,12 @@ def test_a_checkpoint_folder_elsewhere_is_named_and_hydras_own_paths_resolve_bef
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert said(proc)[0] == f"timemoe-train: starting a new run in {tmp_path / 'run'}; checkpoints in " \
                             f"{tmp_path / 'run' / 'ck'}"
+
+
+def test_a_refused_job_of_a_sweep_leaves_no_folder_and_the_jobs_before_it_stay(tmp_path):
+    proc = train(tmp_path, "-m", *TINY, "trainer.max_steps=2", "optim.lr=1e-3,-1", "hydra.sweep.dir=sweep")
+    assert proc.returncode == 2, proc.stdout + proc.stderr[-3000:]
+    assert said(proc)[-1] == "timemoe-train: TrainConfigError: optim.lr=-1.0: must be > 0", said(proc)
+    jobs = [p for p in (tmp_path / "sweep").iterdir() if p.is_dir()]
+    assert len(jobs) == 1 and "__optim.lr-0.001__" in jobs[0].name, jobs  # the refused job's folder went again
+    assert (jobs[0] / "checkpoints" / "latest").read_text() == "step00000002"

@@ -2,8 +2,9 @@
 before the app runs, so a launch refused afterwards would leave them behind (and `.hydra/` overwritten by a command
 that never ran). A Hydra callback (`hydra.callbacks` in train.yaml) runs first: it validates the config and the
 run directory, and remembers which directories the launch is about to create, so that a user error met later (in
-the corpus, say) can remove them again (`discard_created`). Single runs only: a multirun's jobs are composed by the
-sweeper, after Hydra's own checks."""
+the corpus, say) can remove them again (`discard_created`). A multirun's jobs are composed by the sweeper, after
+Hydra's own checks and after it made each job's directory: a job refused by the app removes its directory when
+this launch made it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
@@ -52,6 +54,18 @@ class Preflight(Callback):
             while not missing.exists():
                 _created.append(missing)
                 missing = missing.parent
+
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        """A multirun's job, whose directory Hydra has made by now: it counts as made by this launch while it
+        holds nothing but Hydra's files and the log (a job that trained before has its checkpoints there)."""
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            return
+        _created.clear()
+        job_dir = Path(str(config.hydra.runtime.output_dir))
+        if int(os.environ.get("RANK", "0")) == 0 and all(
+                p.name == ".hydra" or p.suffix == ".log" for p in job_dir.iterdir()):
+            _created.append(job_dir)
 
 
 def discard_created() -> None:
